@@ -1,0 +1,44 @@
+"""`blens publish`: the warehouse as a Hugging Face dataset (DatasetDict + Parquet + dataset card)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import err_console, fail
+
+
+def publish(
+    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Warehouse directory."),
+    out: Path = typer.Option(..., "--out", help="Output directory (created; an earlier publish output is replaced)."),
+    push: Optional[str] = typer.Option(None, "--push", metavar="REPO_ID",
+                                       help="Also upload to the Hugging Face Hub as this dataset repo "
+                                            "(needs a token: HF_TOKEN or `hf auth login`)."),
+    vector_dtype: str = typer.Option("float32", "--vector-dtype", help="float32 | float16 for the vectors table."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push)."),
+) -> None:
+    """Write the warehouse as a datasets.DatasetDict (one split per table), Parquet copies under data/,
+    and a dataset card README.md with the run's provenance, schema, statistics and citation.
+
+    Example: blens publish --warehouse warehouse --out hf-dataset [--push user/backward-lens-smollm2]
+    """
+    from store.publish import PublishError, publish as do_publish, push as do_push
+
+    try:
+        result = do_publish(warehouse, out, vector_dtype=vector_dtype, repo_id=push)
+    except PublishError as exc:
+        fail(str(exc))
+    rows = ", ".join(f"{name} {s.num_rows:,}" for name, s in result.splits.items())
+    err_console.print(f"wrote {result.out} ({rows}); card: {result.card}", highlight=False, soft_wrap=True)
+    if push:
+        try:
+            url = do_push(result, push, private=private or None)
+        except PublishError as exc:
+            fail(str(exc), code=1)
+        err_console.print(f"pushed to {url}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("publish")(publish)

@@ -1,0 +1,56 @@
+"""Extraction settings: one validated object shared by the CLI, the flow and the run identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from .models import EMBEDDED_NAME
+
+
+class ExtractConfig(BaseModel):
+    model: str = EMBEDDED_NAME
+    data: str
+    limit: int | None = Field(default=None, ge=1)
+    warehouse: str = "warehouse"
+    batch_size: int = Field(default=32, ge=1)
+    top_k: int = Field(default=10, ge=1, le=1000)
+    device: str = "cpu"
+    vectors: Literal["none", "spanning", "all"] = "none"
+    lens_dtype: Literal["fp32", "bf16"] = "bf16"
+    shard: str | None = None  # "I/N"
+    threads: int | None = None
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            i, n = (int(x) for x in v.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {v!r}") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"--shard {v!r}: need 0 <= I < N")
+        return v
+
+    def shard_index(self) -> tuple[int, int]:
+        if self.shard is None:
+            return 0, 1
+        i, n = (int(x) for x in self.shard.split("/"))
+        return i, n
+
+    def identity_settings(self) -> dict:
+        """Settings that change what lands in the warehouse (batching, device, sharding do not)."""
+        return {"top_k": self.top_k, "vectors": self.vectors, "sites": ["ff1_input", "ff2_vjp"],
+                "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding"}
+
+
+def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
+    """A run's identity: the same model, data and settings always give the same run id (resume)."""
+    blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

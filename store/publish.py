@@ -1,0 +1,536 @@
+"""Publishing the warehouse as a Hugging Face dataset with a real dataset card.
+
+``publish(warehouse, out)`` writes, under ``out``::
+
+    dataset_dict.json, <split>/...          a datasets.DatasetDict (save_to_disk): one split per table
+    data/<table>/train-00000-of-00001.parquet  the same rows as Parquet (what the card's configs point at)
+    README.md                               the dataset card: YAML header + prose generated from the warehouse
+
+Rows are read only through the DuckDB views (``queries.connect``), which hide uncommitted and
+superseded batches. They are streamed: the view is read as Arrow record batches, each batch cast to
+the declared features and appended to a Parquet file; ``datasets`` then converts those files to its
+Arrow format (memory-mapped), so no table is ever held whole in memory.
+
+On the Hub a dataset with differently-shaped tables is one *config* per table (a config has one
+schema), so the card declares configs ``prompts``, ``tokens``, ... each with a ``train`` split, and
+``load_dataset(repo, "projections", split="train")`` gets a table. Locally, ``load_from_disk(out)``
+returns the DatasetDict keyed by table name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .schema import SCHEMA_VERSION, TABLES
+
+REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
+OPTIONAL_SPLITS = ("vectors", "edit_results")  # published only when non-empty
+SPLITS = REQUIRED_SPLITS + OPTIONAL_SPLITS
+
+ORDER_BY = {
+    "prompts": "run_id, case_id",
+    "tokens": "run_id, case_id, position",
+    "gradient_ranks": "run_id, case_id, layer, matrix",
+    "projections": "run_id, case_id, site, layer, position",
+    "vectors": "run_id, case_id, site, layer, position",
+    "edit_results": "run_id, case_id, method, layer, lr",
+}
+
+# Rows per Arrow batch read from DuckDB (and per Parquet row group): vectors rows are d floats wide.
+BATCH_ROWS = {"vectors": 1024}
+DEFAULT_BATCH_ROWS = 16384
+
+PARQUET_NAME = "train-00000-of-00001.parquet"
+
+SPLIT_DOCS = {
+    "prompts": "One row per extracted prompt (a CounterFact edit request) and its loss.",
+    "tokens": "The prompt's tokens, with the segment each belongs to.",
+    "gradient_ranks": "Exact rank of the gradient dL/dW of every MLP matrix of every layer, per prompt.",
+    "projections": "Logit-lens projections of the gradient's spanning vectors, per prompt, layer, site and token.",
+    "vectors": "The raw spanning vectors themselves (inputs x_i and VJPs delta_i).",
+    "edit_results": "Knowledge-editing outcomes, one row per (prompt, method, layer, learning rate).",
+}
+
+COLUMN_DOCS: dict[str, str] = {
+    "run_id": "Extraction run (model + revision + data fingerprint + settings); see *Source* in the card.",
+    "case_id": "CounterFact case id of the edit request.",
+    "model": "Model name as given to `blens extract`.",
+    "prompt": "The prompt with the subject filled in (the paper's input text).",
+    "subject": "The subject whose fact is being edited.",
+    "target_new": "The new (counterfactual) object the edit should make the model say.",
+    "target_true": "The true object the model knows before editing.",
+    "target_new_id": "Token id of the first token of ' ' + target_new.",
+    "target_true_id": "Token id of the first token of ' ' + target_true.",
+    "n_tokens": "Prompt length n in tokens: by Lemma 4.1 the upper bound on every gradient's rank.",
+    "loss": "Cross-entropy (NLL) of target_new's first token at the last position; the loss whose gradient is studied.",
+    "position": "Token position in the prompt (0-based).",
+    "token_id": "Token id.",
+    "token": "The token decoded to text (leading space kept, e.g. ' English').",
+    "segment": "'subject' (token overlaps the subject), 'last' (final position), or 'other'.",
+    "layer": "Transformer block index (0-based).",
+    "matrix": "MLP matrix: 'ff1' (input projection, up_proj / c_fc), 'ff1_gate' (gate_proj of gated MLPs), 'ff2' (output projection).",
+    "rank": "Exact rank of dL/dW for that matrix, computed from its spanning set (inputs x_i and VJPs delta_i).",
+    "site": "Spanning vector kind: 'ff1_input' = x_i entering FF1 (the 'imprint'); 'ff2_vjp' = delta_i, the VJP at FF2's output (the 'shift').",
+    "norm": "L2 norm of the spanning vector (how much that token contributes to the gradient).",
+    "top_ids": "Ids of the k most probable tokens when the vector is projected through the final norm and unembedding (logit lens).",
+    "top_tokens": "Text of top_ids.",
+    "top_logits": "Logits of top_ids.",
+    "bottom_ids": "Ids of the k least probable tokens of the projection (for ff2_vjp, a gradient-descent step adds -delta_i, so these are the tokens the edit promotes).",
+    "bottom_tokens": "Text of bottom_ids.",
+    "bottom_logits": "Logits of bottom_ids.",
+    "target_new_rank": "Rank of target_new's first token among all V projected logits (0 = most probable, V-1 = least probable).",
+    "target_true_rank": "Rank of target_true's first token among all V projected logits.",
+    "vector": "The spanning vector: dL/dW of a matrix = sum over positions i of outer(x_i, delta_i).",
+    "method": "Editing method.",
+    "lr": "Learning rate (gradient-based methods).",
+    "efficacy": "Top-1 accuracy of target_new on the edit prompt after the edit.",
+    "generalization": "Top-1 accuracy of target_new on rephrased prompts.",
+    "locality": "Top-1 accuracy of the unchanged answer on neighbourhood prompts.",
+    "locality_unchanged": "Share of neighbourhood predictions unchanged by the edit.",
+    "target_new_prob": "Probability of target_new after the edit.",
+    "target_true_prob": "Probability of target_true after the edit.",
+    "new_gt_true": "ROME-style: P(target_new) > P(target_true) on the edit prompt.",
+    "rephrase_new_gt_true": "ROME-style: P(target_new) > P(target_true) on rephrased prompts.",
+    "update_grad_cosine": "Cosine between the method's weight update and the single-step gradient of the same loss.",
+    "update_norm": "Frobenius norm of the weight update.",
+    "error": "Why the edit failed, when it did.",
+}
+
+CITATION = """@inproceedings{katz-etal-2024-backward,
+    title = "Backward Lens: Projecting Language Model Gradients into the Vocabulary Space",
+    author = "Katz, Shahar and Belinkov, Yonatan and Geva, Mor and Wolf, Lior",
+    booktitle = "Proceedings of the 2024 Conference on Empirical Methods in Natural Language Processing",
+    month = nov,
+    year = "2024",
+    address = "Miami, Florida, USA",
+    publisher = "Association for Computational Linguistics",
+    doi = "10.18653/v1/2024.emnlp-main.142",
+    pages = "2390--2422",
+}"""
+
+
+class PublishError(RuntimeError):
+    """Publishing failed for a reason the user can act on; the message is one line."""
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    features: object  # datasets.Features
+    num_rows: int
+    num_bytes: int
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class PublishResult:
+    out: Path
+    splits: dict[str, SplitInfo]
+    card: Path
+    pushed_to: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+
+def _declared_type(table: str, column: str, view_type: pa.DataType) -> pa.DataType:
+    schema = TABLES[table]
+    if column in schema.names:
+        return schema.field(column).type
+    return view_type  # a column the views add (none today): keep DuckDB's type
+
+
+def arrow_schema(con, table: str, *, vector_dtype: str = "float32") -> pa.Schema:
+    """The published Arrow schema of a split: the view's columns, with the declared store types."""
+    view_schema = con.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table().schema
+    fields = []
+    for f in view_schema:
+        t = _declared_type(table, f.name, f.type)
+        if pa.types.is_timestamp(t):
+            t = pa.timestamp(t.unit, tz="UTC")
+        if table == "vectors" and f.name == "vector":
+            t = pa.list_(pa.float16() if vector_dtype == "float16" else pa.float32())
+        fields.append(pa.field(f.name, t))
+    return pa.schema(fields)
+
+
+def features_for(schema: pa.Schema):
+    """Explicit datasets.Features for a split (lists stay lists; float16/float32 stay as declared)."""
+    from datasets import Features, List, Value
+
+    def feature(t: pa.DataType):
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return List(feature(t.value_type))
+        if pa.types.is_timestamp(t):
+            return Value(f"timestamp[{t.unit}, tz={t.tz}]" if t.tz else f"timestamp[{t.unit}]")
+        names = {pa.string(): "string", pa.int16(): "int16", pa.int32(): "int32", pa.int64(): "int64",
+                 pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64", pa.bool_(): "bool"}
+        if t not in names:
+            raise PublishError(f"no datasets feature for Arrow type {t}")
+        return Value(names[t])
+
+    return Features({f.name: feature(f.type) for f in schema})
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def count_rows(con, table: str) -> int:
+    return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+
+def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatch]:
+    """The view's rows, in a stable order, as record batches cast to the published schema."""
+    cols = ", ".join(f'"{n}"' for n in schema.names)
+    rel = con.sql(f"SELECT {cols} FROM {table} ORDER BY {ORDER_BY[table]}")
+    reader = rel.to_arrow_reader(BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
+    for batch in reader:
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
+
+
+def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in stream_batches(con, table, schema):
+            writer.write_batch(batch)
+            n += batch.num_rows
+    return n
+
+
+# ------------------------------------------------------------------------------------------ card
+
+
+def _md_escape(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _size_category(n: int) -> str:
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
+                         (1_000_000_000, "100M<n<1B")):
+        if n < bound:
+            return label
+    return "n>1T" if n > 1_000_000_000_000 else "1B<n<10B"
+
+
+def card_metadata(splits: dict[str, SplitInfo], pretty_name: str) -> dict:
+    biggest = max(s.num_rows for s in splits.values())
+    configs, infos = [], []
+    for name, s in splits.items():
+        cfg = {"config_name": name, "data_files": [{"split": "train", "path": f"data/{name}/*.parquet"}]}
+        if name == "prompts":
+            cfg["default"] = True
+        configs.append(cfg)
+        infos.append({"config_name": name, "features": s.features._to_yaml_list(),
+                      "splits": [{"name": "train", "num_bytes": s.num_bytes, "num_examples": s.num_rows}]})
+    return {
+        "license": "mit",
+        "language": ["en"],
+        "pretty_name": pretty_name,
+        "task_categories": ["text-generation"],
+        "tags": ["interpretability", "gradients", "logit-lens", "backward-lens", "knowledge-editing", "counterfact"],
+        "size_categories": [_size_category(biggest)],
+        "configs": configs,
+        "dataset_info": infos,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
+
+
+def _stats_sections(con) -> list[str]:
+    out: list[str] = []
+    models = [r[0] for r in con.sql("SELECT DISTINCT model FROM prompts ORDER BY 1").fetchall()]
+    for model in models:
+        out.append(f"### {model}\n")
+        rows = con.execute(
+            "SELECT layer, matrix, rate, mean_rank, mean_n_tokens, n FROM rank_equals_length WHERE model = ? "
+            "ORDER BY layer, matrix", [model]).fetchall()
+        matrices = sorted({r[1] for r in rows})
+        by_layer: dict[int, dict[str, tuple]] = {}
+        for layer, matrix, rate, mean_rank, mean_n, n in rows:
+            by_layer.setdefault(layer, {})[matrix] = (rate, mean_rank, mean_n)
+        out.append(
+            "**Gradient rank equals prompt length** (paper Figure 3, view `rank_equals_length`): share of "
+            "prompts whose dL/dW has rank exactly n (Lemma 4.1's upper bound), with the mean rank / mean n "
+            "in brackets. The last layer is rank 1: only the last position's VJP is non-zero there.\n")
+        table_rows = []
+        for layer in sorted(by_layer):
+            cells = [layer]
+            for m in matrices:
+                v = by_layer[layer].get(m)
+                cells.append("–" if v is None else f"{_pct(v[0])} ({v[1]:.1f} / {v[2]:.1f})")
+            table_rows.append(cells)
+        out.append(_md_table(["layer"] + matrices, table_rows) + "\n")
+
+        rows = con.execute(
+            "SELECT layer, position_kind, median_target_new_rank, target_new_in_bottom_k, target_new_in_top_k, n "
+            "FROM target_rank_by_layer WHERE model = ? AND site = 'ff2_vjp' ORDER BY layer, position_kind",
+            [model]).fetchall()
+        if rows:
+            stats: dict[int, dict[str, tuple]] = {}
+            for layer, kind, med, in_bottom, in_top, n in rows:
+                stats.setdefault(layer, {})[kind] = (med, in_bottom, in_top)
+            out.append(
+                "**Where target_new lands in the FF2 VJP** (paper Figure 6, view `target_rank_by_layer`, "
+                "site `ff2_vjp`): median rank of target_new among all vocabulary tokens when delta_i is "
+                "projected through the logit lens (0 = most probable; the paper finds it among the *least* "
+                "probable tokens at the last position of upper layers), and the share of prompts with "
+                "target_new among the k bottom tokens. The least probable rank is V-1 (V = vocabulary size).\n")
+            table_rows = []
+            for layer in sorted(stats):
+                last = stats[layer].get("last")
+                other = stats[layer].get("not_last")
+                table_rows.append([
+                    layer,
+                    "–" if last is None else f"{last[0]:.0f}",
+                    "–" if last is None else _pct(last[1]),
+                    "–" if other is None else f"{other[0]:.0f}",
+                    "–" if other is None else _pct(other[1]),
+                ])
+            out.append(_md_table(["layer", "median rank (last token)", "in bottom-k (last)",
+                                  "median rank (other tokens)", "in bottom-k (other)"], table_rows) + "\n")
+    return out
+
+
+def render_card(con, splits: dict[str, SplitInfo], *, repo_id: str | None = None) -> str:
+    import yaml
+
+    runs = con.sql("SELECT run_id, model, model_revision, dataset, dataset_fingerprint, config_json, "
+                   "created_at, code_version, kind FROM runs ORDER BY created_at").fetchall()
+    per_run = dict(con.sql("SELECT run_id, count(*) FROM prompts GROUP BY run_id").fetchall())
+    errors = dict(con.sql("SELECT run_id, count(*) FROM errors GROUP BY run_id").fetchall())
+    models = sorted({r[1] for r in runs} | {r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
+    n_prompts = splits["prompts"].num_rows
+    pretty = "Backward Lens gradients" + (f" ({', '.join(models)})" if models else "")
+    meta = card_metadata(splits, pretty)
+
+    md: list[str] = []
+    md.append("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n")
+    md.append(f"# {pretty}\n")
+    md.append(
+        "Gradients of a language model's MLP matrices for CounterFact knowledge-editing prompts, in the form the "
+        "paper *Backward Lens: Projecting Language Model Gradients into the Vocabulary Space* (Katz, Belinkov, "
+        "Geva, Wolf; EMNLP 2024) studies them. For a prompt of n tokens the gradient of the loss with respect to "
+        "an MLP matrix W is a sum of n outer products, dL/dW = sum_i outer(x_i, delta_i), of the matrix's inputs "
+        "x_i (forward pass) and vector-Jacobian products delta_i (backward pass) — the *spanning set*, so "
+        "rank(dL/dW) <= n (Lemma 4.1). This dataset stores the exact rank of every gradient, the logit-lens "
+        "projection of the spanning vectors (x_i entering FF1, the *imprint*; delta_i at FF2's output, the "
+        "*shift*), and optionally the vectors themselves. The loss is the cross-entropy of the first token of "
+        "the counterfactual `target_new` at the prompt's last position.\n")
+    md.append(f"It has {n_prompts:,} prompts from {len(runs)} extraction run(s). Every number below was computed "
+              "from these rows by the SQL views of the `blens` warehouse.\n")
+
+    md.append("## Source\n")
+    run_rows = []
+    for run_id, model, rev, dataset, fp, cfg, created, code, kind in runs:
+        run_rows.append([f"`{run_id}`", model, f"`{rev}`", dataset, f"`{fp[:16]}`", per_run.get(run_id, 0),
+                         errors.get(run_id, 0), kind, str(created)[:19], code])
+    md.append(_md_table(["run", "model", "revision", "dataset", "fingerprint", "prompts", "skipped records",
+                         "kind", "created (UTC)", "code"], run_rows) + "\n")
+    md.append("Prompts come from CounterFact (Meng et al., 2022), one edit request per `case_id`. Records that could "
+              "not be used (e.g. a target the tokenizer cannot produce) are counted under *skipped records*.\n")
+    md.append("### Extraction settings\n")
+    for run_id, *_rest in runs:
+        cfg = _rest[4]
+        try:
+            cfg = json.dumps(json.loads(cfg), indent=2, sort_keys=True)
+        except (TypeError, ValueError):
+            pass
+        md.append(f"Run `{run_id}`:\n\n```json\n{cfg}\n```\n")
+
+    md.append("## Tables\n")
+    md.append("Locally (`datasets.load_from_disk`) each table is a split of one `DatasetDict`; on the Hub and in "
+              "`data/` each table is a config with one `train` split, because the tables have different columns.\n")
+    for name, s in splits.items():
+        md.append(f"### `{name}` — {s.num_rows:,} rows\n")
+        md.append(SPLIT_DOCS.get(name, "") + "\n")
+        rows = [[f"`{col}`", f"`{_feature_repr(feat)}`", COLUMN_DOCS.get(col, "")] for col, feat in s.features.items()]
+        md.append(_md_table(["column", "type", "meaning"], rows) + "\n")
+
+    md.append("## Headline statistics\n")
+    md.extend(_stats_sections(con))
+
+    md.append("## How to load\n")
+    md.append("```python\nfrom datasets import load_from_disk, load_dataset\n\n"
+              "dd = load_from_disk(\"PATH/TO/THIS/FOLDER\")      # DatasetDict, one split per table\n"
+              "print(dd[\"projections\"][0])\n\n"
+              "# the same rows from the Parquet copies, no datasets-specific format needed\n"
+              "proj = load_dataset(\"parquet\", data_files={\"train\": \"PATH/TO/THIS/FOLDER/data/projections/*.parquet\"},\n"
+              "                    split=\"train\")\n"
+              + (f"\n# from the Hub: one config per table, each with a train split\n"
+                 f"proj = load_dataset(\"{repo_id}\", \"projections\", split=\"train\")\n" if repo_id else "")
+              + "```\n")
+    md.append("## How to query with DuckDB\n")
+    md.append("```sql\n-- where target_new lands in the FF2 VJP's logit lens, at the last token, by layer\n"
+              "SELECT layer, median(target_new_rank) AS median_rank\n"
+              "FROM 'data/projections/*.parquet'\n"
+              "WHERE site = 'ff2_vjp' AND segment = 'last'\n"
+              "GROUP BY layer ORDER BY layer;\n\n"
+              "-- share of prompts whose FF2 gradient has full rank n\n"
+              "SELECT layer, avg((rank = n_tokens)::INT) AS rate\n"
+              "FROM 'data/gradient_ranks/*.parquet' WHERE matrix = 'ff2'\n"
+              "GROUP BY layer ORDER BY layer;\n```\n")
+    if repo_id:
+        md.append(f"On the Hub, DuckDB reads the same files as `'hf://datasets/{repo_id}/data/projections/*.parquet'`.\n")
+    md.append("The `blens` project defines the analysis views used above (`rank_equals_length`, "
+              "`target_rank_by_layer`, `vjp_norm_by_segment`) in `queries/*.sql`.\n")
+    md.append("## Citation\n")
+    md.append("```bibtex\n" + CITATION + "\n```\n")
+    md.append(f"Schema version {SCHEMA_VERSION}. License: MIT (CounterFact is MIT-licensed; model outputs follow "
+              "the model's license).\n")
+    return "\n".join(md)
+
+
+def _feature_repr(feat) -> str:
+    from datasets import List, Value
+
+    if isinstance(feat, List):
+        return f"list<{_feature_repr(feat.feature)}>"
+    if isinstance(feat, Value):
+        return feat.dtype
+    return str(feat)
+
+
+def read_card_metadata(readme: str | os.PathLike) -> dict:
+    """The YAML header of a card written by :func:`render_card`."""
+    import yaml
+
+    text = Path(readme).read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        raise ValueError("card has no YAML header")
+    return yaml.safe_load(text[4:text.index("\n---\n", 4)])
+
+
+# --------------------------------------------------------------------------------------- publish
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PublishError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():
+        raise PublishError(f"--out {str(out)!r} is not empty and is not an earlier `blens publish` output; "
+                           "choose a new directory")
+
+
+def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtype: str = "float32",
+            repo_id: str | None = None, progress: bool = False) -> PublishResult:
+    """Build the local artefact (DatasetDict + Parquet copies + card) atomically under ``out``."""
+    import datasets
+
+    from queries import connect
+
+    if vector_dtype not in ("float32", "float16"):
+        raise PublishError(f"--vector-dtype must be float32 or float16, got {vector_dtype!r}")
+    out = Path(out)
+    _prepare_out(out)
+    try:
+        con = connect(warehouse)
+    except FileNotFoundError as exc:
+        raise PublishError(str(exc)) from None
+    if count_rows(con, "prompts") == 0:
+        raise PublishError(f"warehouse {str(warehouse)!r} has no committed prompts; nothing to publish")
+
+    if not progress:
+        datasets.disable_progress_bars()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        splits: dict[str, SplitInfo] = {}
+        dsets = {}
+        for name in SPLITS:
+            if name in OPTIONAL_SPLITS and count_rows(con, name) == 0:
+                continue
+            schema = arrow_schema(con, name, vector_dtype=vector_dtype)
+            features = features_for(schema)
+            path = stage / "data" / name / PARQUET_NAME
+            n = write_split_parquet(con, name, schema, path)
+            ds = datasets.Dataset.from_parquet(str(path), features=features, split=name,
+                                               cache_dir=str(stage / ".cache"))
+            if ds.num_rows != n:
+                raise PublishError(f"{name}: wrote {n} rows but datasets read {ds.num_rows}")
+            dsets[name] = ds
+            splits[name] = SplitInfo(name, features, n, int(ds.data.nbytes), [path])
+        datasets.DatasetDict(dsets).save_to_disk(str(stage))
+        del dsets
+        shutil.rmtree(stage / ".cache", ignore_errors=True)
+        card = render_card(con, splits, repo_id=repo_id)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        con.close()
+    for s in splits.values():
+        s.files = [out / "data" / s.name / PARQUET_NAME]
+    return PublishResult(out=out, splits=splits, card=out / "README.md")
+
+
+# ------------------------------------------------------------------------------------------ push
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def push(result: PublishResult, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Upload a published folder: each table as config ``<table>`` (split ``train``, files under
+    ``data/<table>/``, the same paths as locally), then the card. Checks the token and the Hub first,
+    so a missing token or no network fails before anything is written remotely."""
+    import datasets
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE:
+        raise PublishError("cannot push: HF_HUB_OFFLINE is set (offline mode); the local dataset at "
+                           f"{str(result.out)!r} is complete, push it later with network access")
+    token = token or get_token()
+    if not token:
+        raise PublishError("cannot push: no Hugging Face token configured (set HF_TOKEN or run `hf auth login`); "
+                           f"the local dataset at {str(result.out)!r} is complete")
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as exc:  # network down, proxy, bad token: one line, nothing written remotely
+        raise PublishError(f"cannot push to {repo_id!r}: the Hugging Face Hub is unreachable or rejected the token "
+                           f"[{_one_line(exc)}]") from None
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        dd = datasets.load_from_disk(str(result.out))
+        for name in result.splits:
+            dd[name].push_to_hub(repo_id, config_name=name, split="train", data_dir=f"data/{name}",
+                                 token=token, commit_message=f"blens publish: {name}")
+        api.upload_file(path_or_fileobj=str(result.card), path_in_repo="README.md", repo_id=repo_id,
+                        repo_type="dataset", commit_message="blens publish: dataset card")
+    except PublishError:
+        raise
+    except Exception as exc:
+        raise PublishError(f"push to {repo_id!r} failed: {_one_line(exc)}") from None
+    result.pushed_to = repo_id
+    return f"https://huggingface.co/datasets/{repo_id}"
