@@ -124,7 +124,9 @@ def load_model(name: str = EMBEDDED_NAME, device: str | None = "cpu") -> LoadedM
     autograd skips every weight-gradient GEMM.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar for a sub-second load is noise next to ours
     dev = resolve_device(device)
     path = str(ensure_embedded()) if name == EMBEDDED_NAME else name
     try:

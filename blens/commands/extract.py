@@ -66,9 +66,9 @@ def extract(
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     try:
-        init_warehouse(cfg.warehouse)
         with err_console.status(f"loading model {model} ..."):
             cached_model(cfg.model, cfg.device)
+        init_warehouse(cfg.warehouse)  # after the model: a failed load leaves no warehouse behind
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
 

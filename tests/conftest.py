@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models built from configs, CounterFact-like records.
+
+Prefect gets its own PREFECT_HOME per test session so the ephemeral API starts from a clean database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="blens-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
+COUNTERFACT = SHARED / "data" / "counterfact"
+
+FACTS = [
+    (0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
+    (1, "Paris is the capital of", "Paris", "Italy", "France"),
+    (2, "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    (3, "Toko Yasuda, the", "Toko Yasuda", "piano", "guitar"),
+    (4, "Autonomous University of Madrid, which is located in", "Autonomous University of Madrid", "Sweden", "Spain"),
+]
+
+
+def gpt2_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER} (../shared is needed)")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
+    tok.pad_token = "<|endoftext|>"
+    tok.eos_token = "<|endoftext|>"
+    return tok
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=64)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_lm(request, tokenizer):
+    from extract.models import wrap_model
+
+    return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama saved like a hub checkpoint: exercises the normal `--model PATH` loading."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def records():
+    from extract.records import EditRecord
+
+    return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
+            for c, p, s, t, g in FACTS]
+
+
+@pytest.fixture
+def records_file(tmp_path):
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([
+        {"case_id": c, "prompt": p, "subject": s, "target_new": t, "ground_truth": g,
+         "rephrase_prompt": p, "locality_prompt": p, "locality_ground_truth": g}
+        for c, p, s, t, g in FACTS
+    ]))
+    return path
