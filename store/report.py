@@ -1,0 +1,635 @@
+"""A static HTML report of the warehouse with the paper's figures (matplotlib, Agg backend).
+
+``build_report(warehouse, out)`` writes ``out/index.html`` and ``out/figures/*.png``. The page opens
+from disk (no server; images are referenced relatively), escapes every string that came from data,
+and carries a tiny script that, once the page has loaded, marks on ``<body>`` whether every figure
+decoded (``data-images-ok``) and shows a banner if one did not; the tests read that back from headless
+Chromium.
+
+Every number comes from the DuckDB views (``queries/``): rank_equals_length (Figure 3), projections
+(Figure 4, the logit-lens tables of single prompts), vjp_norm_by_segment (Figure 5),
+target_rank_by_layer (Figure 6) and edit_results (editing outcomes).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
+MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
+MODEL_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+MAX_TOKEN_CHARS = 10
+DEFAULT_N_CASES = 2
+
+
+class ReportError(RuntimeError):
+    """The report cannot be built for a reason the user can act on; one line."""
+
+
+@dataclass
+class Figure:
+    file: str  # relative to out/, e.g. figures/rank_equals_length.png
+    caption: str  # plain text (escaped when rendered)
+    alt: str
+    extra_html: str = ""  # already-escaped HTML shown under the image (e.g. the prompt's tokens)
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    intro: str
+    figures: list[Figure] = field(default_factory=list)
+
+
+@dataclass
+class ReportResult:
+    out: Path
+    index: Path
+    sections: list[Section]
+    cases: list[int]
+
+    @property
+    def figure_files(self) -> list[Path]:
+        return [self.out / f.file for s in self.sections for f in s.figures]
+
+
+# ------------------------------------------------------------------------------------ token text
+
+
+def _font_charmap() -> set[int]:
+    global _CHARMAP
+    if _CHARMAP is None:
+        from matplotlib import rcParams
+        from matplotlib.font_manager import FontProperties, findfont, get_font
+
+        try:
+            path = findfont(FontProperties(family=rcParams["font.family"]), fallback_to_default=True)
+            _CHARMAP = set(get_font(path).get_charmap())
+        except Exception:  # no usable font info: keep ASCII only
+            _CHARMAP = set(range(32, 127))
+    return _CHARMAP
+
+
+_CHARMAP: set[int] | None = None
+
+_CONTROL = {"\n": "↵", "\r": "↵", "\t": "⇥"}
+
+
+def display_token(token: str | None, *, max_chars: int = MAX_TOKEN_CHARS, font_safe: bool = True) -> str:
+    """A token as a reader should see it: a leading space as '␣', newlines/tabs as arrows, other control
+    characters as '·', glyphs the plot font lacks as '□', and long tokens cut with '..'."""
+    if token is None:
+        return ""
+    text = token
+    lead = len(text) - len(text.lstrip(" "))
+    text = "␣" * min(lead, 2) + text[lead:]
+    out = []
+    for ch in text:
+        if ch in _CONTROL:
+            out.append(_CONTROL[ch])
+        elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in "\u200b\u200c\u200d\ufeff":
+            out.append("·")
+        elif font_safe and ord(ch) not in _font_charmap():
+            out.append("□")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if text == "":
+        return "∅"
+    if len(text) > max_chars:
+        text = text[: max_chars - 2] + ".."
+    return text
+
+
+def _plain(token: str | None, max_chars: int = 40) -> str:
+    """Token text for HTML (any glyph the browser has; still visible spaces and cut)."""
+    return display_token(token, max_chars=max_chars, font_safe=False)
+
+
+# ------------------------------------------------------------------------------------- plotting
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "font.family": "DejaVu Sans", "font.size": 10, "axes.titlesize": 11, "axes.spines.top": False,
+        "axes.spines.right": False, "figure.dpi": 100, "savefig.dpi": 110, "axes.grid": True,
+        "grid.alpha": 0.3,
+    })
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
+        warnings.filterwarnings("ignore", message=r".*tight_layout.*")
+        fig.savefig(path, bbox_inches="tight", facecolor="white")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
+
+
+def _layer_span(layers: list[int]) -> str:
+    return f"{min(layers)}–{max(layers)}" if layers else "–"
+
+
+def fig_rank_equals_length(con, path: Path) -> Figure:
+    plt = _plt()
+    rows = con.sql("SELECT model, matrix, layer, layer_frac, rate, n FROM rank_equals_length "
+                   "ORDER BY model, matrix, layer").fetchall()
+    models = sorted({r[0] for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    summary = []
+    for mi, model in enumerate(models):
+        color = MODEL_COLORS[mi % len(MODEL_COLORS)]
+        for matrix in sorted({r[1] for r in rows if r[0] == model}):
+            pts = [(r[3], r[4], r[2]) for r in rows if r[0] == model and r[1] == matrix]
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], MATRIX_STYLES.get(matrix, "-.") ,
+                    color=color, marker="o", markersize=3, label=f"{model} · {matrix}")
+        mrows = [r for r in rows if r[0] == model]
+        top = max(r[2] for r in mrows)
+        below = [r[4] for r in mrows if r[2] < top]
+        last = [r[4] for r in mrows if r[2] == top]
+        summary.append(f"{model}: {100 * (sum(below) / len(below) if below else float('nan')):.0f}% on average "
+                       f"below the last layer, {100 * sum(last) / len(last):.0f}% at the last layer")
+    ax.set_xlabel("normalised layer (layer / (n_layers − 1))")
+    ax.set_ylabel("prompts with rank(dL/dW) = n  [%]")
+    ax.set_ylim(-3, 103)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("Gradient rank equals prompt length (Figure 3)")
+    ax.legend(fontsize=8, loc="lower left", frameon=False, ncol=2)
+    _save(fig, path)
+    caption = (
+        "Share of prompts whose MLP gradient dL/dW has rank exactly n, the prompt length (the upper bound of "
+        "Lemma 4.1), by normalised layer; one line per model (colour) and matrix (line style). A line at 100% "
+        "means the n spanning vectors are linearly independent. The last layer drops to about 0% because only "
+        "the last token's VJP is non-zero there (rank 1). " + "; ".join(summary) + "."
+    )
+    return Figure(file=f"figures/{path.name}", caption=caption,
+                  alt="Line chart: share of prompts with gradient rank equal to prompt length, by layer")
+
+
+def _case_rows(con, run_id: str, case_id: int, site: str):
+    # DuckDB lists are 1-based: [1] is the most (top_tokens) or least (bottom_tokens) probable token.
+    return con.execute(
+        "SELECT position, layer, norm, top_tokens[1], bottom_tokens[1], segment FROM projections "
+        "WHERE run_id = ? AND case_id = ? AND site = ? ORDER BY position, layer",
+        [run_id, case_id, site]).fetchall()
+
+
+def fig_case_table(con, run_id: str, case_id: int, site: str, path: Path, tokens: list[tuple]) -> Figure | None:
+    """Rows = prompt tokens, columns = layers; each cell the lens token, coloured by the vector's norm."""
+    import numpy as np
+    from matplotlib.colors import LogNorm, Normalize
+
+    plt = _plt()
+    rows = _case_rows(con, run_id, case_id, site)
+    if not rows:
+        return None
+    positions = sorted({r[0] for r in rows})
+    layers = sorted({r[1] for r in rows})
+    T, L = len(positions), len(layers)
+    pi = {p: i for i, p in enumerate(positions)}
+    li = {l: i for i, l in enumerate(layers)}
+    norms = np.full((T, L), np.nan)
+    labels = [["" for _ in range(L)] for _ in range(T)]
+    use_bottom = site == "ff2_vjp"
+    for pos, layer, norm, top, bottom, _seg in rows:
+        norms[pi[pos], li[layer]] = norm
+        if norm and norm > 0:
+            labels[pi[pos]][li[layer]] = display_token(bottom if use_bottom else top, max_chars=8)
+    positive = norms[np.isfinite(norms) & (norms > 0)]
+    if positive.size and positive.max() / max(positive.min(), 1e-30) > 50:
+        cnorm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max())
+        scale = "log scale"
+    else:
+        lo, hi = (float(positive.min()), float(positive.max())) if positive.size else (0.0, 1.0)
+        cnorm = Normalize(vmin=lo - 0.05 * (hi - lo), vmax=hi if hi > lo else lo + 1)
+        scale = "linear scale"
+    masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
+    cmap = plt.get_cmap("YlOrRd").with_extremes(bad="#eeeeee")
+
+    cell_w, cell_h = 0.62, 0.34
+    fig_w = 1.6 + cell_w * L + 1.0
+    fig_h = 1.1 + cell_h * T
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=cnorm, interpolation="nearest")
+    ax.grid(False)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    tok_by_pos = {t[0]: t for t in tokens}
+    ylabels = []
+    for p in positions:
+        t = tok_by_pos.get(p)
+        ylabels.append(f"{display_token(t[1], max_chars=14) if t else '?'}  {p}")
+    ax.set_yticks(range(T), ylabels, fontsize=8)
+    for tick, p in zip(ax.get_yticklabels(), positions):
+        seg = tok_by_pos.get(p, (None, None, "other"))[2]
+        tick.set_color(SEGMENT_COLORS.get(seg, "black"))
+        if seg in ("subject", "last"):
+            tick.set_fontweight("bold")
+    ax.set_xticks(range(L), [str(l) for l in layers], fontsize=7)
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("layer", fontsize=9)
+    ax.tick_params(length=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
+        for i in range(T):
+            for j in range(L):
+                if labels[i][j]:
+                    r, g, b, _a = cmap(float(cnorm(norms[i, j])))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55
+                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=6.5,
+                            color="white" if dark else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    what = "‖δᵢ‖ (FF2 VJP norm)" if use_bottom else "‖xᵢ‖ (FF1 input norm)"
+    cb.set_label(f"{what}, {scale}", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    _save(fig, path)
+
+    if use_bottom:
+        caption = (f"Case {case_id} (run {run_id}): the logit lens of the FF2 VJPs δᵢ. Each cell is the LEAST "
+                   "probable token when δᵢ of that token (row) at that layer (column) is projected to the "
+                   "vocabulary — the token a gradient-descent step pushes the model towards. Colour is ‖δᵢ‖ "
+                   f"({scale}); grey cells are exactly zero (no gradient flows there). Subject tokens are red, "
+                   "the last token blue; ␣ marks a leading space.")
+    else:
+        caption = (f"Case {case_id} (run {run_id}): the logit lens of the FF1 inputs xᵢ. Each cell is the MOST "
+                   "probable token when xᵢ (the 'imprint' the gradient writes into FF1) is projected to the "
+                   f"vocabulary. Colour is ‖xᵢ‖ ({scale}). Subject tokens are red, the last token blue; ␣ marks a "
+                   "leading space.")
+    alt = f"Table of {'least' if use_bottom else 'most'} probable lens tokens for case {case_id}, tokens by layers"
+    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt)
+
+
+def fig_norm_by_segment(con, path: Path) -> Figure:
+    plt = _plt()
+    rows = con.sql("SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment WHERE site = 'ff2_vjp' "
+                   "ORDER BY model, segment, layer").fetchall()
+    models = sorted({r[0] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5.5 * len(models)), 4.2), squeeze=False)
+    notes = []
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r[0] == model]
+        positive = [r[3] for r in mrows if r[3] and r[3] > 0]
+        logy = bool(positive) and max(positive) / min(positive) > 50
+        for seg in ("subject", "last", "other"):
+            pts = [(r[1], r[3]) for r in mrows if r[2] == seg]
+            if logy:
+                pts = [(x, y) for x, y in pts if y and y > 0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+                        color=SEGMENT_COLORS[seg], label=seg)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_title(f"{model}: mean ‖δᵢ‖ of FF2 VJPs by token segment (Figure 5)", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean VJP norm" + (" (log scale)" if logy else ""))
+        ax.legend(frameon=False, fontsize=8)
+        # which segment carries the most norm, averaged over layers
+        avg = {}
+        for seg in ("subject", "last", "other"):
+            vals = [r[3] for r in mrows if r[2] == seg and r[3] is not None]
+            if vals:
+                avg[seg] = sum(vals) / len(vals)
+        if avg:
+            order = sorted(avg, key=avg.get, reverse=True)
+            notes.append(f"{model}: largest on average for {order[0]} tokens, then {', '.join(order[1:])}")
+    _save(fig, path)
+    caption = ("Mean L2 norm of the FF2 VJP δᵢ (how strongly each token contributes to the FF2 gradient) by "
+               "layer, for subject tokens, the last token and all other tokens. The paper finds the gradient "
+               "concentrated on the subject and the last token. " + "; ".join(notes) + ".")
+    return Figure(file=f"figures/{path.name}", caption=caption,
+                  alt="Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
+
+
+def fig_target_rank(con, path: Path) -> Figure:
+    plt = _plt()
+    rows = con.sql("SELECT model, layer, position_kind, median_target_new_rank, target_new_in_bottom_k "
+                   "FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer").fetchall()
+    models = sorted({r[0] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5.5 * len(models)), 4.2), squeeze=False)
+    notes = []
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r[0] == model]
+        for kind, color, label in (("last", SEGMENT_COLORS["last"], "last token"),
+                                   ("not_last", SEGMENT_COLORS["other"], "all other tokens")):
+            pts = [(r[1], r[3]) for r in mrows if r[2] == kind]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, color=color, label=label)
+        ax.set_title(f"{model}: rank of target_new in the FF2 VJP lens (Figure 6)", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("median rank of target_new (0 = most probable)")
+        ax.legend(frameon=False, fontsize=8)
+        ax.ticklabel_format(axis="y", style="plain")
+        last = [r for r in mrows if r[2] == "last"]
+        if last:
+            upper = [r for r in last if r[1] >= (max(r[1] for r in last) + 1) / 2]
+            share = sum(r[4] for r in upper) / len(upper)
+            notes.append(f"{model}: in the upper half of the layers target_new is among the bottom-k tokens of the "
+                         f"last token's VJP for {100 * share:.0f}% of prompts")
+    _save(fig, path)
+    caption = ("Median rank of the new target's first token among all vocabulary tokens when the FF2 VJP δᵢ is "
+               "projected through the logit lens, at the last token versus all other tokens (0 = most probable, "
+               "V−1 = least probable). A high rank means target_new is among the LEAST probable tokens of δᵢ, so a "
+               "gradient step (which subtracts δᵢ) writes it into the model — the paper's 'shift'. "
+               + "; ".join(notes) + ".")
+    return Figure(file=f"figures/{path.name}", caption=caption,
+                  alt="Line chart: median rank of target_new in FF2 VJP projections by layer, last vs other tokens")
+
+
+def fig_edit_metrics(con, path: Path) -> Figure:
+    import numpy as np
+
+    plt = _plt()
+    rows = con.sql("SELECT method, avg(efficacy), avg(generalization), avg(locality), count(*) FROM edit_results "
+                   "WHERE error IS NULL GROUP BY method ORDER BY method").fetchall()
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 3), 4))
+    metrics = ("efficacy", "generalization", "locality")
+    colors = ("#1f77b4", "#2ca02c", "#ff7f0e")
+    x = np.arange(len(rows))
+    w = 0.26
+    for k, (metric, color) in enumerate(zip(metrics, colors)):
+        vals = [100 * (r[1 + k] if r[1 + k] is not None else float("nan")) for r in rows]
+        bars = ax.bar(x + (k - 1) * w, vals, w, label=metric, color=color)
+        for b, v in zip(bars, vals):
+            if not math.isnan(v):
+                ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [f"{r[0]}\n(n={r[4]})" for r in rows])
+    top = max([100.0] + [100 * v for r in rows for v in r[1:4] if v is not None])
+    ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("mean top-1 accuracy [%]")
+    ax.set_title("Knowledge editing: efficacy / generalization / locality by method", pad=28)
+    ax.legend(frameon=False, fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    _save(fig, path)
+    parts = [f"{r[0]}: {100 * (r[1] or 0):.0f}% / {100 * (r[2] or 0):.0f}% / {100 * (r[3] or 0):.0f}%" for r in rows]
+    caption = ("Mean editing outcome per method (successful edits only): efficacy = target_new is the top-1 "
+               "prediction on the edit prompt; generalization = the same on rephrased prompts; locality = "
+               "neighbourhood prompts keep their answer. Efficacy / generalization / locality: " + "; ".join(parts) + ".")
+    return Figure(file=f"figures/{path.name}", caption=caption, alt="Bar chart of editing metrics by method")
+
+
+def fig_edit_cosine(con, path: Path) -> Figure | None:
+    import numpy as np
+
+    plt = _plt()
+    rows = con.sql("SELECT method, update_grad_cosine FROM edit_results WHERE update_grad_cosine IS NOT NULL "
+                   "ORDER BY method").fetchall()
+    if not rows:
+        return None
+    methods = sorted({r[0] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-1, 1, 41)
+    notes = []
+    for mi, m in enumerate(methods):
+        vals = np.array([r[1] for r in rows if r[0] == m], dtype=float)
+        ax.hist(vals, bins=bins, alpha=0.55, color=MODEL_COLORS[mi % len(MODEL_COLORS)], label=f"{m} (n={len(vals)})")
+        notes.append(f"{m}: median {np.median(vals):.2f}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("cosine(weight update, gradient)  ·  update_grad_cosine")
+    ax.set_ylabel("edits")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-1, 1)
+    ax.set_title("How gradient-like is each method's update?")
+    ax.legend(frameon=False, fontsize=8)
+    _save(fig, path)
+    caption = ("Distribution of the cosine between each edit's weight update and the single-step gradient of the "
+               "same loss (edit_results.update_grad_cosine). Values near ±1 mean the method's update is (a "
+               "multiple of) the gradient, i.e. it writes the same low-rank imprint/shift. " + "; ".join(notes) + ".")
+    return Figure(file=f"figures/{path.name}", caption=caption, alt="Histogram of update-gradient cosine by method")
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+
+def resolve_cases(con, cases: list[int] | None) -> list[tuple[int, str, str]]:
+    """(case_id, run_id, model) for the requested cases, or the first DEFAULT_N_CASES case ids."""
+    if not cases:
+        ids = [r[0] for r in con.execute("SELECT DISTINCT case_id FROM prompts ORDER BY case_id LIMIT ?",
+                                         [DEFAULT_N_CASES]).fetchall()]
+    else:
+        ids = list(dict.fromkeys(int(c) for c in cases))
+    known = {r[0] for r in con.execute(
+        "SELECT DISTINCT case_id FROM prompts WHERE list_contains(?, case_id)", [ids]).fetchall()}
+    missing = [c for c in ids if c not in known]
+    if missing:
+        sample = [r[0] for r in con.sql("SELECT DISTINCT case_id FROM prompts ORDER BY 1 LIMIT 5").fetchall()]
+        raise ReportError(f"--case {', '.join(map(str, missing))}: not in the warehouse "
+                          f"(e.g. {', '.join(map(str, sample))})")
+    out = []
+    for c in ids:
+        for run_id, model in con.execute("SELECT run_id, model FROM prompts WHERE case_id = ? ORDER BY run_id",
+                                         [c]).fetchall():
+            out.append((c, run_id, model))
+    return out
+
+
+def _tokens_html(tokens: list[tuple]) -> str:
+    items = "".join(
+        f'<li class="tok seg-{html.escape(seg or "other")}" title="position {pos}, {html.escape(seg or "")}">'
+        f"{html.escape(_plain(tok))}</li>" for pos, tok, seg in tokens)
+    return f'<ol class="tokens" aria-label="prompt tokens">{items}</ol>'
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+CSS = """
+body{font-family:"DejaVu Sans",system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa;line-height:1.45}
+header,main{max-width:1200px;margin:0 auto;padding:0 24px}
+header{padding-top:24px}
+h1{font-size:1.6em;margin:0 0 4px}
+h2{font-size:1.25em;margin:36px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:1.05em;margin:20px 0 6px}
+.meta{color:#555;font-size:.9em}
+table.runs{border-collapse:collapse;font-size:.85em;margin:8px 0}
+table.runs td,table.runs th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+figure{margin:12px 0 24px;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px}
+figure .scroll{overflow-x:auto}
+figure img{display:block;max-width:none;height:auto}
+figure img.fit{max-width:100%}
+figcaption{font-size:.9em;color:#333;margin-top:8px;max-width:1100px}
+ol.tokens{list-style:none;padding:0;margin:8px 0 0;display:flex;flex-wrap:wrap;gap:4px}
+ol.tokens li{font-family:"DejaVu Sans Mono",monospace;font-size:.85em;padding:1px 6px;border-radius:4px;background:#eee;white-space:pre}
+ol.tokens li.seg-subject{background:#fde0e0;color:#a00}
+ol.tokens li.seg-last{background:#dde9f7;color:#124f8c}
+.prompt{font-size:.95em}
+#img-warning{display:none;background:#fee;border:1px solid #c00;color:#900;padding:8px 12px;margin:12px 0}
+footer{max-width:1200px;margin:40px auto;padding:0 24px;color:#777;font-size:.8em}
+"""
+
+# Marks <body> with data-images-ok / data-images-total / data-images-bad once the page has loaded, and shows a
+# banner naming any figure that failed to decode. The report's tests read these attributes back.
+CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                .map(function (i) { return i.getAttribute("src"); });
+  document.body.setAttribute("data-images-total", String(imgs.length));
+  document.body.setAttribute("data-images-ok", bad.length === 0 ? "true" : "false");
+  document.body.setAttribute("data-images-bad", bad.join(" "));
+  if (bad.length) {
+    var w = document.getElementById("img-warning");
+    w.textContent = "Some figures failed to load: " + bad.join(", ");
+    w.style.display = "block";
+  }
+});
+"""
+
+
+def render_html(title: str, runs: list[tuple], sections: list[Section], generated: str) -> str:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>", "<header>",
+        f"<h1>{e(title)}</h1>",
+        '<p class="meta">Figures of <i>Backward Lens: Projecting Language Model Gradients into the Vocabulary '
+        "Space</i> (Katz, Belinkov, Geva, Wolf; EMNLP 2024), recomputed from this warehouse. "
+        f"Generated {e(generated)}.</p>",
+    ]
+    if runs:
+        parts.append('<table class="runs"><tr><th>run</th><th>model</th><th>revision</th><th>dataset</th>'
+                     "<th>prompts</th></tr>")
+        for run_id, model, rev, dataset, n in runs:
+            parts.append(f"<tr><td><code>{e(str(run_id))}</code></td><td>{e(str(model))}</td>"
+                         f"<td><code>{e(str(rev))}</code></td><td>{e(str(dataset))}</td><td>{int(n or 0):,}</td></tr>")
+        parts.append("</table>")
+    parts.append('<div id="img-warning" role="alert"></div>')
+    parts.append("<nav><ul>" + "".join(f'<li><a href="#{e(s.key)}">{e(s.title)}</a></li>' for s in sections)
+                 + "</ul></nav>")
+    parts.append("</header><main>")
+    for s in sections:
+        parts.append(f'<section class="report-figure" id="{e(s.key)}">')
+        parts.append(f"<h2>{e(s.title)}</h2>")
+        if s.intro:
+            parts.append(f"<p>{s.intro}</p>")  # intro is built from escaped pieces
+        for f in s.figures:
+            cls = "" if "case-" in f.file else ' class="fit"'
+            parts.append("<figure>")
+            if f.extra_html:
+                parts.append(f.extra_html)
+            parts.append(f'<div class="scroll"><img src="{e(f.file)}" alt="{e(f.alt)}"'
+                         f'{cls} loading="eager"></div>')
+            parts.append(f"<figcaption>{e(f.caption)}</figcaption>")
+            parts.append("</figure>")
+        parts.append("</section>")
+    parts.append("</main>")
+    parts.append("<footer>Generated by <code>blens report</code> from the DuckDB views in <code>queries/</code>. "
+                 "Cite: Katz, Shahar and Belinkov, Yonatan and Geva, Mor and Wolf, Lior. Backward Lens: Projecting "
+                 "Language Model Gradients into the Vocabulary Space. EMNLP 2024.</footer>")
+    parts.append(f"<script>{CHECK_SCRIPT}</script>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").exists():
+        raise ReportError(f"--out {str(out)!r} is not empty and is not an earlier `blens report`; choose a new directory")
+
+
+def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:
+    """Render every figure and index.html into ``out`` (replacing an earlier report there)."""
+    from queries import connect
+
+    out = Path(out)
+    _prepare_out(out)
+    try:
+        con = connect(warehouse)
+    except FileNotFoundError as exc:
+        raise ReportError(str(exc)) from None
+    n_prompts = con.sql("SELECT count(*) FROM prompts").fetchall()[0][0]
+    if not n_prompts:
+        raise ReportError(f"warehouse {str(warehouse)!r} has no committed prompts; run `blens extract` first")
+    chosen = resolve_cases(con, cases)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    figs = stage / "figures"
+    figs.mkdir(parents=True)
+    try:
+        sections: list[Section] = []
+        s1 = Section("rank", "1. Gradient rank equals prompt length", "")
+        s1.figures.append(fig_rank_equals_length(con, figs / "rank_equals_length.png"))
+        sections.append(s1)
+
+        s2 = Section("cases", "2. Logit lens of single prompts",
+                     "Per prompt: the gradient's spanning vectors at every token and layer, projected to the "
+                     "vocabulary. Top: FF2 VJPs δᵢ with their least probable token; bottom: FF1 inputs xᵢ with "
+                     "their most probable token. Wide tables scroll sideways.")
+        for case_id, run_id, model in chosen:
+            prompt = con.execute("SELECT prompt, subject, target_new, target_true FROM prompts "
+                                 "WHERE run_id = ? AND case_id = ?", [run_id, case_id]).fetchone()
+            tokens = con.execute("SELECT position, token, segment FROM tokens WHERE run_id = ? AND case_id = ? "
+                                 "ORDER BY position", [run_id, case_id]).fetchall()
+            head = (f'<h3>Case {case_id} · {html.escape(str(model))}</h3>'
+                    f'<p class="prompt">“{html.escape(prompt[0])}” — subject <b>{html.escape(prompt[1])}</b>, '
+                    f"true object <b>{html.escape(prompt[3])}</b>, new target <b>{html.escape(prompt[2])}</b></p>"
+                    + _tokens_html(tokens))
+            base = f"case-{case_id}-{_safe_name(run_id)}"
+            for site, suffix in (("ff2_vjp", "ff2_vjp"), ("ff1_input", "ff1_input")):
+                fig = fig_case_table(con, run_id, case_id, site, figs / f"{base}-{suffix}.png", tokens)
+                if fig is not None:
+                    if site == "ff2_vjp":
+                        fig.extra_html = head
+                    s2.figures.append(fig)
+        sections.append(s2)
+
+        s3 = Section("norms", "3. Where the gradient is: VJP norm by token segment", "")
+        s3.figures.append(fig_norm_by_segment(con, figs / "vjp_norm_by_segment.png"))
+        sections.append(s3)
+
+        s4 = Section("target-rank", "4. target_new in the FF2 VJP projections", "")
+        s4.figures.append(fig_target_rank(con, figs / "target_rank_by_layer.png"))
+        sections.append(s4)
+
+        if con.sql("SELECT count(*) FROM edit_results").fetchall()[0][0]:
+            s5 = Section("edits", "5. Knowledge editing", "")
+            s5.figures.append(fig_edit_metrics(con, figs / "edit_metrics.png"))
+            cos = fig_edit_cosine(con, figs / "edit_update_grad_cosine.png")
+            if cos is not None:
+                s5.figures.append(cos)
+            sections.append(s5)
+
+        runs = con.sql("SELECT r.run_id, r.model, r.model_revision, r.dataset, "
+                       "(SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) FROM runs r "
+                       "ORDER BY r.created_at").fetchall()
+        models = sorted({r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
+        title = f"Backward Lens report — {', '.join(models)}"
+        generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        (stage / "index.html").write_text(render_html(title, runs, sections, generated), encoding="utf-8")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        con.close()
+    return ReportResult(out=out, index=out / "index.html", sections=sections, cases=[c[0] for c in chosen])
