@@ -88,7 +88,12 @@ def extract(
     def on_batch(res, n) -> None:
         state["n"] += res.n_prompts + res.n_failed
         state["t"] += res.seconds
-        progress.update(state["task"], advance=n, rate=state["n"] / max(state["t"], 1e-9))
+        rate = state["n"] / max(state["t"], 1e-9)
+        progress.update(state["task"], advance=n, rate=rate)
+        if not err_console.is_terminal:  # logs and CI: a plain line per batch instead of a live bar
+            total = progress.tasks[0].total or 0
+            eta = (total - state["n"]) / rate if rate else 0
+            err_console.print(f"extract: {state['n']}/{total} prompts, {rate:.2f}/s, eta {eta:.0f}s", highlight=False)
 
     try:
         with progress:
