@@ -47,13 +47,14 @@ def code_version() -> str:
 
 
 def errors_table(run_id: str, errors: list[RecordError], stage: str) -> pa.Table:
+    # Explicit types: an empty list would infer type null and break concat with a non-empty table.
     return pa.table({
-        "run_id": [run_id] * len(errors),
+        "run_id": pa.array([run_id] * len(errors), pa.string()),
         "case_id": pa.array([e.case_id for e in errors], pa.int64()),
-        "stage": [stage] * len(errors),
-        "field": [e.field for e in errors],
-        "message": [e.message for e in errors],
-        "source": [e.source for e in errors],
+        "stage": pa.array([stage] * len(errors), pa.string()),
+        "field": pa.array([e.field for e in errors], pa.string()),
+        "message": pa.array([e.message for e in errors], pa.string()),
+        "source": pa.array([e.source for e in errors], pa.string()),
     })
 
 
@@ -88,15 +89,42 @@ def done_case_ids(warehouse: str | Path, run_id: str) -> set[int]:
     return {r[0] for r in rows}
 
 
-def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False) -> RunPlan:
-    """Load and validate records, tokenize, skip finished ones, and write the run row + load errors."""
+def done_records(warehouse: str | Path, run_id: str) -> dict[int, tuple[str, str, str, str]]:
+    """case_id -> (prompt, subject, target_new, target_true) of what is committed under this run."""
+    from queries import connect
+
+    con = connect(warehouse)
+    try:
+        rows = con.execute("SELECT case_id, prompt, subject, target_new, target_true FROM prompts WHERE run_id = ?",
+                           [run_id]).fetchall()
+    finally:
+        con.close()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False, incremental: bool = False) -> RunPlan:
+    """Load and validate records, tokenize, skip finished ones, and write the run row + load errors.
+
+    ``incremental`` (scheduled runs over a growing file): the run identity uses the dataset *source*
+    (``cfg.data``) instead of its content fingerprint, so the grown file keeps its run id; a record is
+    skipped when the same case_id with the same prompt/subject/targets is already committed, so only
+    new (or edited: latest commit wins) records are extracted.
+    """
     root = init_warehouse(cfg.warehouse)
     loaded = load_records(cfg.data, limit=cfg.limit)
-    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, cfg.identity_settings())
+    dataset_key = f"incremental:{cfg.data}" if incremental else loaded.fingerprint
+    run_id = run_id_for(lm.name, lm.revision, dataset_key, cfg.identity_settings())
     shard = cfg.shard_index()
     records = [r for r in loaded.records if in_shard(r.case_id, shard)]
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
-    done = set() if force else done_case_ids(root, run_id)
+    if force:
+        done = set()
+    elif incremental:
+        seen = done_records(root, run_id)
+        done = {r.case_id for r in records
+                if seen.get(r.case_id) == (r.prompt, r.subject, r.target_new, r.target_true)}
+    else:
+        done = done_case_ids(root, run_id)
     max_tokens = lm.view.max_positions
     prepared: list[PreparedPrompt] = []
     prep_errors: list[RecordError] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +84,8 @@ def commit_batch(root: str | os.PathLike, run_id: str, tables: dict[str, pa.Tabl
         table = table.append_column("batch_id", pa.array([batch_id] * table.num_rows, pa.string())) \
             if "batch_id" not in table.column_names else table
         write_parquet_atomic(conform(name, table), table_file(root, name, run_id, batch_id))
+        if os.environ.get("BLENS_TEST_SLEEP_BETWEEN_FILES"):  # test hook: widen the kill -9 window
+            time.sleep(float(os.environ["BLENS_TEST_SLEEP_BETWEEN_FILES"]))
     marker = pa.table({
         "run_id": [run_id], "n_prompts": pa.array([n_prompts], pa.int32()),
         "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),

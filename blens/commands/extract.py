@@ -35,6 +35,8 @@ def extract(
                                         "case_id %% N == I. Shards may run at once on one warehouse."),
     force: bool = typer.Option(False, "--force", help="Recompute prompts this run already finished (default: resume)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's choice)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Run batches on N local Dask worker processes "
+                                "(prefect-dask, extra 'dask'); each loads the model and writes its own batch files."),
 ) -> None:
     """Extract gradient spanning sets and their logit-lens projections for CounterFact prompts.
 
@@ -65,6 +67,12 @@ def extract(
                             threads=threads)
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
+    from extract.records import load_records
+
+    try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
+        load_records(cfg.data, limit=1)
+    except DataSourceError as exc:
+        fail(str(exc))
     try:
         with err_console.status(f"loading model {model} ..."):
             cached_model(cfg.model, cfg.device)
@@ -72,7 +80,7 @@ def extract(
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
 
-    from flows.extract_flow import extract_flow
+    from flows.extract_flow import WorkersUnavailable, run_extract
 
     progress = Progress(TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                         TextColumn("{task.fields[rate]:.2f}/s"), TimeElapsedColumn(), TextColumn("eta"),
@@ -97,8 +105,8 @@ def extract(
 
     try:
         with progress:
-            summary = extract_flow(cfg, force=force, on_batch=on_batch, on_plan=on_plan)
-    except DataSourceError as exc:
+            summary = run_extract(cfg, workers=workers, force=force, on_batch=on_batch, on_plan=on_plan)
+    except (DataSourceError, WorkersUnavailable) as exc:
         fail(str(exc))
     print_summary(cfg, summary)
 

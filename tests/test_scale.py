@@ -1,0 +1,379 @@
+"""Bulk extraction that survives: kill -9 + resume, concurrent shards, Dask workers, schedules, retries.
+
+Everything runs on the tiny random Llama (`tiny_model_dir`) with one torch thread; runs compared
+row for row use batch size 1 like the reference (padding in a bigger batch changes float32 results in
+the 7th digit, enough to move a near-tied target rank by one). Subprocesses are real `blens extract` CLIs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from extract.config import ExtractConfig
+from queries import connect
+
+N_LAYERS, N_MATRICES, N_SITES = 3, 3, 2
+SUBJECTS = [
+    ("Danielle Darrieux", "English", "French"), ("Paris", "Italy", "France"), ("the Eiffel Tower", "Rome", "Paris"),
+    ("Toko Yasuda", "piano", "guitar"), ("Madrid", "Sweden", "Spain"), ("Berlin", "Japan", "Germany"),
+    ("Lionel Messi", "tennis", "football"), ("the Danube", "Asia", "Europe"), ("Marie Curie", "poetry", "physics"),
+    ("Mount Fuji", "Chile", "Japan"), ("the Amazon river", "Africa", "America"), ("Ludwig van Beethoven",
+                                                                                  "jazz", "classical"),
+    ("Oslo", "Peru", "Norway"), ("Angela Merkel", "Canada", "Germany"),
+]
+TEMPLATES = ["{} is located in", "The home of {} is in", "People say that {} belongs to the country of"]
+
+
+def make_records(n: int, start: int = 0) -> list[dict]:
+    out = []
+    for i in range(start, start + n):
+        s, t, g = SUBJECTS[i % len(SUBJECTS)]
+        out.append({"case_id": i, "prompt": TEMPLATES[i % len(TEMPLATES)].format(s), "subject": s,
+                    "target_new": t, "ground_truth": g})
+    return out
+
+
+def write_records(path: Path, recs: list[dict]) -> Path:
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def cfg_for(model_dir, data, wh, **kw) -> ExtractConfig:
+    base = dict(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=1, top_k=5,
+                lens_dtype="fp32", threads=1)
+    return ExtractConfig(**{**base, **kw})
+
+
+def snapshot(wh) -> dict[str, list]:
+    """Sorted view rows without batch-dependent columns (batch_id, committed_at)."""
+    con = connect(wh)
+    q = {
+        "prompts": "SELECT run_id, case_id, prompt, subject, target_new, target_true, n_tokens, round(loss, 5), "
+                   "target_new_id, target_true_id FROM prompts ORDER BY ALL",
+        "tokens": "SELECT run_id, case_id, position, token_id, token, segment FROM tokens ORDER BY ALL",
+        "gradient_ranks": "SELECT run_id, case_id, layer, matrix, rank, n_tokens FROM gradient_ranks ORDER BY ALL",
+        "projections": "SELECT run_id, case_id, layer, site, position, segment, round(norm, 4), top_ids, bottom_ids, "
+                       "target_new_rank, target_true_rank FROM projections "
+                       "ORDER BY run_id, case_id, layer, site, position",
+    }
+    out = {k: con.execute(v).fetchall() for k, v in q.items()}
+    con.close()
+    return out
+
+
+def assert_complete(wh) -> int:
+    """Every visible prompt has all its rows (tokens, ranks, projections); no (run, case) twice."""
+    con = connect(wh)
+    bad = con.execute(f"""
+        SELECT p.case_id, p.n_tokens,
+               (SELECT count(*) FROM tokens t WHERE t.run_id = p.run_id AND t.case_id = p.case_id) AS nt,
+               (SELECT count(*) FROM gradient_ranks g WHERE g.run_id = p.run_id AND g.case_id = p.case_id) AS ng,
+               (SELECT count(*) FROM projections x WHERE x.run_id = p.run_id AND x.case_id = p.case_id) AS nx
+        FROM prompts p
+        WHERE nt != p.n_tokens OR ng != {N_LAYERS * N_MATRICES} OR nx != p.n_tokens * {N_LAYERS * N_SITES}
+    """).fetchall()
+    assert bad == [], f"incomplete prompts visible: {bad}"
+    dup = con.execute("SELECT run_id, case_id, count(*) FROM prompts GROUP BY ALL HAVING count(*) > 1").fetchall()
+    assert dup == []
+    n = con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+    con.close()
+    return n
+
+
+@pytest.fixture(scope="module")
+def data12(tmp_path_factory):
+    return write_records(tmp_path_factory.mktemp("data") / "cf12.json", make_records(12))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, data12):
+    """One clean, uninterrupted, single-process run over the 12 records."""
+    from flows.extract_flow import extract_flow
+
+    wh = tmp_path_factory.mktemp("ref") / "wh"
+    summary = extract_flow(cfg_for(tiny_model_dir, data12, wh))
+    assert summary.n_extracted == 12 and summary.n_failed == 0
+    assert assert_complete(wh) == 12
+    return snapshot(wh)
+
+
+# --- subprocess helpers ---------------------------------------------------------------------------
+
+def start_cli(*args, env_extra=None, log=None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    # Own session: kill -9 reaches the whole group, including Prefect's ephemeral API server.
+    return subprocess.Popen([sys.executable, "-m", "blens.cli", "extract", *args], cwd=ROOT, env=env,
+                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            start_new_session=True, text=True)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(pred, proc, timeout=180.0, what=""):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}: {proc.stderr and proc.stderr.read()}")
+        time.sleep(0.05)
+    kill9(proc)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def commit_ids(wh: Path) -> set[str]:
+    return {p.stem for p in (wh / "_commits").glob("run=*/*.parquet")}
+
+
+def uncommitted_prompt_files(wh: Path) -> list[Path]:
+    done = commit_ids(wh)
+    return [p for p in (wh / "prompts").glob("run=*/*.parquet") if p.stem not in done]
+
+
+# --- kill -9 and resume ---------------------------------------------------------------------------
+
+def test_kill9_anywhere_then_resume_gives_one_clean_run(tmp_path, tiny_model_dir, data12, reference):
+    wh = tmp_path / "wh"
+    args = ["--model", str(tiny_model_dir), "--data", str(data12), "--warehouse", str(wh), "--batch-size", "1",
+            "--top-k", "5", "--lens-dtype", "fp32", "--threads", "1"]
+
+    # 1) killed right after a few batches committed (the plan's own commit is the first marker).
+    proc = start_cli(*args)
+    wait_for(lambda: len(commit_ids(wh)) >= 3, proc, what="two committed batches")
+    kill9(proc)
+    n1 = assert_complete(wh)
+    assert 1 <= n1 < 12
+
+    # 2) resumed, then killed mid-batch: table files written, commit marker not yet.
+    proc = start_cli(*args, env_extra={"BLENS_TEST_SLEEP_BETWEEN_FILES": "1.5"})
+    wait_for(lambda: uncommitted_prompt_files(wh), proc, what="a half-written batch")
+    kill9(proc)
+    orphans = uncommitted_prompt_files(wh)
+    assert orphans, "the kill should have left an uncommitted batch behind"
+    n2 = assert_complete(wh)
+    assert n1 <= n2 < 12
+    con = connect(wh)
+    orphan_ids = [p.stem for p in orphans]
+    assert con.execute("SELECT count(*) FROM _prompt_rows WHERE batch_id IN (SELECT unnest(?))",
+                       [orphan_ids]).fetchone()[0] == 0
+    con.close()
+
+    # 3) the same command again finishes the job: every prompt exactly once, equal to a clean run.
+    r = subprocess.run([sys.executable, "-m", "blens.cli", "extract", *args], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{n2} prompts already done, {12 - n2} to go" in r.stderr
+    assert assert_complete(wh) == 12
+    assert snapshot(wh) == reference
+    con = connect(wh)
+    assert con.execute("SELECT count(DISTINCT run_id) FROM runs").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    con.close()
+
+
+# --- concurrent shards ------------------------------------------------------------------------------
+
+def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, reference):
+    wh = tmp_path / "wh"
+    n = 3
+    logs = [open(tmp_path / f"shard{i}.log", "w+") for i in range(n)]
+    procs = [start_cli("--model", str(tiny_model_dir), "--data", str(data12), "--warehouse", str(wh),
+                       "--batch-size", "1", "--top-k", "5", "--lens-dtype", "fp32", "--threads", "1",
+                       "--shard", f"{i}/{n}", log=logs[i]) for i in range(n)]
+    try:
+        rcs = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill9(p)
+    for i, (rc, log) in enumerate(zip(rcs, logs)):
+        log.seek(0)
+        assert rc == 0, f"shard {i}: {log.read()[-3000:]}"
+
+    assert assert_complete(wh) == 12
+    assert snapshot(wh) == reference
+    # No duplicate rows on disk either (not only in the deduplicating views), and no stray temp files.
+    con = connect(wh)
+    raw = con.execute("SELECT count(*), count(DISTINCT case_id) FROM read_parquet(? || '/prompts/run=*/*.parquet')",
+                      [str(wh)]).fetchone()
+    assert raw == (12, 12)
+    assert list(wh.rglob("*.tmp")) == []
+    # One run id for all shards; each shard wrote its own runs row whose config says which shard.
+    runs = con.execute("SELECT run_id, config_json FROM read_parquet(? || '/runs/run=*/*.parquet')",
+                       [str(wh)]).fetchall()
+    assert len(runs) == n and len({r[0] for r in runs}) == 1
+    assert sorted(json.loads(r[1])["shard"] for r in runs) == [f"{i}/{n}" for i in range(n)]
+    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    con.close()
+
+
+def test_shard_is_not_part_of_run_identity(tiny_model_dir, data12):
+    a = cfg_for(tiny_model_dir, data12, "wh", shard="0/3", batch_size=7, threads=None, device="cpu")
+    b = cfg_for(tiny_model_dir, data12, "wh")
+    assert a.identity_settings() == b.identity_settings()
+    assert "shard" not in json.dumps(a.identity_settings())
+
+
+# --- scale-out on Dask ------------------------------------------------------------------------------
+
+def test_dask_two_workers_equal_single_process(tmp_path, tiny_model_dir, data12, reference):
+    pytest.importorskip("prefect_dask")
+    from flows.extract_flow import extract_flow_for, run_extract
+
+    from prefect_dask import DaskTaskRunner
+
+    assert isinstance(extract_flow_for(2).task_runner, DaskTaskRunner)
+    wh = tmp_path / "wh"
+    summary = run_extract(cfg_for(tiny_model_dir, data12, wh), workers=2)
+    assert summary.n_extracted == 12 and summary.n_failed == 0
+    assert snapshot(wh) == reference
+    con = connect(wh)
+    writers = con.execute("SELECT DISTINCT writer FROM _commits WHERE n_prompts > 0").fetchall()
+    con.close()
+    assert len(writers) == 2, f"both Dask worker processes should have written batches: {writers}"
+
+
+# --- schedules: deployment definition and incremental runs ------------------------------------------
+
+def test_deployment_has_cron_parameters_and_name(tmp_path):
+    from flows.serve import DEPLOYMENT_NAME, build_deployment
+
+    dep = build_deployment(str(tmp_path / "cf.json"), cron="0 * * * *", model="m", warehouse=str(tmp_path / "wh"),
+                           batch_size=4)
+    assert dep.name == DEPLOYMENT_NAME and dep.flow_name == "blens-scheduled-extract"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 * * * *"]
+    assert dep.parameters == {"data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"),
+                              "batch_size": 4}
+    assert dep.entrypoint == "flows/serve.py:scheduled_extract"
+    assert dep.concurrency_limit == 1  # a slow tick never overlaps the next one
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "blens.cli", "serve", "--data", "cf.json", "--cron", "*/15 * * * *", "--dry-run"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["schedules"][0]["cron"] == "*/15 * * * *" and info["parameters"]["data"] == "cf.json"
+    r = subprocess.run(cmd[:-3] + ["--cron", "every hour", "--dry-run"], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "not a valid cron expression" in r.stderr
+
+
+def test_scheduled_run_over_grown_dataset_extracts_only_new_records(tmp_path, tiny_model_dir):
+    from flows.serve import scheduled_extract
+
+    data, wh = tmp_path / "cf.json", tmp_path / "wh"
+    params = dict(data=str(data), model=str(tiny_model_dir), warehouse=str(wh), batch_size=2, top_k=5,
+                  lens_dtype="fp32", threads=1)
+    write_records(data, make_records(4))
+    first = scheduled_extract(**params)
+    assert (first["n_extracted"], first["n_done_before"]) == (4, 0)
+
+    write_records(data, make_records(7))  # the file grew by 3 records
+    second = scheduled_extract(**params)
+    assert (second["n_extracted"], second["n_done_before"]) == (3, 4)
+    assert second["run_id"] == first["run_id"]  # one growing run, not one run per tick
+
+    third = scheduled_extract(**params)  # nothing new: nothing extracted
+    assert (third["n_extracted"], third["n_done_before"]) == (0, 7)
+
+    recs = make_records(7)
+    recs[2]["target_new"] = "Moscow"  # an edited record is re-extracted; the latest commit wins
+    write_records(data, recs)
+    fourth = scheduled_extract(**params)
+    assert (fourth["n_extracted"], fourth["n_done_before"]) == (1, 6)
+    assert assert_complete(wh) == 7
+    con = connect(wh)
+    assert con.execute("SELECT target_new FROM prompts WHERE case_id = 2").fetchall() == [("Moscow",)]
+    assert con.execute("SELECT count(*) FROM _commits WHERE n_prompts > 0").fetchone()[0] == 2 + 2 + 1
+    con.close()
+
+
+# --- retries and failures ----------------------------------------------------------------------------
+
+def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir, monkeypatch):
+    import extract.job as job
+    from flows.extract_flow import extract_flow
+
+    calls = {"n": 0, "failed": 0}
+    real = job.commit_batch
+
+    def flaky(root, run_id, tables, **kw):
+        if kw.get("n_prompts"):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second batch hits a transient I/O error once
+                calls["failed"] += 1
+                raise OSError(5, "transient I/O error (injected)")
+        return real(root, run_id, tables, **kw)
+
+    monkeypatch.setattr(job, "commit_batch", flaky)
+    data = write_records(tmp_path / "cf.json", make_records(4))
+    summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=2))
+    assert calls["failed"] == 1 and calls["n"] == 3  # 2 batches + 1 retry
+    assert (summary.n_extracted, summary.n_failed) == (4, 0)
+    assert assert_complete(tmp_path / "wh") == 4
+    con = connect(tmp_path / "wh")
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    con.close()
+
+
+def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+    import extract.job as job
+    from flows.extract_flow import extract_flow
+
+    real = job.extract_batch
+
+    def poisoned(lm, prompts, run_id, **kw):
+        if any(p.record.case_id == 1 for p in prompts):
+            raise RuntimeError("CUDA error: an illegal memory access (injected)")
+        return real(lm, prompts, run_id, **kw)
+
+    monkeypatch.setattr(job, "extract_batch", poisoned)
+    data = write_records(tmp_path / "cf.json", make_records(5))
+    summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=2))
+    assert (summary.n_extracted, summary.n_failed) == (4, 1)
+    con = connect(tmp_path / "wh")
+    errs = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
+    assert len(errs) == 1 and errs[0][:3] == (1, "extract", "prompt") and "illegal memory access" in errs[0][3]
+    assert sorted(r[0] for r in con.execute("SELECT case_id FROM prompts").fetchall()) == [0, 2, 3, 4]
+    con.close()
+    assert assert_complete(tmp_path / "wh") == 4
+
+
+def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_model_dir, monkeypatch):
+    import extract.job as job
+    from flows.extract_flow import extract_flow
+
+    real = job.commit_batch
+    attempts = {"n": 0}
+
+    def broken_for_case_3(root, run_id, tables, **kw):
+        prompts = tables.get("prompts")
+        if prompts is not None and 3 in prompts.column("case_id").to_pylist():
+            attempts["n"] += 1
+            raise OSError(28, "No space left on device (injected)")
+        return real(root, run_id, tables, **kw)
+
+    monkeypatch.setattr(job, "commit_batch", broken_for_case_3)
+    data = write_records(tmp_path / "cf.json", make_records(4))
+    summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=1))
+    assert attempts["n"] == 3  # first try + retries=2
+    assert (summary.n_extracted, summary.n_failed) == (3, 1)
+    con = connect(tmp_path / "wh")
+    errs = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
+    assert len(errs) == 1 and errs[0][:3] == (3, "extract", "batch") and "No space left" in errs[0][3]
+    con.close()
