@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import SCHEMA_VERSION, TABLES
+from .writer import replace_directory
 
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
 OPTIONAL_SPLITS = ("vectors", "edit_results")  # published only when non-empty
@@ -475,13 +476,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
         shutil.rmtree(stage / ".cache", ignore_errors=True)
         card = render_card(con, splits, repo_id=repo_id)
         (stage / "README.md").write_text(card, encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        replace_directory(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

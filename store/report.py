@@ -23,6 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from .writer import replace_directory
 
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
 MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
@@ -621,13 +622,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
         title = f"Backward Lens report — {', '.join(models)}"
         generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         (stage / "index.html").write_text(render_html(title, runs, sections, generated), encoding="utf-8")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        replace_directory(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)

@@ -14,6 +14,7 @@ never touch each other's files (batch ids are random), so any number of shards m
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -50,6 +51,17 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def replace_directory(stage: Path, out: Path) -> None:
+    """Swap a fully built directory into place: readers see the old one or the new one, never a mix."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
 
 
 def init_warehouse(root: str | os.PathLike) -> Path:
