@@ -20,7 +20,7 @@ class ExtractConfig(BaseModel):
     top_k: int = Field(default=10, ge=1, le=1000)
     device: str = "cpu"
     vectors: Literal["none", "spanning", "all"] = "none"
-    lens_dtype: Literal["fp32", "bf16"] = "bf16"
+    lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"
     threads: int | None = None
 

@@ -1,0 +1,172 @@
+"""End-to-end benchmark of the extraction (not a test). Prints one table; optionally writes it as Markdown.
+
+    PYTHONPATH=. python bench/bench_extract.py [--n1 100 --n2 400 --ref-prompts 3 --out bench/results.md]
+
+Throughput is *marginal*: (N2 - N1) / (T(N2) - T(N1)) over the first N prompts of counterfact-edit-1k, each
+run = prepare + length-sorted batches through ``extract.pipeline.extract_batch`` + Parquet commit with
+``store.writer.commit_batch`` (so Arrow/Parquet cost is included and fixed start-up costs cancel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.reference import reference_prompt  # noqa: E402
+from extract.capture import capture  # noqa: E402
+from extract.lens import LogitLens  # noqa: E402
+from extract.models import load_model  # noqa: E402
+from extract.pipeline import LENS_SITES, extract_batch, site_tensor  # noqa: E402
+from extract.prepare import prepare  # noqa: E402
+from extract.ranks import ranks_for_batch  # noqa: E402
+from extract.records import load_records  # noqa: E402
+from store.writer import commit_batch, init_warehouse  # noqa: E402
+
+DATA = "/work/shared/data/counterfact/counterfact-edit-1k.json"
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine() -> str:
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                     if l.startswith("Model name"))
+    except Exception:
+        model = platform.processor()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"load avg {load:.1f}, {datetime.datetime.now().isoformat(timespec='seconds')}")
+
+
+def run_extraction(lm, records, n: int, batch_size: int, lens: LogitLens, vectors: str, root: Path) -> float:
+    t0 = time.perf_counter()
+    prompts = sorted((prepare(r, lm.tokenizer, 8192) for r in records[:n]), key=lambda p: p.n_tokens)
+    for s in range(0, len(prompts), batch_size):
+        batch = prompts[s : s + batch_size]
+        tables = extract_batch(lm, batch, "bench", top_k=10, vectors=vectors, lens=lens)
+        commit_batch(root, "bench", tables, n_prompts=len(batch))
+    return time.perf_counter() - t0
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n1", type=int, default=100)
+    ap.add_argument("--n2", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ref-prompts", type=int, default=3)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--lens-vectors", type=int, default=4096, help="real lens vectors for the GFLOP/s rows")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    lm = load_model()
+    view = lm.view
+    records = load_records(DATA).records
+    rows: list[tuple[str, str]] = []
+
+    def add(name: str, value: str) -> None:  # print as we go: a full run takes minutes
+        rows.append((name, value))
+        print(f"{name}: {value}", flush=True)
+    print(machine(), flush=True)
+
+    # GEMM peaks and the lens on real vectors of one batch.
+    peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
+    add("fp32 GEMM peak (2048^3 matmul)", f"{peak32:.0f} GFLOP/s")
+    add("bf16 GEMM peak (2048^3 matmul)", f"{peak16:.0f} GFLOP/s")
+    batch = sorted((prepare(r, lm.tokenizer, 8192) for r in records[: args.batch_size]), key=lambda p: p.n_tokens)
+    spans = capture(view, batch, lm.tokenizer.pad_token_id)
+    flat = torch.stack([torch.stack([site_tensor(spans, l, s) for l in range(view.n_layers)])[:, spans.mask]
+                        for s in LENS_SITES]).reshape(-1, view.unembedding.shape[1])
+    flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[: args.lens_vectors]]
+    tgt = torch.randint(0, view.unembedding.shape[0], (flat.shape[0], 2))
+    flops = 2 * flat.shape[0] * flat.shape[1] * view.unembedding.shape[0]
+    for dt in args.dtypes.split(","):
+        lens = LogitLens(view.final_norm, view.unembedding, dtype=dt)
+        lens.project(flat[:256], tgt[:256], 10)
+        el = _timed(lambda: lens.project(flat, tgt, 10))
+        peak = peak32 if dt == "fp32" else peak16
+        add(*(f"lens {dt}: {flat.shape[0]} vectors, whole projection", f"{el:.2f} s, {flops / el / 1e9:.0f} GFLOP/s = {100 * flops / el / 1e9 / peak:.0f} % of {dt} peak"))
+    w, w16 = view.unembedding.detach(), view.unembedding.detach().bfloat16()
+    h = view.final_norm(flat[:1024]).detach()
+    g32 = min(_timed(lambda: [h[s:s + 64] @ w.T for s in range(0, 1024, 64)]) for _ in range(2))
+    h16 = h.bfloat16()
+    g16 = min(_timed(lambda: [h16[s:s + 64] @ w16.T for s in range(0, 1024, 64)]) for _ in range(2))
+    f1024 = 2 * 1024 * w.shape[1] * w.shape[0] / 1e9
+    add(*("lens GEMM alone, 64-row blocks", f"fp32 {f1024 / g32:.0f} GFLOP/s ({100 * f1024 / g32 / peak32:.0f} % of peak), "
+                 f"bf16 {f1024 / g16:.0f} GFLOP/s ({100 * f1024 / g16 / peak16:.0f} % of peak)"))
+
+    # Gradient ranks: from the n x n core vs SVD of the materialised gradient (2 prompts).
+    t_core = _timed(lambda: ranks_for_batch(spans, view.matrix_names, view.n_layers)) / len(batch)
+    def svd_ranks():
+        for b in range(2):
+            for layer in range(view.n_layers):
+                for name in view.matrix_names:
+                    torch.linalg.matrix_rank(spans.gradient(layer, name, b))
+    t_svd = _timed(svd_ranks) / 2
+    add(*("gradient ranks per prompt (90 matrices)", f"core {t_core * 1e3:.1f} ms vs matrix_rank of gradient {t_svd * 1e3:.0f} ms ({t_svd / t_core:.0f}x)"))
+
+    # Reference implementation.
+    ref_prompts = [prepare(r, lm.tokenizer, 8192) for r in records[: args.ref_prompts]]
+    reference_prompt(lm, ref_prompts[0])
+    t_ref = _timed(lambda: [reference_prompt(lm, p) for p in ref_prompts])
+    ref_ps = len(ref_prompts) / t_ref
+    add(*(f"reference (per-vector, autograd weight grads), {len(ref_prompts)} prompts", f"{ref_ps:.3f} prompts/s"))
+
+    # End-to-end marginal throughput.
+    best = {}
+    for dt in args.dtypes.split(","):
+        for vec in ("none", "spanning"):
+            lens = LogitLens(view.final_norm, view.unembedding, dtype=dt)
+            with tempfile.TemporaryDirectory() as tmp:
+                root = init_warehouse(Path(tmp) / "wh")
+                run_extraction(lm, records, min(args.batch_size, args.n1), args.batch_size, lens, vec, root)  # warm-up
+                t1 = run_extraction(lm, records, args.n1, args.batch_size, lens, vec, root)
+                r1 = rss_mb()
+                t2 = run_extraction(lm, records, args.n2, args.batch_size, lens, vec, root)
+                r2 = rss_mb()
+            ps = (args.n2 - args.n1) / (t2 - t1)
+            best[(dt, vec)] = ps
+            add(*(f"extraction lens={dt} vectors={vec}", f"{ps:.2f} prompts/s marginal (T({args.n1})={t1:.1f} s, "
+                         f"T({args.n2})={t2:.1f} s), {ps / ref_ps:.0f}x reference; peak RSS {r1:.0f} MB -> {r2:.0f} MB"))
+        if (dt, "none") in best and (dt, "spanning") in best:
+            cost = 1 - best[(dt, "spanning")] / best[(dt, "none")]
+            add(*(f"vectors=spanning throughput cost, lens={dt}", f"{100 * cost:.0f} %"))
+
+    width = max(len(a) for a, _ in rows)
+    text = [f"# bench_extract ({machine()})", "", f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    text += [f"| {a.ljust(width)} | {b} |" for a, b in rows]
+    out = "\n".join(text)
+    print(out)
+    if args.out:
+        Path(args.out).write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()
