@@ -3,8 +3,9 @@
     PYTHONPATH=. python bench/bench_extract.py [--n1 100 --n2 400 --ref-prompts 3 --out bench/results.md]
 
 Throughput is *marginal*: (N2 - N1) / (T(N2) - T(N1)) over the first N prompts of counterfact-edit-1k, each
-run = prepare + length-sorted batches through ``extract.pipeline.extract_batch`` + Parquet commit with
-``store.writer.commit_batch`` (so Arrow/Parquet cost is included and fixed start-up costs cancel).
+T the wall time of a real `blens extract` process (Prefect flow, Parquet commits and all), so fixed start-up
+costs (model load, Prefect's ephemeral API) cancel. The reference is bench/reference.py: the per-vector
+method of the paper's demo (weight gradients through autograd, module hooks, one lens call per vector).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from extract.pipeline import LENS_SITES, extract_batch, site_tensor  # noqa: E40
 from extract.prepare import prepare  # noqa: E402
 from extract.ranks import ranks_for_batch  # noqa: E402
 from extract.records import load_records  # noqa: E402
-from store.writer import commit_batch, init_warehouse  # noqa: E402
 
 DATA = "/work/shared/data/counterfact/counterfact-edit-1k.json"
 
@@ -52,14 +52,29 @@ def machine() -> str:
             f"load avg {load:.1f}, {datetime.datetime.now().isoformat(timespec='seconds')}")
 
 
-def run_extraction(lm, records, n: int, batch_size: int, lens: LogitLens, vectors: str, root: Path) -> float:
+RUN_CLI = """
+import resource, runpy, sys
+sys.argv = ["blens"] + sys.argv[1:]
+try:
+    runpy.run_module("blens.cli", run_name="__main__")
+finally:
+    sys.stderr.write("BENCH_MAXRSS_KB=%d\\n" % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def run_cli(n: int, dtype: str, vectors: str, warehouse: Path, batch_size: int, data: str) -> tuple[float, float]:
+    """Wall time and peak RSS (MB) of one `blens extract` process over the first n records."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-c", RUN_CLI, "extract", "--data", data, "--limit", str(n), "--warehouse", str(warehouse),
+           "--lens-dtype", dtype, "--vectors", vectors, "--batch-size", str(batch_size)]
+    env = dict(os.environ, PYTHONPATH=str(root))
     t0 = time.perf_counter()
-    prompts = sorted((prepare(r, lm.tokenizer, 8192) for r in records[:n]), key=lambda p: p.n_tokens)
-    for s in range(0, len(prompts), batch_size):
-        batch = prompts[s : s + batch_size]
-        tables = extract_batch(lm, batch, "bench", top_k=10, vectors=vectors, lens=lens)
-        commit_batch(root, "bench", tables, n_prompts=len(batch))
-    return time.perf_counter() - t0
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"blens extract failed: {proc.stderr[-2000:]}")
+    kb = [int(l.split("=")[1]) for l in proc.stderr.splitlines() if l.startswith("BENCH_MAXRSS_KB=")]
+    return elapsed, (kb[-1] / 1024 if kb else float("nan"))
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
@@ -67,6 +82,15 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(reps))
     return 2 * n**3 / best / 1e9
+
+
+def onednn_peak(n: int = 2048, reps: int = 5) -> float:
+    """The machine's fp32 peak through oneDNN (the routine the fp32 lens uses)."""
+    a = torch.randn(n, n)
+    wp = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, n), None)
+    f = lambda: torch.ops.mkldnn._linear_pointwise(a, wp, None, "none", [], "")  # noqa: E731
+    f()
+    return 2 * n**3 / min(_timed(f) for _ in range(reps)) / 1e9
 
 
 def _timed(f) -> float:
@@ -83,6 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ref-prompts", type=int, default=3)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--lens-vectors", type=int, default=4096, help="real lens vectors for the GFLOP/s rows")
+    ap.add_argument("--rss-n", type=int, default=2000, help="also run blens extract on this many prompts for peak RSS (0: skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -97,8 +122,9 @@ def main(argv=None) -> None:
     print(machine(), flush=True)
 
     # GEMM peaks and the lens on real vectors of one batch.
-    peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
-    add("fp32 GEMM peak (2048^3 matmul)", f"{peak32:.0f} GFLOP/s")
+    mkl32, onednn32, peak16 = gemm_peak(torch.float32), onednn_peak(), gemm_peak(torch.bfloat16)
+    peak32 = max(mkl32, onednn32)
+    add("fp32 GEMM peak, 2048^3: torch matmul (MKL) / oneDNN linear", f"{mkl32:.0f} / {onednn32:.0f} GFLOP/s")
     add("bf16 GEMM peak (2048^3 matmul)", f"{peak16:.0f} GFLOP/s")
     batch = sorted((prepare(r, lm.tokenizer, 8192) for r in records[: args.batch_size]), key=lambda p: p.n_tokens)
     spans = capture(view, batch, lm.tokenizer.pad_token_id)
@@ -108,14 +134,16 @@ def main(argv=None) -> None:
     tgt = torch.randint(0, view.unembedding.shape[0], (flat.shape[0], 2))
     flops = 2 * flat.shape[0] * flat.shape[1] * view.unembedding.shape[0]
     for dt in args.dtypes.split(","):
-        lens = LogitLens(view.final_norm, view.unembedding, dtype=dt)
+        lens = LogitLens(view.final_norm, view.unembedding, dtype=dt)  # the defaults blens extract uses
         lens.project(flat[:256], tgt[:256], 10)
         el = _timed(lambda: lens.project(flat, tgt, 10))
         peak = peak32 if dt == "fp32" else peak16
         add(*(f"lens {dt}: {flat.shape[0]} vectors, whole projection", f"{el:.2f} s, {flops / el / 1e9:.0f} GFLOP/s = {100 * flops / el / 1e9 / peak:.0f} % of {dt} peak"))
     w, w16 = view.unembedding.detach(), view.unembedding.detach().bfloat16()
     h = view.final_norm(flat[:1024]).detach()
-    g32 = min(_timed(lambda: [h[s:s + 64] @ w.T for s in range(0, 1024, 64)]) for _ in range(2))
+    wp = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+    g32 = min(_timed(lambda: [torch.ops.mkldnn._linear_pointwise(h[s:s + 64].contiguous(), wp, None, "none", [], "")
+                              for s in range(0, 1024, 64)]) for _ in range(2))
     h16 = h.bfloat16()
     g16 = min(_timed(lambda: [h16[s:s + 64] @ w16.T for s in range(0, 1024, 64)]) for _ in range(2))
     f1024 = 2 * 1024 * w.shape[1] * w.shape[0] / 1e9
@@ -139,25 +167,28 @@ def main(argv=None) -> None:
     ref_ps = len(ref_prompts) / t_ref
     add(*(f"reference (per-vector, autograd weight grads), {len(ref_prompts)} prompts", f"{ref_ps:.3f} prompts/s"))
 
-    # End-to-end marginal throughput.
+    # End-to-end marginal throughput of the real command: `blens extract` in a subprocess (Prefect flow,
+    # model load, Parquet commits and all), at N1 and N2 prompts; fixed start-up costs cancel.
     best = {}
     for dt in args.dtypes.split(","):
         for vec in ("none", "spanning"):
-            lens = LogitLens(view.final_norm, view.unembedding, dtype=dt)
             with tempfile.TemporaryDirectory() as tmp:
-                root = init_warehouse(Path(tmp) / "wh")
-                run_extraction(lm, records, min(args.batch_size, args.n1), args.batch_size, lens, vec, root)  # warm-up
-                t1 = run_extraction(lm, records, args.n1, args.batch_size, lens, vec, root)
-                r1 = rss_mb()
-                t2 = run_extraction(lm, records, args.n2, args.batch_size, lens, vec, root)
-                r2 = rss_mb()
+                t1, r1 = run_cli(args.n1, dt, vec, Path(tmp) / "wh1", args.batch_size, DATA)
+                t2, r2 = run_cli(args.n2, dt, vec, Path(tmp) / "wh2", args.batch_size, DATA)
             ps = (args.n2 - args.n1) / (t2 - t1)
             best[(dt, vec)] = ps
-            add(*(f"extraction lens={dt} vectors={vec}", f"{ps:.2f} prompts/s marginal (T({args.n1})={t1:.1f} s, "
+            add(*(f"blens extract --lens-dtype {dt} --vectors {vec}", f"{ps:.2f} prompts/s marginal (T({args.n1})={t1:.1f} s, "
                          f"T({args.n2})={t2:.1f} s), {ps / ref_ps:.0f}x reference; peak RSS {r1:.0f} MB -> {r2:.0f} MB"))
         if (dt, "none") in best and (dt, "spanning") in best:
             cost = 1 - best[(dt, "spanning")] / best[(dt, "none")]
             add(*(f"vectors=spanning throughput cost, lens={dt}", f"{100 * cost:.0f} %"))
+    if args.rss_n:
+        with tempfile.TemporaryDirectory() as tmp:
+            big = str(Path(DATA).with_name("counterfact-edit.json"))
+            t_small, r_small = run_cli(100, "fp32", "none", Path(tmp) / "a", args.batch_size, big)
+            t_big, r_big = run_cli(args.rss_n, "fp32", "none", Path(tmp) / "b", args.batch_size, big)
+        add(*(f"peak RSS of blens extract, 100 vs {args.rss_n} prompts", f"{r_small:.0f} MB vs {r_big:.0f} MB "
+                     f"({t_small:.0f} s vs {t_big:.0f} s)"))
 
     width = max(len(a) for a, _ in rows)
     text = [f"# bench_extract ({machine()})", "", f"| {'measure'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]

@@ -31,7 +31,7 @@ def extract(
                                 "ff2_vjp) | all (also ff1 VJPs and ff2 inputs: every MLP gradient rebuildable)."),
     lens_dtype: str = typer.Option("fp32", "--lens-dtype", help="fp32: one oneDNN fp32 GEMM per block (default; "
                                    "fastest on this CPU). bf16: shortlist in bfloat16 and rescore in fp32; agrees with "
-                                   "fp32 on >=99.9%% of vectors, pays off where bf16 GEMMs are much faster (GPUs).")
+                                   "fp32 on >=99.9%% of vectors, pays off where bf16 GEMMs are much faster (GPUs)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process the deterministic 1/N of records with "
                                         "case_id %% N == I. Shards may run at once on one warehouse."),
     force: bool = typer.Option(False, "--force", help="Recompute prompts this run already finished (default: resume)."),
