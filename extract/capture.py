@@ -91,16 +91,11 @@ def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int, *, targ
     for k, g in zip(keys, grads):
         g = torch.zeros_like(outputs[k]) if g is None else g
         vjps[k] = g.detach() * fmask
-    shared: dict[int, torch.Tensor] = {}
     ins = {}
-    for (layer, name), x in inputs.items():
-        if name == "ff1_gate" and layer in shared:  # same tensor as ff1's input: store it once
-            ins[(layer, name)] = shared[layer]
-            continue
-        ins[(layer, name)] = x.detach() * fmask
-        if name == "ff1":
-            shared[layer] = ins[(layer, name)]
-    for layer in shared:
-        if (layer, "ff1_gate") in ins:
-            ins[(layer, "ff1_gate")] = shared[layer]
+    for key, x in inputs.items():
+        if key[1] != "ff1_gate":
+            ins[key] = x.detach() * fmask
+    for layer, name in inputs:
+        if name == "ff1_gate":  # the same tensor as ff1's input: store (and later factor) it once
+            ins[(layer, name)] = ins[(layer, "ff1")]
     return SpanningSets(input_ids=ids, mask=mask, lengths=lengths, loss=loss.detach(), inputs=ins, vjps=vjps)

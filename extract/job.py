@@ -164,6 +164,21 @@ def make_lens(lm: LoadedModel, dtype: str) -> LogitLens:
     return LogitLens(lm.view.final_norm, lm.view.unembedding, getattr(head, "bias", None), dtype=dtype)
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after a batch.
+
+    Batches allocate many mid-sized buffers whose sizes change with prompt length (length-sorted runs
+    grow them steadily); glibc keeps such freed chunks in its heap, so without this the RSS of a long run
+    creeps up with the number of prompts instead of staying at the size of one batch.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt], lm: LoadedModel | None = None,
                   lens: LogitLens | None = None) -> BatchResult:
     """Extract one batch and commit it. If the batch fails as a whole, retry prompt by prompt so one
@@ -176,6 +191,8 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
     try:
         tables = extract_batch(lm, prompts, run_id, top_k=cfg.top_k, vectors=cfg.vectors, lens=lens)
         commit_batch(cfg.warehouse, run_id, tables, n_prompts=len(prompts))
+        del tables
+        _release_freed_memory()
         return BatchResult(len(prompts), 0, time.perf_counter() - t0)
     except (RuntimeError, ValueError, IndexError) as exc:
         if len(prompts) == 1:
