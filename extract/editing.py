@@ -46,7 +46,7 @@ import torch
 
 from .adapters import ModelView
 from .models import LoadedModel
-from .prepare import target_id
+from .prepare import target_id, target_ids
 from .records import EditRecord, RecordError
 
 METHODS = ("none", "shift", "sgd")
@@ -138,12 +138,10 @@ def prepare_case(record: EditRecord, tokenizer, max_tokens: int | None = None) -
     prompt = ids_of(record.prompt, "prompt")
     if isinstance(prompt, RecordError):
         return prompt
-    new_id = target_id(tokenizer, record.target_new)
-    if new_id is None:
-        return error("target_new", f"target_new {record.target_new!r} cannot be produced by the tokenizer")
-    true_id = target_id(tokenizer, record.target_true)
-    if true_id is None:
-        return error("target_true", f"target_true {record.target_true!r} cannot be produced by the tokenizer")
+    targets = target_ids(record, tokenizer)
+    if isinstance(targets, RecordError):
+        return targets
+    new_id, true_id = targets
     rephrase = []
     for text in record.rephrase_prompts:
         ids = ids_of(text, "rephrase_prompts")

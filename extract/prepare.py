@@ -61,6 +61,18 @@ def segments_for(offsets: list[tuple[int, int]], span: tuple[int, int] | None) -
     return tuple(segs)
 
 
+def target_ids(record: EditRecord, tokenizer) -> tuple[int, int] | RecordError:
+    """(target_new id, target_true id), or the error naming the target the tokenizer cannot produce."""
+    ids = []
+    for field, text in (("target_new", record.target_new), ("target_true", record.target_true)):
+        tid = target_id(tokenizer, text)
+        if tid is None:
+            return RecordError(case_id=record.case_id, field=field,
+                               message=f"{field} {text!r} cannot be produced by the tokenizer", source=record.source)
+        ids.append(tid)
+    return ids[0], ids[1]
+
+
 def prepare(record: EditRecord, tokenizer, max_tokens: int | None) -> PreparedPrompt | RecordError:
     """Tokenize one record for extraction; every failure names the record and the field."""
 
@@ -73,12 +85,10 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None) -> PreparedPr
         return error("prompt", "prompt tokenizes to no tokens")
     if max_tokens is not None and len(ids) > max_tokens:
         return error("prompt", f"prompt is {len(ids)} tokens, longer than the model's context of {max_tokens}")
-    new_id = target_id(tokenizer, record.target_new)
-    if new_id is None:
-        return error("target_new", f"target_new {record.target_new!r} cannot be produced by the tokenizer")
-    true_id = target_id(tokenizer, record.target_true)
-    if true_id is None:
-        return error("target_true", f"target_true {record.target_true!r} cannot be produced by the tokenizer")
+    targets = target_ids(record, tokenizer)
+    if isinstance(targets, RecordError):
+        return targets
+    new_id, true_id = targets
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     segs = segments_for(offsets, subject_span(record.prompt, record.subject))
     return PreparedPrompt(record=record, input_ids=tuple(ids), segments=segs,
