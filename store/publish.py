@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .schema import SCHEMA_VERSION, TABLES
-from .writer import replace_directory
+from .writer import output_dir_problem, replace_directory
 
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
 OPTIONAL_SPLITS = ("vectors", "edit_results")  # published only when non-empty
@@ -425,11 +425,9 @@ def read_card_metadata(readme: str | os.PathLike) -> dict:
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise PublishError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "dataset_dict.json").exists():
-        raise PublishError(f"--out {str(out)!r} is not empty and is not an earlier `blens publish` output; "
-                           "choose a new directory")
+    problem = output_dir_problem(out, "dataset_dict.json", "blens publish")
+    if problem:
+        raise PublishError(problem)
 
 
 def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtype: str = "float32",

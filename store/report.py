@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from .writer import replace_directory
+from .writer import output_dir_problem, replace_directory
 
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
 MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
@@ -546,10 +546,9 @@ def render_html(title: str, runs: list[tuple], sections: list[Section], generate
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").exists():
-        raise ReportError(f"--out {str(out)!r} is not empty and is not an earlier `blens report`; choose a new directory")
+    problem = output_dir_problem(out, "index.html", "blens report")
+    if problem:
+        raise ReportError(problem)
 
 
 def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:

@@ -53,6 +53,16 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
+def output_dir_problem(out: Path, marker: str, command: str) -> str | None:
+    """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
+    that command (recognised by ``marker``); None if it may."""
+    if out.exists() and not out.is_dir():
+        return f"--out {str(out)!r} exists and is not a directory"
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        return f"--out {str(out)!r} is not empty and is not an earlier `{command}` output; choose a new directory"
+    return None
+
+
 def replace_directory(stage: Path, out: Path) -> None:
     """Swap a fully built directory into place: readers see the old one or the new one, never a mix."""
     if out.exists():
