@@ -102,6 +102,32 @@ def done_records(warehouse: str | Path, run_id: str) -> dict[int, tuple[str, str
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
+def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
+                         batch_tokens: int) -> list[list[PreparedPrompt]]:
+    """Cut length-sorted prompts into batches of at most ``batch_size`` prompts and ``batch_tokens`` padded
+    tokens (prompts x longest prompt); a prompt longer than the budget runs alone.
+
+    Why a token budget and not only a prompt count: a batch's memory (activations kept for the backward
+    pass, the captured x_i and delta_i, lens blocks) grows with its padded token count. Runs are sorted by
+    length, so with a prompt count alone the longest prompts of a large run (the tail of the length
+    distribution, absent from a small run) form its largest batches, and peak RSS grows with the size of the
+    run. With the budget, the largest batch, and so the peak, is set by ``batch_tokens`` whatever the run size.
+    """
+    batches: list[list[PreparedPrompt]] = []
+    current: list[PreparedPrompt] = []
+    width = 0
+    for p in prompts:
+        new_width = max(width, p.n_tokens)
+        if current and (len(current) >= batch_size or (len(current) + 1) * new_width > batch_tokens):
+            batches.append(current)
+            current, new_width = [], p.n_tokens
+        current.append(p)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches
+
+
 def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False, incremental: bool = False) -> RunPlan:
     """Load and validate records, tokenize, skip finished ones, and write the run row + load errors.
 
@@ -134,7 +160,7 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False, increm
         p = prepare(rec, lm.tokenizer, max_tokens)
         (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
-    batches = [prepared[i : i + cfg.batch_size] for i in range(0, len(prepared), cfg.batch_size)]
+    batches = token_budget_batches(prepared, cfg.batch_size, cfg.batch_tokens)
 
     run_row = pa.table({
         "run_id": [run_id], "model": [lm.name], "model_revision": [lm.revision], "dataset": [str(cfg.data)],

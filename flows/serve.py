@@ -26,12 +26,12 @@ DEPLOYMENT_NAME = "blens-extract-scheduled"
 
 @flow(name="blens-scheduled-extract", log_prints=True)
 def scheduled_extract(data: str, model: str = EMBEDDED_NAME, warehouse: str = "warehouse", batch_size: int = 32,
-                      top_k: int = 10, vectors: str = "none", lens_dtype: str = "bf16", device: str = "cpu",
+                      top_k: int = 10, vectors: str = "none", lens_dtype: str = "fp32", device: str = "cpu",
                       limit: int | None = None, shard: str | None = None, threads: int | None = None,
-                      workers: int = 1) -> dict[str, Any]:
+                      workers: int = 1, batch_tokens: int = 512) -> dict[str, Any]:
     """Extract whatever in ``data`` is not in the warehouse yet (new or edited records)."""
     cfg = ExtractConfig(model=model, data=data, warehouse=warehouse, batch_size=batch_size, top_k=top_k,
-                        vectors=vectors, lens_dtype=lens_dtype, device=device, limit=limit, shard=shard,
+                        batch_tokens=batch_tokens, vectors=vectors, lens_dtype=lens_dtype, device=device, limit=limit, shard=shard,
                         threads=threads)
     summary = run_extract(cfg, workers=workers, incremental=True)
     out = asdict(summary)

@@ -377,3 +377,51 @@ def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_mode
     errs = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
     assert len(errs) == 1 and errs[0][:3] == (3, "extract", "batch") and "No space left" in errs[0][3]
     con.close()
+
+
+# --- memory bounds: batches cut by a token budget -----------------------------------------------------
+
+def _padded_tokens(batch) -> int:
+    return len(batch) * max(p.n_tokens for p in batch)
+
+
+def test_token_budget_batches_bound_every_batch_and_pack_greedily():
+    import random
+    from types import SimpleNamespace
+
+    from extract.job import token_budget_batches
+
+    rng = random.Random(0)
+    prompts = sorted((SimpleNamespace(n_tokens=rng.choice([3, 4, 5, 6, 9, 14, 25, 60])) for _ in range(300)),
+                     key=lambda p: p.n_tokens)
+    batches = token_budget_batches(prompts, batch_size=8, batch_tokens=40)
+    assert [p for b in batches for p in b] == prompts  # order kept, nothing lost or repeated
+    for b in batches:
+        assert 1 <= len(b) <= 8
+        assert len(b) == 1 or _padded_tokens(b) <= 40, [p.n_tokens for b in batches for p in b]
+    assert [len(b) for b in batches if b[0].n_tokens == 60] == [1] * sum(p.n_tokens == 60 for p in prompts)
+    for b, nxt in zip(batches, batches[1:]):  # greedy: the next prompt would not have fitted
+        assert len(b) == 8 or (len(b) + 1) * max(nxt[0].n_tokens, b[-1].n_tokens) > 40
+    # a budget that never binds gives plain chunks of batch_size
+    chunks = token_budget_batches(prompts, batch_size=8, batch_tokens=10**6)
+    assert [len(b) for b in chunks] == [8] * 37 + [4]
+
+
+def test_plan_run_cuts_long_prompts_into_smaller_batches(tiny_model_dir, tmp_path):
+    """The batches a run executes respect --batch-tokens, so the longest prompts of a big run do not make
+    its biggest batch (and its peak memory) larger than a small run's."""
+    from extract.job import plan_run
+    from extract.models import cached_model
+
+    recs = make_records(40)
+    for r in recs[::4]:  # a quarter of the prompts are several times longer
+        r["prompt"] = "In the long and well documented history of the region, " * 3 + r["prompt"]
+    data = write_records(tmp_path / "cf.json", recs)
+    cfg = cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=4, batch_tokens=64)
+    plan = plan_run(cfg, cached_model(cfg.model, cfg.device))
+    assert sum(len(b) for b in plan.batches) == 40
+    assert all(len(b) == 1 or _padded_tokens(b) <= 64 for b in plan.batches)
+    long = [b for b in plan.batches if b[-1].n_tokens > 32]  # two of them would exceed 64 tokens
+    assert len(long) == 10 and all(len(b) == 1 for b in long)
+    assert max(p.n_tokens for b in plan.batches for p in b if p.n_tokens <= 32) <= 16
+    assert [len(b) for b in plan.batches if b[-1].n_tokens <= 16] == [4] * 7 + [2]  # short ones fill batches

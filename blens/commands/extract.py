@@ -24,7 +24,10 @@ def extract(
                               "causal LM name or local directory of a supported family (GPT-2, Llama/Mistral/Qwen2)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N valid records."),
     warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Output directory (Parquet + views)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Prompts per backward pass and per Prefect task."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Most prompts per backward pass and per Prefect task."),
+    batch_tokens: int = typer.Option(512, "--batch-tokens", min=1, help="Most padded tokens per batch (prompts x "
+                                     "longest prompt; a longer prompt runs alone). Bounds a batch's memory, so peak "
+                                     "RSS is set by this and not by the number of prompts."),
     top_k: int = typer.Option(10, "--top-k", min=1, max=1000, help="Tokens kept at each end of every logit-lens projection."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     vectors: str = typer.Option("none", "--vectors", help="Store raw vectors too: none | spanning (ff1_input, "
@@ -64,7 +67,7 @@ def extract(
         fail(f"data path not found: {data}")
     try:
         cfg = ExtractConfig(model=model, data=data, limit=limit, warehouse=str(warehouse), batch_size=batch_size,
-                            top_k=top_k, device=device, vectors=vectors, lens_dtype=lens_dtype, shard=shard,
+                            batch_tokens=batch_tokens, top_k=top_k, device=device, vectors=vectors, lens_dtype=lens_dtype, shard=shard,
                             threads=threads)
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))

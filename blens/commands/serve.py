@@ -18,11 +18,12 @@ def serve(
     cron: str = typer.Option("0 * * * *", "--cron", help="Cron schedule, e.g. '0 * * * *' (hourly)."),
     model: str = typer.Option("smollm2-135m", "--model", help="Model name or local directory (as for extract)."),
     warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Output directory (Parquet + views)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Prompts per backward pass and per task."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Most prompts per backward pass and per task."),
+    batch_tokens: int = typer.Option(512, "--batch-tokens", min=1, help="Most padded tokens per batch (as for extract)."),
     top_k: int = typer.Option(10, "--top-k", min=1, max=1000, help="Tokens kept at each end of every projection."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     vectors: str = typer.Option("none", "--vectors", help="none | spanning | all (as for extract)."),
-    lens_dtype: str = typer.Option("bf16", "--lens-dtype", help="bf16 | fp32 (as for extract)."),
+    lens_dtype: str = typer.Option("fp32", "--lens-dtype", help="fp32 | bf16 (as for extract)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Dask worker processes per run (needs prefect-dask)."),
     name: str = typer.Option("blens-extract-scheduled", "--name", help="Deployment name."),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
@@ -52,7 +53,7 @@ def serve(
 
     dep = build_deployment(str(Path(data).resolve()) if Path(data).exists() else data, cron=cron, name=name,
                            timezone=timezone, model=model, warehouse=str(warehouse.resolve()),
-                           batch_size=batch_size, top_k=top_k, device=device, vectors=vectors,
+                           batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k, device=device, vectors=vectors,
                            lens_dtype=lens_dtype, workers=workers if workers > 1 else None)
     if dry_run:
         info = {"name": dep.name, "flow_name": dep.flow_name, "entrypoint": dep.entrypoint,
