@@ -1,6 +1,4 @@
-"""The ``blens`` command line. Importing it caps glibc's malloc arenas before any thread starts
-(see extract/allocator.py: without the cap, peak RSS of ``blens extract`` jumped by gigabytes at random)."""
+"""The ``blens`` command line. Importing the ``extract`` package first caps glibc's malloc arenas before any
+thread starts (see extract/allocator.py: without the cap, peak RSS of ``blens extract`` jumped by gigabytes)."""
 
-from extract.allocator import limit_malloc_arenas
-
-limit_malloc_arenas()
+import extract  # noqa: F401  (its import applies the cap)

@@ -31,8 +31,8 @@ def scheduled_extract(data: str, model: str = EMBEDDED_NAME, warehouse: str = "w
                       workers: int = 1, batch_tokens: int = 512) -> dict[str, Any]:
     """Extract whatever in ``data`` is not in the warehouse yet (new or edited records)."""
     cfg = ExtractConfig(model=model, data=data, warehouse=warehouse, batch_size=batch_size, top_k=top_k,
-                        batch_tokens=batch_tokens, vectors=vectors, lens_dtype=lens_dtype, device=device, limit=limit, shard=shard,
-                        threads=threads)
+                        batch_tokens=batch_tokens, vectors=vectors, lens_dtype=lens_dtype, device=device,
+                        limit=limit, shard=shard, threads=threads)
     summary = run_extract(cfg, workers=workers, incremental=True)
     out = asdict(summary)
     print(f"run {summary.run_id}: {summary.n_extracted} new prompts extracted, {summary.n_done_before} already "

@@ -67,8 +67,8 @@ def extract(
         fail(f"data path not found: {data}")
     try:
         cfg = ExtractConfig(model=model, data=data, limit=limit, warehouse=str(warehouse), batch_size=batch_size,
-                            batch_tokens=batch_tokens, top_k=top_k, device=device, vectors=vectors, lens_dtype=lens_dtype, shard=shard,
-                            threads=threads)
+                            batch_tokens=batch_tokens, top_k=top_k, device=device, vectors=vectors,
+                            lens_dtype=lens_dtype, shard=shard, threads=threads)
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     from extract.records import load_records

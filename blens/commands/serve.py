@@ -53,8 +53,8 @@ def serve(
 
     dep = build_deployment(str(Path(data).resolve()) if Path(data).exists() else data, cron=cron, name=name,
                            timezone=timezone, model=model, warehouse=str(warehouse.resolve()),
-                           batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k, device=device, vectors=vectors,
-                           lens_dtype=lens_dtype, workers=workers if workers > 1 else None)
+                           batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k, device=device,
+                           vectors=vectors, lens_dtype=lens_dtype, workers=workers if workers > 1 else None)
     if dry_run:
         info = {"name": dep.name, "flow_name": dep.flow_name, "entrypoint": dep.entrypoint,
                 "schedules": [{"cron": s.schedule.cron, "timezone": s.schedule.timezone} for s in dep.schedules],
