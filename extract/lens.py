@@ -85,7 +85,7 @@ def _count_greater(logits: torch.Tensor, t: torch.Tensor, scratch: torch.Tensor,
     it allocates nothing. That matters beyond speed (0.42 ms instead of 1.04 ms per 64 x 49152 block):
     the bool-then-cast form allocates a 3 MB and a 12.6 MB temporary per target and block, and those,
     interleaved with small long-lived results, fragmented glibc's heap by ~20 MB per block in some
-    runs (a 2 GB peak for one 6,400-row call; see extract/allocator.py).
+    runs (a 2 GB peak for one 6,400-row call; reproduced by bench/lens_memory.py).
     """
     torch.gt(logits, t, out=scratch)
     return torch.sum(scratch, -1, out=out)
