@@ -17,8 +17,10 @@ allocating 200 kB buffers meanwhile, as Prefect's event loop and rich's refresh 
   are collected in a list and each target's rank is ``torch.sum(logits > t, dtype=int32)``, which
   allocates a 3 MB bool and a 12.6 MB int32 temporary.
 
-Measured on the 2-core dev machine (2026-11-24): legacy, the heap grew by 1.3-2.3 GB in about 4 of
-10 processes (peak RSS 2.6-3.0 GB instead of 0.7 GB); current, 0 of 20. See bench/results.md.
+Measured on the 2-core dev machine (2026-11-24, ``--processes 10``): legacy, the heap grew by
+1.6-2.2 GB in 4 of 10 processes (peak RSS 2.3-2.9 GB instead of 0.7 GB); current, 0 of 10, largest
+peak-RSS rise 53 MB (and 0 of 20 in an ad-hoc loop without the allocating thread, where the old
+code grew in about a third of the processes). See the README's throughput section.
 """
 
 from __future__ import annotations
