@@ -77,34 +77,38 @@ def apply_final_norm(norm: torch.nn.Module, vectors: torch.Tensor) -> torch.Tens
         return norm(vectors)
 
 
-def _count_greater(logits: torch.Tensor, t: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[r] = #{j: logits[r, j] > t[r]} for a column t of shape (R, 1).
+def _count_ranks(logits: torch.Tensor, tl: torch.Tensor, scratch: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """counts[j, r] = #{i: logits[r, i] > tl[r, j]}, for each target column j of tl.
 
-    The comparison goes into a float32 ``scratch`` of the logits' shape and is summed in float32:
+    Each comparison goes into a float32 ``scratch`` of the logits' shape and is summed in float32:
     0/1 values sum exactly to any count below 2^24 (V is ~50k), and unlike ``(logits > t).sum(dtype=...)``
     it allocates nothing. That matters beyond speed (0.42 ms instead of 1.04 ms per 64 x 49152 block):
     the bool-then-cast form allocates a 3 MB and a 12.6 MB temporary per target and block, and those,
     interleaved with small long-lived results, fragmented glibc's heap by ~20 MB per block in some
     runs (a 2 GB peak for one 6,400-row call; reproduced by bench/lens_memory.py).
     """
-    torch.gt(logits, t, out=scratch)
-    return torch.sum(scratch, -1, out=out)
+    for j in range(tl.shape[1]):
+        torch.gt(logits, tl[:, j : j + 1], out=scratch)
+        torch.sum(scratch, -1, out=counts[j])
+    return counts
 
 
 def _ranks(logits: torch.Tensor, tl: torch.Tensor) -> torch.Tensor:
     """#{j: logits_j > tl} per row and target column of tl, as int32 (R, n_targets)."""
-    scratch = torch.empty_like(logits, dtype=torch.float32)
     counts = torch.empty((tl.shape[1], logits.shape[0]), dtype=torch.float32, device=logits.device)
-    for j in range(tl.shape[1]):
-        _count_greater(logits, tl[:, j : j + 1], scratch, counts[j])
-    return counts.T.to(torch.int32)
+    return _count_ranks(logits, tl, torch.empty_like(logits, dtype=torch.float32), counts).T.to(torch.int32)
 
 
-def _exact_rows(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, k: int, targets: torch.Tensor) -> LensResult:
+def _unembed(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference fp32 logits ``h @ W.T (+ bias)`` through torch's default GEMM."""
     logits = h @ w.T
     if bias is not None:
         logits += bias
-    return _exact_rows_from_logits(logits, k, targets)
+    return logits
+
+
+def _exact_rows(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, k: int, targets: torch.Tensor) -> LensResult:
+    return _exact_rows_from_logits(_unembed(h, w, bias), k, targets)
 
 
 def _exact_rows_from_logits(logits: torch.Tensor, k: int, targets: torch.Tensor) -> LensResult:
@@ -189,10 +193,10 @@ class LogitLens:
         return LensResult(*(torch.cat([getattr(p, f) for p in parts]) for f in LensResult.__dataclass_fields__))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.gemm == "onednn":
-            logits = torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.w_packed, None, "none", [], "")
-        else:
-            logits = h @ self.w.T
+        """fp32 logits of a block through the GEMM routine this lens was built with."""
+        if self.gemm != "onednn":
+            return _unembed(h, self.w, self.bias)
+        logits = torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.w_packed, None, "none", [], "")
         if self.bias is not None:
             logits += self.bias
         return logits
@@ -210,18 +214,14 @@ class LogitLens:
         N, n_t = vectors.shape[0], targets.shape[1]
         out = _empty_result(N, k, n_t, vectors.device)
         counts = torch.empty((n_t, N), dtype=torch.float32, device=vectors.device)  # exact: V < 2^24
-        scratch = None
+        scratch = torch.empty((min(self.chunk_rows, N), self.w.shape[0]), dtype=torch.float32, device=vectors.device)
         with torch.inference_mode():
             for s in range(0, N, self.chunk_rows):
                 logits = self._logits(self.norm(vectors[s : s + self.chunk_rows].float()))
                 e = s + logits.shape[0]
                 torch.topk(logits, k, dim=-1, out=(out.top_logits[s:e], out.top_ids[s:e]))
                 torch.topk(logits, k, dim=-1, largest=False, out=(out.bottom_logits[s:e], out.bottom_ids[s:e]))
-                tl = logits.gather(1, targets[s:e])
-                if scratch is None:
-                    scratch = torch.empty_like(logits)
-                for j in range(n_t):
-                    _count_greater(logits, tl[:, j : j + 1], scratch[: e - s], counts[j, s:e])
+                _count_ranks(logits, logits.gather(1, targets[s:e]), scratch[: e - s], counts[:, s:e])
                 del logits  # before the next block's logits are allocated, so they can reuse its memory
         out.target_ranks = counts.T.long()
         return out
