@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.reference import reference_prompt  # noqa: E402
-from extract.capture import capture  # noqa: E402
-from extract.lens import LogitLens  # noqa: E402
-from extract.models import load_model  # noqa: E402
-from extract.pipeline import LENS_SITES, extract_batch, site_tensor  # noqa: E402
-from extract.prepare import prepare  # noqa: E402
-from extract.ranks import ranks_for_batch  # noqa: E402
-from extract.records import load_records  # noqa: E402
+from blens.extract.capture import capture  # noqa: E402
+from blens.extract.lens import LogitLens  # noqa: E402
+from blens.extract.models import load_model  # noqa: E402
+from blens.extract.adapters import LENS_SITES  # noqa: E402
+from blens.extract.prepare import prepare  # noqa: E402
+from blens.extract.ranks import ranks_for_batch  # noqa: E402
+from blens.extract.records import load_records  # noqa: E402
 
 DATA = "/work/shared/data/counterfact/counterfact-edit-1k.json"
 
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
     add("bf16 GEMM peak (2048^3 matmul)", f"{peak16:.0f} GFLOP/s")
     batch = sorted((prepare(r, lm.tokenizer, 8192) for r in records[: args.batch_size]), key=lambda p: p.n_tokens)
     spans = capture(view, batch, lm.tokenizer.pad_token_id)
-    flat = torch.stack([torch.stack([site_tensor(spans, l, s) for l in range(view.n_layers)])[:, spans.mask]
+    flat = torch.stack([torch.stack([spans.site(l, s) for l in range(view.n_layers)])[:, spans.mask]
                         for s in LENS_SITES]).reshape(-1, view.unembedding.shape[1])
     flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[: args.lens_vectors]]
     tgt = torch.randint(0, view.unembedding.shape[0], (flat.shape[0], 2))

@@ -87,8 +87,8 @@ def child(form: str, rows: int) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from extract.job import make_lens
-    from extract.models import cached_model
+    from blens.extract.job import make_lens
+    from blens.extract.models import cached_model
 
     threading.Thread(target=allocating_thread, daemon=True).start()
     lens = make_lens(cached_model("smollm2-135m", "cpu"), "fp32")

@@ -1,7 +1,7 @@
-"""One table that maps model families onto the Backward Lens vocabulary.
+"""One table that maps model families onto the Backward Lens vocabulary: matrices and sites.
 
-Every other module speaks in *sites*, never in module paths: ``blocks.{i}.mlp.ff1`` is the first MLP
-matrix of block ``i`` whatever the family calls it (GPT-2 ``mlp.c_fc``, Llama ``mlp.up_proj``), the way
+Every other module speaks in *matrices* and *sites*, never in module paths: ``ff1`` is the first MLP
+matrix of a block whatever the family calls it (GPT-2 ``mlp.c_fc``, Llama ``mlp.up_proj``), the way
 TransformerLens names hook points. Adding a family is one entry in :data:`FAMILIES`; no code path
 changes.
 
@@ -10,11 +10,15 @@ Matrix names (the ``matrix`` column of the warehouse):
 * ``ff1``       the first MLP matrix (GPT-2 ``c_fc``, Llama ``up_proj``); its input is the "imprint" site.
 * ``ff1_gate``  Llama's ``gate_proj``: same input as ``ff1``, its own VJP (absent on GPT-2).
 * ``ff2``       the second MLP matrix (GPT-2 ``c_proj``, Llama ``down_proj``); its VJP is the "shift" site.
+
+A :class:`Site` is one kind of spanning vector of one matrix (its input x_i or its VJP delta_i). It is
+the ``site`` column of the warehouse and means the same thing for every family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -22,6 +26,43 @@ from torch import nn
 
 class UnsupportedModelError(ValueError):
     """The model's architecture has no entry in :data:`FAMILIES`."""
+
+
+class Site(StrEnum):
+    """A spanning vector of an MLP matrix: ``<matrix>_input`` (x_i) or ``<matrix>_vjp`` (delta_i = dL/dz_i).
+
+    dL/dW of a matrix = sum_i outer(x_i, delta_i) (Lemma 4.1), so a matrix's two sites rebuild its gradient.
+    """
+
+    FF1_INPUT = "ff1_input"  # x_i entering FF1: the paper's "imprint" (shared by ff1_gate)
+    FF2_VJP = "ff2_vjp"  # delta_i at FF2's output: the paper's "shift"
+    FF1_VJP = "ff1_vjp"
+    FF1_GATE_VJP = "ff1_gate_vjp"
+    FF2_INPUT = "ff2_input"
+
+    @property
+    def matrix(self) -> str:
+        return self.value.rsplit("_", 1)[0]
+
+    @property
+    def is_vjp(self) -> bool:
+        return self.value.endswith("_vjp")
+
+    @classmethod
+    def of(cls, matrix: str, vjp: bool) -> "Site":
+        return cls(f"{matrix}_{'vjp' if vjp else 'input'}")
+
+
+# The two sites the paper reads through the logit lens (projections table).
+LENS_SITES: tuple[Site, ...] = (Site.FF1_INPUT, Site.FF2_VJP)
+
+
+def vector_sites(matrix_names: list[str], everything: bool) -> list[Site]:
+    """Sites stored by ``--vectors spanning`` (the lens sites) or ``all`` (every matrix's gradient rebuildable)."""
+    sites = list(LENS_SITES)
+    if everything:
+        sites += [Site.of(m, vjp=True) for m in matrix_names if m != "ff2"] + [Site.FF2_INPUT]
+    return sites
 
 
 @dataclass(frozen=True)
@@ -33,13 +74,11 @@ class Family:
     base: str  # the headless transformer (its output is already through the final norm)
     blocks: str  # the ModuleList of transformer blocks
     matrices: dict[str, str]  # matrix name -> path inside a block
-    attention: str  # path inside a block
     final_norm: str
     unembedding: str  # module whose .weight is the (V, d) unembedding matrix
-    embedding: str  # module whose .weight is the (V, d) input embedding
+    embedding: str  # module that maps ids to the first residual stream (scaling included)
     # GPT-2's Conv1D stores W as (in, out) and computes x @ W; nn.Linear stores (out, in), x @ W.T.
     weight_is_in_by_out: bool = False
-    lens_note: str = field(default="", compare=False)
 
 
 FAMILIES: dict[str, Family] = {
@@ -49,7 +88,6 @@ FAMILIES: dict[str, Family] = {
         base="transformer",
         blocks="transformer.h",
         matrices={"ff1": "mlp.c_fc", "ff2": "mlp.c_proj"},
-        attention="attn",
         final_norm="transformer.ln_f",
         unembedding="lm_head",
         embedding="transformer.wte",
@@ -61,16 +99,11 @@ FAMILIES: dict[str, Family] = {
         base="model",
         blocks="model.layers",
         matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
-        attention="self_attn",
         final_norm="model.norm",
         unembedding="lm_head",
         embedding="model.embed_tokens",
     ),
 }
-
-# Families whose whole stack we have verified against autograd in tests; others share the Llama layout
-# and are accepted because the adapter entry matches them, but say so in `blens extract --help`.
-VERIFIED_FAMILIES = ("gpt2", "llama")
 
 
 def supported_model_types() -> list[str]:
@@ -88,12 +121,6 @@ def family_for(model_or_config) -> Family:
         f"unsupported architecture {model_type!r}: supported model_types are "
         f"{', '.join(supported_model_types())} (families: {', '.join(FAMILIES)})"
     )
-
-
-def site_name(layer: int, matrix: str, point: str | None = None) -> str:
-    """TransformerLens-style hook-point name, e.g. ``blocks.3.mlp.ff2`` or ``blocks.3.mlp.ff2.vjp``."""
-    base = f"blocks.{layer}.mlp.{matrix}"
-    return f"{base}.{point}" if point else base
 
 
 @dataclass
@@ -127,6 +154,10 @@ class ModelView:
         w = self.matrix(layer, name).weight
         return w if self.family.weight_is_in_by_out else w.T
 
+    def as_in_by_out(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient of the stored ``.weight`` tensor in the (d_in, d_out) orientation of :meth:`weight`."""
+        return grad if self.family.weight_is_in_by_out else grad.T
+
     @property
     def base(self) -> nn.Module:
         return self.model.get_submodule(self.family.base)
@@ -139,6 +170,18 @@ class ModelView:
     def unembedding(self) -> torch.Tensor:
         """(V, d) unembedding matrix."""
         return self.model.get_submodule(self.family.unembedding).weight
+
+    @property
+    def unembedding_bias(self) -> torch.Tensor | None:
+        return getattr(self.model.get_submodule(self.family.unembedding), "bias", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states (R, d) -> (R, V) float32 logits: the one place it is applied."""
+        out = hidden @ self.unembedding.T
+        bias = self.unembedding_bias
+        if bias is not None:
+            out = out + bias
+        return out.float()
 
     @property
     def embedding(self) -> nn.Module:

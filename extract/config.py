@@ -1,13 +1,15 @@
-"""Extraction settings: one validated object shared by the CLI, the flow and the run identity."""
+"""Extraction settings: one validated object shared by the CLI, the flows and the run identity.
+
+Prefect builds a flow's parameter schema from this model, so a deployment stores it as plain JSON.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from .adapters import LENS_SITES
 from .models import EMBEDDED_NAME
 
 
@@ -17,7 +19,7 @@ class ExtractConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     warehouse: str = "warehouse"
     batch_size: int = Field(default=32, ge=1)
-    # prompts x padded length per batch: bounds a batch's memory (see extract.job.token_budget_batches).
+    # prompts x padded length per batch: bounds a batch's memory (see job.token_budget_batches).
     # 512 = 32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's tokenizer.
     batch_tokens: int = Field(default=512, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)
@@ -25,7 +27,12 @@ class ExtractConfig(BaseModel):
     vectors: Literal["none", "spanning", "all"] = "none"
     lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
+    force: bool = False  # recompute prompts already committed under this run
+    # Scheduled runs over a growing file: the run identity uses the dataset *source* instead of its
+    # content fingerprint, and a record is skipped when the same case_id with the same content is done.
+    incremental: bool = False
 
     @field_validator("shard")
     @classmethod
@@ -48,12 +55,5 @@ class ExtractConfig(BaseModel):
 
     def identity_settings(self) -> dict:
         """Settings that change what lands in the warehouse (batching, device, sharding do not)."""
-        return {"top_k": self.top_k, "vectors": self.vectors, "sites": ["ff1_input", "ff2_vjp"],
+        return {"top_k": self.top_k, "vectors": self.vectors, "sites": [str(s) for s in LENS_SITES],
                 "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding"}
-
-
-def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
-    """A run's identity: the same model, data and settings always give the same run id (resume)."""
-    blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

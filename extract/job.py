@@ -1,6 +1,6 @@
-"""The extraction job as plain functions: plan a run, process one batch, summarise.
+"""The extraction job as plain functions: plan a run, process one batch.
 
-Prefect tasks in ``flows/extract_flow.py`` call exactly these; tests call them without Prefect.
+Prefect tasks in ``blens.flows.extract_flow`` call exactly these; tests call them without Prefect.
 
 A run's identity is (model + revision, dataset fingerprint, extraction settings), so rerunning the
 same command on the same warehouse resumes: case_ids already committed under that run are skipped.
@@ -8,54 +8,22 @@ same command on the same warehouse resumes: case_ids already committed under tha
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 
-import pyarrow as pa
 import torch
 
-from store.schema import SCHEMA_VERSION
-from store.writer import commit_batch, init_warehouse
+from blens.store.reads import done_case_ids, done_records
+from blens.store.runs import errors_table, register_run, run_id_for
+from blens.store.writer import commit_batch, init_warehouse
 
-from .config import ExtractConfig, run_id_for
+from .config import ExtractConfig
+from .failures import describe, is_record_failure
 from .lens import LogitLens
 from .models import LoadedModel, cached_model
-from .pipeline import extract_batch
 from .prepare import PreparedPrompt, prepare
 from .records import RecordError, load_records
-
-
-def code_version() -> str:
-    """git commit of the code that produced the rows (falls back to the package version)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("backward-lens-warehouse")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def errors_table(run_id: str, errors: list[RecordError], stage: str) -> pa.Table:
-    # Explicit types: an empty list would infer type null and break concat with a non-empty table.
-    return pa.table({
-        "run_id": pa.array([run_id] * len(errors), pa.string()),
-        "case_id": pa.array([e.case_id for e in errors], pa.int64()),
-        "stage": pa.array([stage] * len(errors), pa.string()),
-        "field": pa.array([e.field for e in errors], pa.string()),
-        "message": pa.array([e.message for e in errors], pa.string()),
-        "source": pa.array([e.source for e in errors], pa.string()),
-    })
+from .tables import extract_batch
 
 
 @dataclass
@@ -75,31 +43,6 @@ class RunPlan:
 def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
     i, n = shard
     return case_id % n == i
-
-
-def done_case_ids(warehouse: str | Path, run_id: str) -> set[int]:
-    """case_ids already committed under this run (resume)."""
-    from queries import connect
-
-    con = connect(warehouse)
-    try:
-        rows = con.execute("SELECT case_id FROM prompts WHERE run_id = ?", [run_id]).fetchall()
-    finally:
-        con.close()
-    return {r[0] for r in rows}
-
-
-def done_records(warehouse: str | Path, run_id: str) -> dict[int, tuple[str, str, str, str]]:
-    """case_id -> (prompt, subject, target_new, target_true) of what is committed under this run."""
-    from queries import connect
-
-    con = connect(warehouse)
-    try:
-        rows = con.execute("SELECT case_id, prompt, subject, target_new, target_true FROM prompts WHERE run_id = ?",
-                           [run_id]).fetchall()
-    finally:
-        con.close()
-    return {r[0]: tuple(r[1:]) for r in rows}
 
 
 def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
@@ -128,24 +71,18 @@ def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
     return batches
 
 
-def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False, incremental: bool = False) -> RunPlan:
-    """Load and validate records, tokenize, skip finished ones, and write the run row + load errors.
-
-    ``incremental`` (scheduled runs over a growing file): the run identity uses the dataset *source*
-    (``cfg.data``) instead of its content fingerprint, so the grown file keeps its run id; a record is
-    skipped when the same case_id with the same prompt/subject/targets is already committed, so only
-    new (or edited: latest commit wins) records are extracted.
-    """
+def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
+    """Load and validate records, tokenize, skip finished ones, and register the run with its load errors."""
     root = init_warehouse(cfg.warehouse)
     loaded = load_records(cfg.data, limit=cfg.limit)
-    dataset_key = f"incremental:{cfg.data}" if incremental else loaded.fingerprint
+    dataset_key = f"incremental:{cfg.data}" if cfg.incremental else loaded.fingerprint
     run_id = run_id_for(lm.name, lm.revision, dataset_key, cfg.identity_settings())
     shard = cfg.shard_index()
     records = [r for r in loaded.records if in_shard(r.case_id, shard)]
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
-    if force:
+    if cfg.force:
         done = set()
-    elif incremental:
+    elif cfg.incremental:
         seen = done_records(root, run_id)
         done = {r.case_id for r in records
                 if seen.get(r.case_id) == (r.prompt, r.subject, r.target_new, r.target_true)}
@@ -161,19 +98,8 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel, *, force: bool = False, increm
         (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
     batches = token_budget_batches(prepared, cfg.batch_size, cfg.batch_tokens)
-
-    run_row = pa.table({
-        "run_id": [run_id], "model": [lm.name], "model_revision": [lm.revision], "dataset": [str(cfg.data)],
-        "dataset_fingerprint": [loaded.fingerprint], "config_json": [cfg.model_dump_json()],
-        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
-        "code_version": [code_version()], "schema_version": pa.array([SCHEMA_VERSION], pa.int32()),
-        "kind": ["extract"],
-    })
-    commit_batch(root, run_id, {
-        "runs": run_row,
-        "errors": pa.concat_tables([errors_table(run_id, load_errors, "load"),
-                                    errors_table(run_id, prep_errors, "prepare")]),
-    })
+    register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data, fingerprint=loaded.fingerprint,
+                 config=cfg.model_dump_json(), kind="extract", errors={"load": load_errors, "prepare": prep_errors})
     return RunPlan(run_id=run_id, model_name=lm.name, batches=batches, n_records=len(records),
                    n_skipped_done=len(done & {r.case_id for r in records}), errors=load_errors + prep_errors)
 
@@ -186,12 +112,11 @@ class BatchResult:
 
 
 def make_lens(lm: LoadedModel, dtype: str) -> LogitLens:
-    """The model's logit lens, built once per (model, dtype): packing the unembedding for oneDNN costs
-    ~0.1 s and 113 MB, which is not a per-batch expense."""
+    """The model's logit lens, built once per (model, dtype): packing the unembedding is not a per-batch
+    expense (it copies the whole (V, d) matrix)."""
     cache = lm.__dict__.setdefault("_lenses", {})
     if dtype not in cache:
-        head = lm.model.get_submodule(lm.view.family.unembedding)
-        cache[dtype] = LogitLens(lm.view.final_norm, lm.view.unembedding, getattr(head, "bias", None), dtype=dtype)
+        cache[dtype] = LogitLens.of(lm.view, dtype)
     return cache[dtype]
 
 
@@ -225,11 +150,13 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
         del tables
         _release_freed_memory()
         return BatchResult(len(prompts), 0, time.perf_counter() - t0)
-    except (RuntimeError, ValueError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the policy decides what one record may cost
+        if not is_record_failure(exc):
+            raise
         if len(prompts) == 1:
-            err = RecordError(case_id=prompts[0].record.case_id, field="prompt",
-                              message=f"extraction failed: {type(exc).__name__}: {str(exc)[:300]}",
-                              source=prompts[0].record.source)
+            p = prompts[0]
+            err = RecordError(case_id=p.record.case_id, field="prompt", message=f"extraction failed: {describe(exc)}",
+                              source=p.record.source)
             commit_batch(cfg.warehouse, run_id, {"errors": errors_table(run_id, [err], "extract")})
             return BatchResult(0, 1, time.perf_counter() - t0)
     done = failed = 0

@@ -7,8 +7,8 @@ fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` f
 comparison per target. It is only *organised* for speed, never changed numerically:
 
 * rows are processed in blocks of ``chunk_rows`` (default 64): a 64 x 49152 logit block is 12 MB, so
-  the ``topk`` and comparison passes that follow the GEMM run from cache instead of DRAM (measured:
-  the comparison pass is ~10x cheaper at 64 rows than at 1024 rows on this machine);
+  the ``topk`` and comparison passes that follow the GEMM run from cache instead of DRAM (the
+  comparison pass is about 10x cheaper at 64 rows than at 1024; figures in bench/results.md);
 * ranks are counted by comparing into one reused float32 scratch block and summing it (exact for
   counts below 2^24), and top-k/bottom-k go straight into the call's result tensors (``out=``): a
   block allocates its logits and nothing else of that size, which keeps glibc's heap from
@@ -137,18 +137,27 @@ def _at(cols: torch.Tensor, exact: torch.Tensor, ids: torch.Tensor) -> torch.Ten
 
 
 def onednn_available(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether the pre-packed oneDNN linear can run here.
+
+    It is reached through ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, private ops
+    that back ``torch.compile``'s CPU inductor path: the only public route to a pre-packed fp32 oneDNN GEMM.
+    Being private they may vanish in a torch release, so both are probed here and the lens falls back to
+    torch's public ``h @ W.T`` (same results up to summation order) when either is missing.
+    """
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available() and ops is not None
+            and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
 
 
 class LogitLens:
     """Final norm + unembedding for batches of vectors; holds the weights in the dtypes it needs.
 
-    ``gemm`` picks the fp32 GEMM routine of the fp32 lens. ``"onednn"`` (default on CPU) runs the
-    unembedding as a oneDNN linear on a pre-packed weight: measured 314-353 GFLOP/s on this 2-core
-    machine against 106-152 GFLOP/s for torch's default MKL sgemm (MKL takes a slow path on this AMD
-    CPU). The logits are the same fp32 dot products summed in another order (max |diff| ~1e-5), which
-    moves a target rank only where another token ties it within that. ``"torch"`` is plain ``h @ W.T``;
-    the bf16 mode always uses it, because its rescoring relies on MKL's bit-identical column subsets.
+    ``gemm`` picks the fp32 GEMM routine of the fp32 lens. ``"onednn"`` (default on CPU when available)
+    runs the unembedding as a oneDNN linear on a pre-packed weight, which on CPUs where MKL's sgemm takes
+    a slow path is about twice as fast (bench/bench_extract.py measures both). The logits are the same
+    fp32 dot products summed in another order (max |diff| ~1e-5), which moves a target rank only where
+    another token ties it within that. ``"torch"`` is plain ``h @ W.T`` (CUDA, or no oneDNN); the bf16
+    mode always uses it, because its rescoring relies on MKL's bit-identical column subsets.
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,
@@ -178,6 +187,11 @@ class LogitLens:
             self.w16 = self.w.to(torch.bfloat16)
             self.b16 = None if self.bias is None else self.bias.to(torch.bfloat16)
             self.col_max_sq = (self.w**2).amax(0)  # (d,) max_j W_ji^2: scale of the operand rounding error
+
+    @classmethod
+    def of(cls, view, dtype: str = "fp32") -> "LogitLens":
+        """The lens of a :class:`~blens.extract.adapters.ModelView`: its final norm and LM head."""
+        return cls(view.final_norm, view.unembedding, view.unembedding_bias, dtype=dtype)
 
     def project(self, vectors: torch.Tensor, targets: torch.Tensor, k: int) -> LensResult:
         """vectors (N, d) raw (the final norm is applied here); targets (N, n_targets) token ids."""

@@ -1,15 +1,15 @@
 """`blens extract` as a Prefect flow: one task plans the run, one task per batch of prompts.
 
-Thin on purpose: every task calls a plain function from ``extract.job``. Tasks receive the model
-*name* (each worker process loads and caches its own copy), never the model object, and have caching
-off, so Prefect never tries to hash or pickle 500 MB of weights. The ephemeral local Prefect API is
-used unless PREFECT_API_URL points at a server.
+Thin on purpose: every task calls a plain function from ``blens.extract.job``, and the flow takes one
+``ExtractConfig``. Tasks receive the config (each worker process loads and caches its own model by
+name), never the model object, and have caching off, so Prefect never tries to hash or pickle 500 MB
+of weights. The ephemeral local Prefect API is used unless PREFECT_API_URL points at a server.
 
-Scale-out: with the default task runner batches run one after another in this process. Under any other
-task runner (``extract_flow_for(workers=N)``: prefect-dask's DaskTaskRunner on a LocalCluster of N
-worker processes) batch tasks are ``.submit()``ted and fan out; every worker loads the model by name
-and writes its own batch files (random batch ids: writers never share a file). A batch that still
-fails after its retries becomes ``errors`` rows (stage "extract") and the run goes on.
+Scale-out: with the default task runner batches run one after another in this process. With
+``workers > 1`` (prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes) batch tasks are
+``.submit()``ted and fan out; every worker loads the model by name and writes its own batch files
+(random batch ids: writers never share a file). A batch that still fails after its retries becomes
+``errors`` rows (stage "extract") and the run goes on.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from extract.config import ExtractConfig
-from extract.job import BatchResult, RunPlan, errors_table, plan_run, process_batch
-from extract.records import RecordError
-from extract.models import cached_model
-from extract.prepare import PreparedPrompt
+from blens.extract.config import ExtractConfig
+from blens.extract.failures import describe
+from blens.extract.job import BatchResult, RunPlan, plan_run, process_batch
+from blens.extract.models import cached_model
+from blens.extract.prepare import PreparedPrompt
+from blens.extract.records import RecordError
+from blens.store.runs import errors_table
+from blens.store.writer import commit_batch
+
+from .progress import emit
 
 
 @dataclass
@@ -48,8 +53,8 @@ class ExtractSummary:
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
-def plan_task(cfg: ExtractConfig, force: bool, incremental: bool = False) -> RunPlan:
-    return plan_run(cfg, cached_model(cfg.model, cfg.device), force=force, incremental=incremental)
+def plan_task(cfg: ExtractConfig) -> RunPlan:
+    return plan_run(cfg, cached_model(cfg.model, cfg.device))
 
 
 @task(name="extract-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
@@ -59,11 +64,9 @@ def batch_task(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]) -
 
 def _failed_batch(cfg: ExtractConfig, run_id: str, batch: list[PreparedPrompt], exc: BaseException) -> BatchResult:
     """A batch that failed for good (after Prefect's retries): its prompts become error rows."""
-    msg = f"batch failed after retries: {type(exc).__name__}: {str(exc)[:300]}"
+    msg = f"batch failed after retries: {describe(exc)}"
     errs = [RecordError(case_id=p.record.case_id, field="batch", message=msg, source=p.record.source) for p in batch]
     try:
-        from store.writer import commit_batch
-
         commit_batch(cfg.warehouse, run_id, {"errors": errors_table(run_id, errs, "extract")})
     except OSError:
         raise exc from None  # cannot even record the failure (disk full, warehouse gone): stop the run
@@ -75,14 +78,11 @@ def _fans_out() -> bool:
     return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
 
 
-@flow(name="blens-extract", log_prints=False, validate_parameters=False)
-def extract_flow(cfg: ExtractConfig, force: bool = False,
-                 on_batch: Callable[[BatchResult, int], None] | None = None,
-                 on_plan: Callable[[RunPlan], None] | None = None, incremental: bool = False) -> ExtractSummary:
+@flow(name="blens-extract", log_prints=False)
+def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
-    plan = plan_task(cfg, force, incremental)
-    if on_plan:
-        on_plan(plan)
+    plan = plan_task(cfg)
+    emit("plan", plan, plan.n_todo)
     extracted = failed = 0
 
     def account(batch: list[PreparedPrompt], get: Callable[[], BatchResult]) -> None:
@@ -92,8 +92,7 @@ def extract_flow(cfg: ExtractConfig, force: bool = False,
         except Exception as exc:  # noqa: BLE001 - retries are spent: record it and go on
             res = _failed_batch(cfg, plan.run_id, batch, exc)
         extracted, failed = extracted + res.n_prompts, failed + res.n_failed
-        if on_batch:
-            on_batch(res, len(batch))
+        emit("batch", res, len(batch))
 
     if _fans_out():
         futures = {batch_task.submit(cfg, plan.run_id, batch): batch for batch in plan.batches}
@@ -111,24 +110,17 @@ class WorkersUnavailable(RuntimeError):
     """--workers > 1 asked for but prefect-dask is not installed; one line for the user."""
 
 
-def extract_flow_for(workers: int = 1):
-    """``extract_flow`` as is for one worker; for N > 1 the same flow on a Dask LocalCluster of N worker
-    processes (one thread each), via prefect-dask's DaskTaskRunner."""
-    if workers <= 1:
-        return extract_flow
+def run_extract(cfg: ExtractConfig) -> ExtractSummary:
+    """What the CLI calls: the flow in this process, or on ``cfg.workers`` Dask worker processes (one
+    thread each, sharing the CPU cores) via prefect-dask's DaskTaskRunner."""
+    if cfg.workers <= 1:
+        return extract_flow(cfg)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise WorkersUnavailable("--workers > 1 needs prefect-dask (pip install 'prefect-dask>=0.3.7,<0.4')") from None
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+    if cfg.threads is None:
+        cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    return extract_flow.with_options(task_runner=runner)
-
-
-def run_extract(cfg: ExtractConfig, *, workers: int = 1, force: bool = False,
-                on_batch: Callable[[BatchResult, int], None] | None = None,
-                on_plan: Callable[[RunPlan], None] | None = None, incremental: bool = False) -> ExtractSummary:
-    """What the CLI calls: one process, or ``workers`` Dask worker processes sharing the CPU cores."""
-    if workers > 1 and cfg.threads is None:
-        cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // workers)})
-    return extract_flow_for(workers)(cfg, force=force, on_batch=on_batch, on_plan=on_plan, incremental=incremental)
+    return extract_flow.with_options(task_runner=runner)(cfg)

@@ -18,11 +18,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch"
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
-if ! .venv/bin/python -c "import blens, extract, store, queries, flows, pytest" 2>/dev/null \
+if ! .venv/bin/python -c "import blens.extract, blens.store, blens.queries, blens.flows, blens.edit, blens.publish, pytest" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.blens-installed ]; then
   echo "[setup] installing the project and its pinned dependencies"
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import blens, extract, store, queries, flows, prefect, pytest"
+  .venv/bin/python -c "import blens.extract, blens.store, blens.flows, blens.edit, blens.publish, prefect, pytest"
   touch .venv/.blens-installed
 fi
 

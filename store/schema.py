@@ -93,11 +93,6 @@ TABLES: dict[str, pa.Schema] = {
 
 PUBLIC_TABLES = [t for t in TABLES if not t.startswith("_")]
 
-VECTOR_SITES = ("ff1_input", "ff2_vjp", "ff1_vjp", "ff1_gate_vjp", "ff2_input")
-LENS_SITES = ("ff1_input", "ff2_vjp")
-SEGMENTS = ("subject", "last", "other")
-
-
 def empty_table(name: str) -> pa.Table:
     return TABLES[name].empty_table()
 

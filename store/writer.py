@@ -14,9 +14,7 @@ never touch each other's files (batch ids are random), so any number of shards m
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,27 +51,6 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
-def output_dir_problem(out: Path, marker: str, command: str) -> str | None:
-    """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
-    that command (recognised by ``marker``); None if it may."""
-    if out.exists() and not out.is_dir():
-        return f"--out {str(out)!r} exists and is not a directory"
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        return f"--out {str(out)!r} is not empty and is not an earlier `{command}` output; choose a new directory"
-    return None
-
-
-def replace_directory(stage: Path, out: Path) -> None:
-    """Swap a fully built directory into place: readers see the old one or the new one, never a mix."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out)
-
-
 def init_warehouse(root: str | os.PathLike) -> Path:
     """Create the directory tree and the schema files; fail with one clear line if not writable."""
     root = Path(root)
@@ -106,8 +83,6 @@ def commit_batch(root: str | os.PathLike, run_id: str, tables: dict[str, pa.Tabl
         table = table.append_column("batch_id", pa.array([batch_id] * table.num_rows, pa.string())) \
             if "batch_id" not in table.column_names else table
         write_parquet_atomic(conform(name, table), table_file(root, name, run_id, batch_id))
-        if os.environ.get("BLENS_TEST_SLEEP_BETWEEN_FILES"):  # test hook: widen the kill -9 window
-            time.sleep(float(os.environ["BLENS_TEST_SLEEP_BETWEEN_FILES"]))
     marker = pa.table({
         "run_id": [run_id], "n_prompts": pa.array([n_prompts], pa.int32()),
         "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),

@@ -24,6 +24,15 @@ SHARED = ROOT.parent / "shared"
 GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
 COUNTERFACT = SHARED / "data" / "counterfact"
 
+
+
+def pytest_sessionstart(session) -> None:
+    """In CI a missing ../shared is a broken checkout, not a reason to skip most of the suite: stop loudly."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not (GPT2_TOKENIZER.exists() and COUNTERFACT.is_dir()):
+        pytest.exit(f"CI=true but the shared test files are missing ({GPT2_TOKENIZER}, {COUNTERFACT}): "
+                    "CI must run with ../shared beside the clone", returncode=1)
+
+
 FACTS = [
     (0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
     (1, "Paris is the capital of", "Paris", "Italy", "France"),
@@ -63,7 +72,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def tiny_lm(request, tokenizer):
-    from extract.models import wrap_model
+    from blens.extract.models import wrap_model
 
     return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, name=f"tiny-{request.param}")
 
@@ -78,7 +87,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 def records():
-    from extract.records import EditRecord
+    from blens.extract.records import EditRecord
 
     return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
             for c, p, s, t, g in FACTS]

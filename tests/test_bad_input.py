@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conftest import FACTS, ROOT
-from extract.config import ExtractConfig
-from queries import connect
+from blens.extract.config import ExtractConfig
+from blens.store.connect import connect
 
 GOOD = [{"case_id": c, "prompt": p, "subject": s, "target_new": t, "ground_truth": g} for c, p, s, t, g in FACTS]
 ODD_BUT_VALID = [  # unicode oddities that are still fine records: they must land, not error
@@ -56,7 +56,7 @@ BAD = [  # (record, expected (case_id, stage, field), words the message must con
 
 
 def run_flow(data, wh, model_dir, **kw):
-    from flows.extract_flow import extract_flow
+    from blens.flows.extract_flow import extract_flow
 
     cfg = ExtractConfig(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=2, top_k=3,
                         lens_dtype="fp32", threads=1, **kw)
@@ -136,8 +136,8 @@ def test_views_never_read_temp_or_uncommitted_files(tmp_path, tiny_model_dir):
     fake = "f" * 32
     # 1) A complete batch (every table, and an error row) whose writer died before the commit marker,
     #    with a changed copy of a committed case and a case the run never committed: neither may show.
-    from extract.job import errors_table
-    from extract.records import RecordError
+    from blens.store.runs import errors_table
+    from blens.extract.records import RecordError
 
     run_id = run_dir.removeprefix("run=")
     for table in ("prompts", "tokens", "gradient_ranks", "projections", "errors"):
@@ -158,7 +158,7 @@ def test_views_never_read_temp_or_uncommitted_files(tmp_path, tiny_model_dir):
         (wh / table / run_dir / f".{fake}.parquet.1234abcd.tmp").write_bytes(full[: len(full) // 2])
     assert state() == before
     # The fake batch is there on disk; committing it (the marker, written last) is what makes it visible.
-    from store.writer import commit_batch
+    from blens.store.writer import commit_batch
 
     assert con.execute("SELECT count(*) FROM read_parquet(? || '/prompts/**/*.parquet')",
                        [str(wh)]).fetchone()[0] > len(before["prompts"])

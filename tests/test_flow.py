@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from conftest import FACTS, ROOT
-from extract.config import ExtractConfig
-from queries import connect
+from blens.extract.config import ExtractConfig
+from blens.store.connect import connect
 
 
 def bad_and_good_records(path):
@@ -28,7 +28,7 @@ def bad_and_good_records(path):
 
 
 def test_flow_runs_writes_views_and_errors(tmp_path, tiny_model_dir):
-    from flows.extract_flow import extract_flow
+    from blens.flows.extract_flow import extract_flow
 
     data = bad_and_good_records(tmp_path / "cf.json")
     wh = tmp_path / "wh"
@@ -116,7 +116,7 @@ def test_cli_fails_with_one_clear_line(tmp_path, tiny_model_dir, case):
 def test_unsupported_architecture_names_supported_families():
     from transformers import BertConfig
 
-    from extract.adapters import UnsupportedModelError, family_for
+    from blens.extract.adapters import UnsupportedModelError, family_for
 
     with pytest.raises(UnsupportedModelError, match="supported model_types are .*gpt2.*llama"):
         family_for(BertConfig())

@@ -8,11 +8,11 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from extract.capture import capture
-from extract.pipeline import extract_batch
-from extract.lens import LogitLens
-from extract.prepare import prepare
-from extract.ranks import gradient_ranks, ranks_for_batch
+from blens.extract.capture import capture
+from blens.extract.tables import extract_batch
+from blens.extract.lens import LogitLens
+from blens.extract.prepare import prepare
+from blens.extract.ranks import gradient_ranks, ranks_for_batch
 
 from conftest import records
 

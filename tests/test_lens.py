@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extract.lens import LensResult, LogitLens
+from blens.extract.lens import LensResult, LogitLens
 
 K = 10
 
@@ -218,7 +218,7 @@ def test_fp32_lens_allocates_one_logits_sized_buffer_per_block(gemm):
     comparison scratch is allocated once per call. The previous form (``(logits > t).sum(dtype=int32)``)
     allocated a bool copy and an int32 copy per target and block, and that churn is what let glibc's
     heap grow by ~20 MB per block in some runs (2 GB for one 6,400-row call on SmolLM2)."""
-    from extract.lens import onednn_available
+    from blens.extract.lens import onednn_available
     from torch.profiler import ProfilerActivity, profile
 
     if gemm == "onednn" and not onednn_available(torch.device("cpu")):

@@ -3,77 +3,14 @@ and the push path failing with one clear line when the Hub cannot be used."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-TOKENIZER = SHARED / "models/gpt2-tokenizer/tokenizer.json"
-DATA = SHARED / "data/counterfact/counterfact-edit-1k.json"
-
-# A prompt whose text needs escaping everywhere it is shown (HTML report, Markdown card).
-TRICKY = dict(case_id=900001, prompt='The "<b>native</b>" language & tongue of Danielle Darrieux is',
-              subject="Danielle Darrieux", target_new="English", target_true="French")
-
-
-def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny") -> Path:
-    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt, vectors on."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from extract.models import wrap_model
-    from extract.pipeline import extract_batch
-    from extract.prepare import prepare
-    from extract.records import EditRecord, load_records
-    from store.writer import commit_batch, init_warehouse
-
-    if not TOKENIZER.exists() or not DATA.exists():
-        pytest.skip(f"shared test data missing under {SHARED}")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER))
-    tok.pad_token = tok.eos_token = "<|endoftext|>"
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
-    lm = wrap_model(model, tok, name="tiny-gpt2")
-    res = load_records(DATA, limit=n)
-    records = res.records + [EditRecord(**TRICKY, source="test")]
-    prompts = [prepare(r, tok, 64) for r in records]
-    tables = extract_batch(lm, prompts, run_id, top_k=10, vectors="spanning")
-    init_warehouse(root)
-    commit_batch(root, run_id, tables, n_prompts=len(prompts))
-    runs = pa.table({
-        "run_id": [run_id], "model": ["tiny-gpt2"], "model_revision": ["random-init"], "dataset": [str(DATA)],
-        "dataset_fingerprint": [res.fingerprint],
-        "config_json": [json.dumps({"top_k": 10, "vectors": "spanning", "limit": n})],
-        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
-        "code_version": ["test"], "schema_version": pa.array([1], pa.int32()), "kind": ["extract"],
-    })
-    commit_batch(root, run_id, {"runs": runs})
-    if edits:
-        add_edits(root, [p.record.case_id for p in prompts], run_id=run_id)
-    return root
-
-
-def add_edits(root: Path, case_ids: list[int], *, run_id: str = "run-tiny") -> None:
-    from store.schema import TABLES
-    from store.writer import commit_batch
-
-    rows = []
-    for i, c in enumerate(case_ids):
-        for method, cos in (("ft", 0.95 - 0.1 * i), ("rome", 0.2 + 0.05 * i)):
-            rows.append({"run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
-                         "lr": 0.01 if method == "ft" else None, "efficacy": 1.0, "generalization": 0.5 + 0.1 * (i % 5),
-                         "locality": 0.9, "locality_unchanged": 0.9, "target_new_prob": 0.6,
-                         "target_true_prob": 0.1, "new_gt_true": 1.0, "rephrase_new_gt_true": 0.5,
-                         "update_grad_cosine": cos, "update_norm": 1.5, "error": None})
-    schema = pa.schema([f for f in TABLES["edit_results"] if f.name != "batch_id"])
-    commit_batch(root, run_id, {"edit_results": pa.Table.from_pylist(rows, schema=schema)})
+from builders import DATA, ROOT, TRICKY, make_warehouse
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +20,14 @@ def warehouse(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def published(warehouse, tmp_path_factory):
-    from store.publish import publish
+    from blens.publish.dataset import publish
 
     return publish(warehouse, tmp_path_factory.mktemp("pub") / "dataset")
 
 
 def _view_rows(warehouse: Path, table: str) -> tuple[list[str], list[tuple]]:
-    from queries import connect
-    from store.publish import ORDER_BY
+    from blens.store.connect import connect
+    from blens.publish.dataset import ORDER_BY
 
     con = connect(warehouse)
     rel = con.sql(f"SELECT * FROM {table} ORDER BY {ORDER_BY[table]}")
@@ -130,7 +67,7 @@ def test_float16_vectors(warehouse, tmp_path):
     import numpy as np
     from datasets import List, Value, load_from_disk
 
-    from store.publish import publish
+    from blens.publish.dataset import publish
 
     res = publish(warehouse, tmp_path / "f16", vector_dtype="float16")
     ds = load_from_disk(str(res.out))["vectors"]
@@ -141,7 +78,7 @@ def test_float16_vectors(warehouse, tmp_path):
 
 
 def test_card_yaml_lists_every_split_and_real_files(published):
-    from store.publish import read_card_metadata
+    from blens.publish.card import read_card_metadata
 
     meta = read_card_metadata(published.card)
     assert meta["license"] == "mit"
@@ -184,7 +121,7 @@ def test_load_dataset_parquet_offline(published, tmp_path, monkeypatch):
 
 
 def test_republish_replaces_and_refuses_foreign_dir(warehouse, published, tmp_path):
-    from store.publish import PublishError, publish
+    from blens.publish.dataset import PublishError, publish
 
     again = publish(warehouse, published.out)
     assert (again.out / "dataset_dict.json").exists()
@@ -214,7 +151,7 @@ def test_push_unreachable_hub_fails_before_writing(published, monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
 
-    from store.publish import PublishError, push
+    from blens.publish.dataset import PublishError, push
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once

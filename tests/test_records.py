@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from extract.records import (
+from blens.extract.records import (
     DataSourceError,
     EditRecord,
     RecordError,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from extract.config import ExtractConfig
-from queries import connect
+from blens.extract.config import ExtractConfig
+from blens.store.connect import connect
 
 N_LAYERS, N_MATRICES, N_SITES = 3, 3, 2
 SUBJECTS = [
@@ -97,7 +97,7 @@ def data12(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, data12):
     """One clean, uninterrupted, single-process run over the 12 records."""
-    from flows.extract_flow import extract_flow
+    from blens.flows.extract_flow import extract_flow
 
     wh = tmp_path_factory.mktemp("ref") / "wh"
     summary = extract_flow(cfg_for(tiny_model_dir, data12, wh))
@@ -108,10 +108,27 @@ def reference(tmp_path_factory, tiny_model_dir, data12):
 
 # --- subprocess helpers ---------------------------------------------------------------------------
 
-def start_cli(*args, env_extra=None, log=None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+# A `blens extract` whose every warehouse file write is followed by a pause: it widens the window in which
+# a batch's table files exist but its commit marker does not, so a kill -9 can land there.
+SLOW_WRITES = """
+import sys, time
+import blens.store.writer as writer
+_write = writer.write_parquet_atomic
+def _slow(*args, **kwargs):
+    _write(*args, **kwargs)
+    time.sleep({pause})
+writer.write_parquet_atomic = _slow
+from blens.cli import app
+sys.argv[0] = "blens"
+app()
+"""
+
+
+def start_cli(*args, slow_writes: float | None = None, log=None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    entry = ["-m", "blens.cli"] if slow_writes is None else ["-c", SLOW_WRITES.format(pause=slow_writes)]
     # Own session: kill -9 reaches the whole group, including Prefect's ephemeral API server.
-    return subprocess.Popen([sys.executable, "-m", "blens.cli", "extract", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, *entry, "extract", *args], cwd=ROOT, env=env,
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.PIPE,
                             start_new_session=True, text=True)
 
@@ -160,7 +177,7 @@ def test_kill9_anywhere_then_resume_gives_one_clean_run(tmp_path, tiny_model_dir
     assert 1 <= n1 < 12
 
     # 2) resumed, then killed mid-batch: table files written, commit marker not yet.
-    proc = start_cli(*args, env_extra={"BLENS_TEST_SLEEP_BETWEEN_FILES": "1.5"})
+    proc = start_cli(*args, slow_writes=1.5)
     wait_for(lambda: uncommitted_prompt_files(wh), proc, what="a half-written batch")
     kill9(proc)
     orphans = uncommitted_prompt_files(wh)
@@ -233,13 +250,10 @@ def test_shard_is_not_part_of_run_identity(tiny_model_dir, data12):
 
 def test_dask_two_workers_equal_single_process(tmp_path, tiny_model_dir, data12, reference):
     pytest.importorskip("prefect_dask")
-    from flows.extract_flow import extract_flow_for, run_extract
+    from blens.flows.extract_flow import run_extract
 
-    from prefect_dask import DaskTaskRunner
-
-    assert isinstance(extract_flow_for(2).task_runner, DaskTaskRunner)
     wh = tmp_path / "wh"
-    summary = run_extract(cfg_for(tiny_model_dir, data12, wh), workers=2)
+    summary = run_extract(cfg_for(tiny_model_dir, data12, wh, workers=2))
     assert summary.n_extracted == 12 and summary.n_failed == 0
     assert snapshot(wh) == reference
     con = connect(wh)
@@ -251,14 +265,16 @@ def test_dask_two_workers_equal_single_process(tmp_path, tiny_model_dir, data12,
 # --- schedules: deployment definition and incremental runs ------------------------------------------
 
 def test_deployment_has_cron_parameters_and_name(tmp_path):
-    from flows.serve import DEPLOYMENT_NAME, build_deployment
+    from blens.flows.serve import DEPLOYMENT_NAME, build_deployment
 
-    dep = build_deployment(str(tmp_path / "cf.json"), cron="0 * * * *", model="m", warehouse=str(tmp_path / "wh"),
-                           batch_size=4)
+    cfg = ExtractConfig(data=str(tmp_path / "cf.json"), model="m", warehouse=str(tmp_path / "wh"), batch_size=4)
+    dep = build_deployment(cfg, cron="0 * * * *")
     assert dep.name == DEPLOYMENT_NAME and dep.flow_name == "blens-scheduled-extract"
     assert [s.schedule.cron for s in dep.schedules] == ["0 * * * *"]
-    assert dep.parameters == {"data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"),
-                              "batch_size": 4}
+    params = dep.parameters["cfg"]
+    assert {k: params[k] for k in ("data", "model", "warehouse", "batch_size", "incremental")} == {
+        "data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"), "batch_size": 4,
+        "incremental": True}
     assert dep.entrypoint == "flows/serve.py:scheduled_extract"
     assert dep.concurrency_limit == 1  # a slow tick never overlaps the next one
 
@@ -267,18 +283,17 @@ def test_deployment_has_cron_parameters_and_name(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["schedules"][0]["cron"] == "*/15 * * * *" and info["parameters"]["data"] == "cf.json"
+    assert info["schedules"][0]["cron"] == "*/15 * * * *" and info["parameters"]["cfg"]["data"] == "cf.json"
     r = subprocess.run(cmd[:-3] + ["--cron", "every hour", "--dry-run"], cwd=tmp_path, capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode != 0 and "not a valid cron expression" in r.stderr
 
 
 def test_scheduled_run_over_grown_dataset_extracts_only_new_records(tmp_path, tiny_model_dir):
-    from flows.serve import scheduled_extract
+    from blens.flows.serve import scheduled_extract
 
     data, wh = tmp_path / "cf.json", tmp_path / "wh"
-    params = dict(data=str(data), model=str(tiny_model_dir), warehouse=str(wh), batch_size=2, top_k=5,
-                  lens_dtype="fp32", threads=1)
+    params = dict(cfg=cfg_for(tiny_model_dir, data, wh, batch_size=2))
     write_records(data, make_records(4))
     first = scheduled_extract(**params)
     assert (first["n_extracted"], first["n_done_before"]) == (4, 0)
@@ -306,8 +321,8 @@ def test_scheduled_run_over_grown_dataset_extracts_only_new_records(tmp_path, ti
 # --- retries and failures ----------------------------------------------------------------------------
 
 def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir, monkeypatch):
-    import extract.job as job
-    from flows.extract_flow import extract_flow
+    import blens.extract.job as job
+    from blens.flows.extract_flow import extract_flow
 
     calls = {"n": 0, "failed": 0}
     real = job.commit_batch
@@ -332,8 +347,8 @@ def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir,
 
 
 def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, tiny_model_dir, monkeypatch):
-    import extract.job as job
-    from flows.extract_flow import extract_flow
+    import blens.extract.job as job
+    from blens.flows.extract_flow import extract_flow
 
     real = job.extract_batch
 
@@ -355,8 +370,8 @@ def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, 
 
 
 def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_model_dir, monkeypatch):
-    import extract.job as job
-    from flows.extract_flow import extract_flow
+    import blens.extract.job as job
+    from blens.flows.extract_flow import extract_flow
 
     real = job.commit_batch
     attempts = {"n": 0}
@@ -389,7 +404,7 @@ def test_token_budget_batches_bound_every_batch_and_pack_greedily():
     import random
     from types import SimpleNamespace
 
-    from extract.job import token_budget_batches
+    from blens.extract.job import token_budget_batches
 
     rng = random.Random(0)
     prompts = sorted((SimpleNamespace(n_tokens=rng.choice([3, 4, 5, 6, 9, 14, 25, 60])) for _ in range(300)),
@@ -410,8 +425,8 @@ def test_token_budget_batches_bound_every_batch_and_pack_greedily():
 def test_plan_run_cuts_long_prompts_into_smaller_batches(tiny_model_dir, tmp_path):
     """The batches a run executes respect --batch-tokens, so the longest prompts of a big run do not make
     its biggest batch (and its peak memory) larger than a small run's."""
-    from extract.job import plan_run
-    from extract.models import cached_model
+    from blens.extract.job import plan_run
+    from blens.extract.models import cached_model
 
     recs = make_records(40)
     for r in recs[::4]:  # a quarter of the prompts are several times longer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from extract.records import EditRecord
+from blens.extract.records import EditRecord
 
 CASE0 = EditRecord(case_id=0, prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux",
                    target_new="English", target_true="French")
@@ -17,7 +17,7 @@ CASE0 = EditRecord(case_id=0, prompt="The mother tongue of Danielle Darrieux is"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from extract.models import ModelLoadError, load_model
+    from blens.extract.models import ModelLoadError, load_model
 
     try:
         return load_model()
@@ -27,9 +27,9 @@ def smollm2():
 
 @pytest.mark.slow
 def test_case0_rank_equals_length_except_last_layer(smollm2):
-    from extract.capture import capture
-    from extract.prepare import prepare
-    from extract.ranks import ranks_for_batch
+    from blens.extract.capture import capture
+    from blens.extract.prepare import prepare
+    from blens.extract.ranks import ranks_for_batch
 
     assert smollm2.view.family.name == "llama" and smollm2.view.n_layers == 30
     p = prepare(CASE0, smollm2.tokenizer, 8192)
@@ -47,8 +47,8 @@ def test_case0_rank_equals_length_except_last_layer(smollm2):
 @pytest.mark.slow
 def test_case0_shift_puts_target_among_least_probable(smollm2):
     """The paper's 'shift' reading: target_new sits at the bottom of the FF2 VJP's lens at the last token."""
-    from extract.pipeline import extract_batch
-    from extract.prepare import prepare
+    from blens.extract.tables import extract_batch
+    from blens.extract.prepare import prepare
 
     p = prepare(CASE0, smollm2.tokenizer, 8192)
     t = extract_batch(smollm2, [p], "r").get("projections").to_pandas()

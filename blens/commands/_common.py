@@ -1,12 +1,14 @@
-"""Shared CLI plumbing: one clear red line and a non-zero exit for user-facing failures."""
+"""Shared CLI plumbing: one clear red line and a non-zero exit for user-facing failures; progress bars."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
+from typing import Iterator
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err_console = Console(stderr=True)
 
@@ -14,6 +16,11 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        fail(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
 
 
 def quiet_prefect() -> None:
@@ -24,5 +31,34 @@ def quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # busy 2-core boxes
 
 
-def is_tty() -> bool:
-    return sys.stderr.isatty()
+@contextlib.contextmanager
+def progress_bar(kind: str, unit: str) -> Iterator[None]:
+    """A progress bar over a flow's ``plan``/``batch`` events (see ``blens.flows.progress``); on a
+    non-terminal (logs, CI) a plain line per batch instead of a live bar."""
+    from blens.flows.progress import Event, watching
+
+    progress = Progress(TextColumn(f"[bold]{kind}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                        TextColumn("{task.fields[rate]:.2f}/s"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=err_console, transient=False)
+    state = {"task": None, "n": 0, "t": 0.0, "total": 0}
+
+    def watch(event: Event) -> None:
+        if event.kind == "plan":
+            state["total"] = event.n
+            state["task"] = progress.add_task(kind, total=event.n, rate=0.0)
+            done_before = getattr(event.payload, "n_skipped_done", 0)
+            if done_before:
+                err_console.print(f"resuming run {event.payload.run_id}: {done_before} prompts already done, "
+                                  f"{event.n} to go")
+            return
+        state["n"] += event.n
+        state["t"] += event.payload.seconds
+        rate = state["n"] / max(state["t"], 1e-9)
+        progress.update(state["task"], advance=event.n, rate=rate)
+        if not err_console.is_terminal:
+            eta = (state["total"] - state["n"]) / rate if rate else 0
+            err_console.print(f"{kind}: {state['n']}/{state['total']} {unit}, {rate:.2f}/s, eta {eta:.0f}s",
+                              highlight=False)
+
+    with progress, watching(watch):
+        yield

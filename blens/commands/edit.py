@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ._common import err_console, fail, quiet_prefect
+from . import options
+from ._common import err_console, fail, progress_bar, quiet_prefect
 
 console = Console()
 
@@ -34,7 +34,7 @@ def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Opt
     --step defaults to 'minimal' for shift when no --lr is given (the sweep's winner on train), and to
     'fixed' (the paper's eta) when an --lr is given without --step.
     """
-    from extract.editing import METHODS, STEPS, EditSpec
+    from blens.edit.spec import METHODS, STEPS, EditSpec
 
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
@@ -64,10 +64,9 @@ def edit(
                                "W -= lr * dL/dW on the same matrix)."),
     data: str = typer.Option(..., "--data", help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). "
                              "Report on held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
-    model: str = typer.Option(SMOLLM2, "--model", help="'smollm2-135m' (embedded) or a transformers causal LM "
-                              "name / local directory (GPT-2, Llama/Mistral/Qwen2 families)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N valid records."),
-    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Output directory (Parquet + views)."),
+    model: options.Model = SMOLLM2,
+    limit: options.Limit = None,
+    warehouse: options.Warehouse = Path("warehouse"),
     layer: Optional[int] = typer.Option(None, "--layer", help="Block whose FF2 (Llama down_proj, GPT-2 c_proj) is "
                                         "edited. Default: the sweep's choice for SmolLM2 (see docs/editing.md)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="shift: eta (step=fixed), c in eta = c/(|x_n|^2|E_t|^2) "
@@ -76,10 +75,9 @@ def edit(
     step: Optional[str] = typer.Option(None, "--step", help="shift step size: fixed (the paper's eta) | normalized "
                                        "| minimal. Default: minimal (the sweep's winner) unless --lr is given, "
                                        "then fixed."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: options.Device = "cpu",
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Edits per Prefect task (one commit each)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's "
-                                          "choice). On a busy machine 1 is several times faster."),
+    threads: options.Threads = None,
 ) -> None:
     """Edit CounterFact facts one at a time and score each edit (top-1 efficacy, paraphrase, neighborhood).
 
@@ -88,10 +86,9 @@ def edit(
     `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality FROM edit_summary"`.
     """
     quiet_prefect()
-    from extract.editing import check_layer
-    from extract.models import ModelLoadError, cached_model
-    from extract.records import DataSourceError
-    from store.writer import WarehouseError, init_warehouse
+    from blens.edit.spec import check_layer
+    from blens.extract.models import ModelLoadError, cached_model
+    from blens.store.writer import WarehouseError, init_warehouse
 
     spec = resolve_spec(method, step, layer, lr, model)
     set_threads(threads)
@@ -106,7 +103,8 @@ def edit(
         fail(f"--layer: {exc}")
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
-    summary = _run(model, data, [spec], str(warehouse), limit, device, batch_size, "edit")
+    summary = run_edit(dict(model=model, data=data, specs=[spec], warehouse=str(warehouse), limit=limit,
+                            device=device, batch_size=batch_size, kind="edit"))
     print_summary(str(warehouse), summary.run_id, summary)
 
 
@@ -117,36 +115,22 @@ def set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
-def _run(model, data, specs, warehouse, limit, device, batch_size, kind, min_efficacy=0.95):
-    from extract.records import DataSourceError
-    from flows.edit_flow import edit_flow, sweep_flow
+def run_edit(settings: dict):
+    """Build the EditConfig and run the edit flow under a progress bar; one line for a bad data source."""
+    from blens.edit.spec import EditConfig
+    from blens.extract.records import DataSourceError
+    from blens.flows.edit_flow import edit_flow
 
-    progress = Progress(TextColumn(f"[bold]{kind}"), BarColumn(), MofNCompleteColumn(), TextColumn("edits"),
-                        TextColumn("{task.fields[rate]:.2f}/s"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=err_console, transient=False)
-    state = {"task": None, "n": 0, "t": 0.0}
-
-    def on_plan(plan) -> None:
-        state["task"] = progress.add_task(kind, total=len(plan.records), rate=0.0)
-
-    def on_batch(res) -> None:
-        state["n"] += res.n_cases
-        state["t"] += res.seconds
-        progress.update(state["task"], advance=res.n_cases, rate=state["n"] / max(state["t"], 1e-9))
-
+    cfg = EditConfig(**settings)
     try:
-        with progress:
-            if kind == "sweep":
-                return sweep_flow(model, data, specs, warehouse, limit=limit, device=device, batch_size=batch_size,
-                                  min_efficacy=min_efficacy, on_plan=on_plan, on_batch=on_batch)
-            return edit_flow(model, data, specs, warehouse, limit=limit, device=device, batch_size=batch_size,
-                             on_plan=on_plan, on_batch=on_batch)
+        with progress_bar(cfg.kind, "edits"):
+            return edit_flow(cfg)
     except DataSourceError as exc:
         fail(str(exc))
 
 
 def print_summary(warehouse: str, run_id: str, summary) -> None:
-    from queries import connect
+    from blens.store.connect import connect
 
     con = connect(warehouse)
     rows = con.execute("""

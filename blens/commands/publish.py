@@ -24,7 +24,7 @@ def publish(
 
     Example: blens publish --warehouse warehouse --out hf-dataset [--push user/backward-lens-smollm2]
     """
-    from store.publish import PublishError, publish as do_publish, push as do_push
+    from blens.publish.dataset import PublishError, publish as do_publish, push as do_push
 
     try:
         result = do_publish(warehouse, out, vector_dtype=vector_dtype, repo_id=push)

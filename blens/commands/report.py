@@ -22,7 +22,7 @@ def report(
 
     Example: blens report --warehouse warehouse --out report --case 0 --case 7
     """
-    from store.report import ReportError, build_report
+    from blens.publish.report import ReportError, build_report
 
     try:
         result = build_report(warehouse, out, cases=case or None)

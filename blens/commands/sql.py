@@ -37,7 +37,7 @@ def sql(
     """
     import duckdb
 
-    from queries import connect
+    from blens.store.connect import connect
 
     if fmt not in ("table", "csv", "json"):
         fail(f"--format must be table, csv or json (got {fmt!r})")

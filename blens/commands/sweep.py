@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ._common import err_console, fail, quiet_prefect
-from .edit import SMOLLM2, _run, console, print_summary, set_threads
+from . import options
+from .edit import SMOLLM2, console, print_summary, run_edit, set_threads
 
 TRAIN = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact" / "counterfact-train.json")
 
@@ -34,9 +35,9 @@ def _ints(text: str, option: str) -> list[int]:
 def sweep(
     data: str = typer.Option(TRAIN, "--data", help="Tuning records: CounterFact train split (never the split you "
                              "report on)."),
-    model: str = typer.Option(SMOLLM2, "--model", help="Model name or local directory."),
+    model: options.Model = SMOLLM2,
     limit: Optional[int] = typer.Option(100, "--limit", min=1, help="Train edits to use."),
-    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Output directory (Parquet + views)."),
+    warehouse: options.Warehouse = Path("warehouse"),
     layers: str = typer.Option("8,12,16,20,24,28", "--layers", help="Layers to try (comma-separated)."),
     shift_lrs: str = typer.Option("0.12,0.24,0.5", "--shift-lrs", help="eta values for the paper's shift."),
     sgd_layers: str = typer.Option("16,20,24,28", "--sgd-layers", help="Layers for the one-step sgd baseline."),
@@ -49,9 +50,9 @@ def sweep(
     min_efficacy: float = typer.Option(0.95, "--min-efficacy", help="Defaults: among configs reaching this "
                                        "efficacy the one leaving most neighbourhood predictions unchanged (else the "
                                        "most efficacious)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    device: options.Device = "cpu",
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Edits per Prefect task."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (1 on a busy machine)."),
+    threads: options.Threads = None,
 ) -> None:
     """Grid over layers x step sizes for shift and sgd (+ shift step variants) on the train split; writes every
     cell to edit_results (kind 'sweep') and prints the chosen default per method.
@@ -60,9 +61,9 @@ def sweep(
     the edited one. Default grid: 100 edits x 36 cells, ~13 min on a busy 2-core machine with --threads 1.
     """
     quiet_prefect()
-    from extract.editing import EditSpec, check_layer
-    from extract.models import ModelLoadError, cached_model
-    from store.writer import WarehouseError, init_warehouse
+    from blens.edit.spec import EditSpec, check_layer
+    from blens.extract.models import ModelLoadError, cached_model
+    from blens.store.writer import WarehouseError, init_warehouse
 
     set_threads(threads)
     lay, sgd_lay = _ints(layers, "--layers"), _ints(sgd_layers, "--sgd-layers")
@@ -88,7 +89,8 @@ def sweep(
         fail(f"--layers: {exc}")
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
-    summary = _run(model, data, specs, str(warehouse), limit, device, batch_size, "sweep", min_efficacy)
+    summary = run_edit(dict(model=model, data=data, specs=specs, warehouse=str(warehouse), limit=limit,
+                            device=device, batch_size=batch_size, kind="sweep", min_efficacy=min_efficacy))
     print_summary(str(warehouse), summary.run_id, summary)
     t = Table(title=f"chosen defaults (efficacy >= {min_efficacy}, then most neighbourhood predictions "
                     f"unchanged; else highest efficacy)", show_edge=False)

@@ -1,39 +1,20 @@
-"""A static HTML report of the warehouse with the paper's figures (matplotlib, Agg backend).
-
-``build_report(warehouse, out)`` writes ``out/index.html`` and ``out/figures/*.png``. The page opens
-from disk (no server; images are referenced relatively), escapes every string that came from data,
-and carries a tiny script that, once the page has loaded, marks on ``<body>`` whether every figure
-decoded (``data-images-ok``) and shows a banner if one did not; the tests read that back from headless
-Chromium.
-
-Every number comes from the DuckDB views (``queries/``): rank_equals_length (Figure 3), projections
-(Figure 4, the logit-lens tables of single prompts), vjp_norm_by_segment (Figure 5),
-target_rank_by_layer (Figure 6) and edit_results (editing outcomes).
-"""
+"""The paper's figures as PNGs (matplotlib, Agg backend), each drawn from one DuckDB view of the warehouse:
+rank_equals_length (Figure 3), projections (the logit-lens tables of single prompts), vjp_norm_by_segment
+(Figure 5), target_rank_by_layer (Figure 6) and edit_results (editing outcomes)."""
 
 from __future__ import annotations
 
-import html
 import math
-import os
 import re
-import shutil
-import uuid
 import warnings
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
-from .writer import output_dir_problem, replace_directory
+
+from .tokens import display_token
 
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
 MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
 MODEL_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-MAX_TOKEN_CHARS = 10
-DEFAULT_N_CASES = 2
-
-
-class ReportError(RuntimeError):
-    """The report cannot be built for a reason the user can act on; one line."""
 
 
 @dataclass
@@ -41,83 +22,8 @@ class Figure:
     file: str  # relative to out/, e.g. figures/rank_equals_length.png
     caption: str  # plain text (escaped when rendered)
     alt: str
-    extra_html: str = ""  # already-escaped HTML shown under the image (e.g. the prompt's tokens)
-
-
-@dataclass
-class Section:
-    key: str
-    title: str
-    intro: str
-    figures: list[Figure] = field(default_factory=list)
-
-
-@dataclass
-class ReportResult:
-    out: Path
-    index: Path
-    sections: list[Section]
-    cases: list[int]
-
-    @property
-    def figure_files(self) -> list[Path]:
-        return [self.out / f.file for s in self.sections for f in s.figures]
-
-
-# ------------------------------------------------------------------------------------ token text
-
-
-def _font_charmap() -> set[int]:
-    global _CHARMAP
-    if _CHARMAP is None:
-        from matplotlib import rcParams
-        from matplotlib.font_manager import FontProperties, findfont, get_font
-
-        try:
-            path = findfont(FontProperties(family=rcParams["font.family"]), fallback_to_default=True)
-            _CHARMAP = set(get_font(path).get_charmap())
-        except Exception:  # no usable font info: keep ASCII only
-            _CHARMAP = set(range(32, 127))
-    return _CHARMAP
-
-
-_CHARMAP: set[int] | None = None
-
-_CONTROL = {"\n": "↵", "\r": "↵", "\t": "⇥"}
-
-
-def display_token(token: str | None, *, max_chars: int = MAX_TOKEN_CHARS, font_safe: bool = True) -> str:
-    """A token as a reader should see it: a leading space as '␣', newlines/tabs as arrows, other control
-    characters as '·', glyphs the plot font lacks as '□', and long tokens cut with '..'."""
-    if token is None:
-        return ""
-    text = token
-    lead = len(text) - len(text.lstrip(" "))
-    text = "␣" * min(lead, 2) + text[lead:]
-    out = []
-    for ch in text:
-        if ch in _CONTROL:
-            out.append(_CONTROL[ch])
-        elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in "\u200b\u200c\u200d\ufeff":
-            out.append("·")
-        elif font_safe and ord(ch) not in _font_charmap():
-            out.append("□")
-        else:
-            out.append(ch)
-    text = "".join(out)
-    if text == "":
-        return "∅"
-    if len(text) > max_chars:
-        text = text[: max_chars - 2] + ".."
-    return text
-
-
-def _plain(token: str | None, max_chars: int = 40) -> str:
-    """Token text for HTML (any glyph the browser has; still visible spaces and cut)."""
-    return display_token(token, max_chars=max_chars, font_safe=False)
-
-
-# ------------------------------------------------------------------------------------- plotting
+    case: object | None = None  # the prompt a per-case figure shows (rendered above the image)
+    wide: bool = False  # shown at natural size with a horizontal scroll instead of fitted to the page
 
 
 def _plt():
@@ -280,7 +186,7 @@ def fig_case_table(con, run_id: str, case_id: int, site: str, path: Path, tokens
                    f"vocabulary. Colour is ‖xᵢ‖ ({scale}). Subject tokens are red, the last token blue; ␣ marks a "
                    "leading space.")
     alt = f"Table of {'least' if use_bottom else 'most'} probable lens tokens for case {case_id}, tokens by layers"
-    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt)
+    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=True)
 
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
@@ -419,211 +325,3 @@ def fig_edit_cosine(con, path: Path) -> Figure | None:
                "same loss (edit_results.update_grad_cosine). Values near ±1 mean the method's update is (a "
                "multiple of) the gradient, i.e. it writes the same low-rank imprint/shift. " + "; ".join(notes) + ".")
     return Figure(file=f"figures/{path.name}", caption=caption, alt="Histogram of update-gradient cosine by method")
-
-
-# ----------------------------------------------------------------------------------------- cases
-
-
-def resolve_cases(con, cases: list[int] | None) -> list[tuple[int, str, str]]:
-    """(case_id, run_id, model) for the requested cases, or the first DEFAULT_N_CASES case ids."""
-    if not cases:
-        ids = [r[0] for r in con.execute("SELECT DISTINCT case_id FROM prompts ORDER BY case_id LIMIT ?",
-                                         [DEFAULT_N_CASES]).fetchall()]
-    else:
-        ids = list(dict.fromkeys(int(c) for c in cases))
-    known = {r[0] for r in con.execute(
-        "SELECT DISTINCT case_id FROM prompts WHERE list_contains(?, case_id)", [ids]).fetchall()}
-    missing = [c for c in ids if c not in known]
-    if missing:
-        sample = [r[0] for r in con.sql("SELECT DISTINCT case_id FROM prompts ORDER BY 1 LIMIT 5").fetchall()]
-        raise ReportError(f"--case {', '.join(map(str, missing))}: not in the warehouse "
-                          f"(e.g. {', '.join(map(str, sample))})")
-    out = []
-    for c in ids:
-        for run_id, model in con.execute("SELECT run_id, model FROM prompts WHERE case_id = ? ORDER BY run_id",
-                                         [c]).fetchall():
-            out.append((c, run_id, model))
-    return out
-
-
-def _tokens_html(tokens: list[tuple]) -> str:
-    items = "".join(
-        f'<li class="tok seg-{html.escape(seg or "other")}" title="position {pos}, {html.escape(seg or "")}">'
-        f"{html.escape(_plain(tok))}</li>" for pos, tok, seg in tokens)
-    return f'<ol class="tokens" aria-label="prompt tokens">{items}</ol>'
-
-
-# ------------------------------------------------------------------------------------------ page
-
-
-CSS = """
-body{font-family:"DejaVu Sans",system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa;line-height:1.45}
-header,main{max-width:1200px;margin:0 auto;padding:0 24px}
-header{padding-top:24px}
-h1{font-size:1.6em;margin:0 0 4px}
-h2{font-size:1.25em;margin:36px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h3{font-size:1.05em;margin:20px 0 6px}
-.meta{color:#555;font-size:.9em}
-table.runs{border-collapse:collapse;font-size:.85em;margin:8px 0}
-table.runs td,table.runs th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-figure{margin:12px 0 24px;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:12px}
-figure .scroll{overflow-x:auto}
-figure img{display:block;max-width:none;height:auto}
-figure img.fit{max-width:100%}
-figcaption{font-size:.9em;color:#333;margin-top:8px;max-width:1100px}
-ol.tokens{list-style:none;padding:0;margin:8px 0 0;display:flex;flex-wrap:wrap;gap:4px}
-ol.tokens li{font-family:"DejaVu Sans Mono",monospace;font-size:.85em;padding:1px 6px;border-radius:4px;background:#eee;white-space:pre}
-ol.tokens li.seg-subject{background:#fde0e0;color:#a00}
-ol.tokens li.seg-last{background:#dde9f7;color:#124f8c}
-.prompt{font-size:.95em}
-#img-warning{display:none;background:#fee;border:1px solid #c00;color:#900;padding:8px 12px;margin:12px 0}
-footer{max-width:1200px;margin:40px auto;padding:0 24px;color:#777;font-size:.8em}
-"""
-
-# Marks <body> with data-images-ok / data-images-total / data-images-bad once the page has loaded, and shows a
-# banner naming any figure that failed to decode. The report's tests read these attributes back.
-CHECK_SCRIPT = """
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
-                .map(function (i) { return i.getAttribute("src"); });
-  document.body.setAttribute("data-images-total", String(imgs.length));
-  document.body.setAttribute("data-images-ok", bad.length === 0 ? "true" : "false");
-  document.body.setAttribute("data-images-bad", bad.join(" "));
-  if (bad.length) {
-    var w = document.getElementById("img-warning");
-    w.textContent = "Some figures failed to load: " + bad.join(", ");
-    w.style.display = "block";
-  }
-});
-"""
-
-
-def render_html(title: str, runs: list[tuple], sections: list[Section], generated: str) -> str:
-    e = html.escape
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>", "<header>",
-        f"<h1>{e(title)}</h1>",
-        '<p class="meta">Figures of <i>Backward Lens: Projecting Language Model Gradients into the Vocabulary '
-        "Space</i> (Katz, Belinkov, Geva, Wolf; EMNLP 2024), recomputed from this warehouse. "
-        f"Generated {e(generated)}.</p>",
-    ]
-    if runs:
-        parts.append('<table class="runs"><tr><th>run</th><th>model</th><th>revision</th><th>dataset</th>'
-                     "<th>prompts</th></tr>")
-        for run_id, model, rev, dataset, n in runs:
-            parts.append(f"<tr><td><code>{e(str(run_id))}</code></td><td>{e(str(model))}</td>"
-                         f"<td><code>{e(str(rev))}</code></td><td>{e(str(dataset))}</td><td>{int(n or 0):,}</td></tr>")
-        parts.append("</table>")
-    parts.append('<div id="img-warning" role="alert"></div>')
-    parts.append("<nav><ul>" + "".join(f'<li><a href="#{e(s.key)}">{e(s.title)}</a></li>' for s in sections)
-                 + "</ul></nav>")
-    parts.append("</header><main>")
-    for s in sections:
-        parts.append(f'<section class="report-figure" id="{e(s.key)}">')
-        parts.append(f"<h2>{e(s.title)}</h2>")
-        if s.intro:
-            parts.append(f"<p>{s.intro}</p>")  # intro is built from escaped pieces
-        for f in s.figures:
-            cls = "" if "case-" in f.file else ' class="fit"'
-            parts.append("<figure>")
-            if f.extra_html:
-                parts.append(f.extra_html)
-            parts.append(f'<div class="scroll"><img src="{e(f.file)}" alt="{e(f.alt)}"'
-                         f'{cls} loading="eager"></div>')
-            parts.append(f"<figcaption>{e(f.caption)}</figcaption>")
-            parts.append("</figure>")
-        parts.append("</section>")
-    parts.append("</main>")
-    parts.append("<footer>Generated by <code>blens report</code> from the DuckDB views in <code>queries/</code>. "
-                 "Cite: Katz, Shahar and Belinkov, Yonatan and Geva, Mor and Wolf, Lior. Backward Lens: Projecting "
-                 "Language Model Gradients into the Vocabulary Space. EMNLP 2024.</footer>")
-    parts.append(f"<script>{CHECK_SCRIPT}</script>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _prepare_out(out: Path) -> None:
-    problem = output_dir_problem(out, "index.html", "blens report")
-    if problem:
-        raise ReportError(problem)
-
-
-def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:
-    """Render every figure and index.html into ``out`` (replacing an earlier report there)."""
-    from queries import connect
-
-    out = Path(out)
-    _prepare_out(out)
-    try:
-        con = connect(warehouse)
-    except FileNotFoundError as exc:
-        raise ReportError(str(exc)) from None
-    n_prompts = con.sql("SELECT count(*) FROM prompts").fetchall()[0][0]
-    if not n_prompts:
-        raise ReportError(f"warehouse {str(warehouse)!r} has no committed prompts; run `blens extract` first")
-    chosen = resolve_cases(con, cases)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    figs = stage / "figures"
-    figs.mkdir(parents=True)
-    try:
-        sections: list[Section] = []
-        s1 = Section("rank", "1. Gradient rank equals prompt length", "")
-        s1.figures.append(fig_rank_equals_length(con, figs / "rank_equals_length.png"))
-        sections.append(s1)
-
-        s2 = Section("cases", "2. Logit lens of single prompts",
-                     "Per prompt: the gradient's spanning vectors at every token and layer, projected to the "
-                     "vocabulary. Top: FF2 VJPs δᵢ with their least probable token; bottom: FF1 inputs xᵢ with "
-                     "their most probable token. Wide tables scroll sideways.")
-        for case_id, run_id, model in chosen:
-            prompt = con.execute("SELECT prompt, subject, target_new, target_true FROM prompts "
-                                 "WHERE run_id = ? AND case_id = ?", [run_id, case_id]).fetchone()
-            tokens = con.execute("SELECT position, token, segment FROM tokens WHERE run_id = ? AND case_id = ? "
-                                 "ORDER BY position", [run_id, case_id]).fetchall()
-            head = (f'<h3>Case {case_id} · {html.escape(str(model))}</h3>'
-                    f'<p class="prompt">“{html.escape(prompt[0])}” — subject <b>{html.escape(prompt[1])}</b>, '
-                    f"true object <b>{html.escape(prompt[3])}</b>, new target <b>{html.escape(prompt[2])}</b></p>"
-                    + _tokens_html(tokens))
-            base = f"case-{case_id}-{_safe_name(run_id)}"
-            for site, suffix in (("ff2_vjp", "ff2_vjp"), ("ff1_input", "ff1_input")):
-                fig = fig_case_table(con, run_id, case_id, site, figs / f"{base}-{suffix}.png", tokens)
-                if fig is not None:
-                    if site == "ff2_vjp":
-                        fig.extra_html = head
-                    s2.figures.append(fig)
-        sections.append(s2)
-
-        s3 = Section("norms", "3. Where the gradient is: VJP norm by token segment", "")
-        s3.figures.append(fig_norm_by_segment(con, figs / "vjp_norm_by_segment.png"))
-        sections.append(s3)
-
-        s4 = Section("target-rank", "4. target_new in the FF2 VJP projections", "")
-        s4.figures.append(fig_target_rank(con, figs / "target_rank_by_layer.png"))
-        sections.append(s4)
-
-        if con.sql("SELECT count(*) FROM edit_results").fetchall()[0][0]:
-            s5 = Section("edits", "5. Knowledge editing", "")
-            s5.figures.append(fig_edit_metrics(con, figs / "edit_metrics.png"))
-            cos = fig_edit_cosine(con, figs / "edit_update_grad_cosine.png")
-            if cos is not None:
-                s5.figures.append(cos)
-            sections.append(s5)
-
-        runs = con.sql("SELECT r.run_id, r.model, r.model_revision, r.dataset, "
-                       "(SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) FROM runs r "
-                       "ORDER BY r.created_at").fetchall()
-        models = sorted({r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
-        title = f"Backward Lens report — {', '.join(models)}"
-        generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        (stage / "index.html").write_text(render_html(title, runs, sections, generated), encoding="utf-8")
-        replace_directory(stage, out)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-        con.close()
-    return ReportResult(out=out, index=out / "index.html", sections=sections, cases=[c[0] for c in chosen])

@@ -14,13 +14,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from .adapters import LENS_SITES, vector_sites
 from .capture import SpanningSets, capture
 from .lens import LogitLens
 from .models import LoadedModel
 from .prepare import PreparedPrompt
 from .ranks import ranks_for_batch
-
-LENS_SITES = ("ff1_input", "ff2_vjp")
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,13 +31,6 @@ def _vocab_cached(tokenizer_id: int, tokenizer) -> pa.Array:
 def vocabulary(tokenizer) -> pa.Array:
     """Decoded text of every token id (e.g. ' English'), used to label ids without Python loops."""
     return _vocab_cached(id(tokenizer), tokenizer)
-
-
-def site_tensor(spans: SpanningSets, layer: int, site: str) -> torch.Tensor:
-    """(B, T, d) vectors of a named site at one layer."""
-    kind, point = site.rsplit("_", 1)
-    table = spans.inputs if point == "input" else spans.vjps
-    return table[(layer, kind)]
 
 
 def _list_column(values: np.ndarray, width: int, item: pa.DataType) -> pa.Array:
@@ -77,7 +69,7 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
     view = lm.view
     tok = lm.tokenizer
     spans = capture(view, prompts, tok.pad_token_id)
-    lens = lens or LogitLens(view.final_norm, view.unembedding)
+    lens = lens or LogitLens.of(view)
     rows = _Rows.of(prompts, spans.mask)
     n_rows = len(rows.b)
     L = view.n_layers
@@ -119,7 +111,7 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
     })
 
     # Lens: all (site, layer, real position) vectors of the batch in one matrix -> chunked GEMMs.
-    per_site = [torch.stack([site_tensor(spans, layer, s) for layer in range(L)])[:, spans.mask] for s in LENS_SITES]
+    per_site = [torch.stack([spans.site(layer, s) for layer in range(L)])[:, spans.mask] for s in LENS_SITES]
     stacked = torch.stack(per_site)  # (S, L, n_rows, d)
     S = len(LENS_SITES)
     flat = stacked.reshape(S * L * n_rows, -1)
@@ -134,7 +126,7 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
         "run_id": [run_id] * N,
         "case_id": np.tile(rows.case_id, S * L),
         "layer": np.tile(np.repeat(np.arange(L, dtype=np.int32), n_rows), S),
-        "site": np.repeat(np.array(LENS_SITES, dtype=object), L * n_rows),
+        "site": np.repeat(np.array([str(s) for s in LENS_SITES], dtype=object), L * n_rows),
         "position": np.tile(rows.pos, S * L),
         "segment": pa.array(np.tile(rows.segment, S * L), pa.string()),
         "norm": norms,
@@ -153,24 +145,17 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
     return out
 
 
-def vector_sites(matrix_names: list[str], everything: bool) -> list[str]:
-    sites = ["ff1_input", "ff2_vjp"]
-    if everything:
-        sites += [f"{m}_vjp" for m in matrix_names if m != "ff2"] + ["ff2_input"]
-    return sites
-
-
 def vectors_table(spans: SpanningSets, rows: _Rows, run_id: str, L: int, matrix_names: list[str],
                   everything: bool) -> pa.Table:
     parts = []
     for site in vector_sites(matrix_names, everything):
-        vecs = torch.stack([site_tensor(spans, layer, site) for layer in range(L)])[:, spans.mask]  # (L, n, d)
+        vecs = torch.stack([spans.site(layer, site) for layer in range(L)])[:, spans.mask]  # (L, n, d)
         n, d = vecs.shape[1], vecs.shape[2]
         parts.append(pa.table({
             "run_id": [run_id] * (L * n),
             "case_id": np.tile(rows.case_id, L),
             "layer": np.repeat(np.arange(L, dtype=np.int32), n),
-            "site": [site] * (L * n),
+            "site": [str(site)] * (L * n),
             "position": np.tile(rows.pos, L),
             "vector": _list_column(vecs.float().cpu().numpy(), d, pa.float32()),
         }))

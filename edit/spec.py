@@ -1,0 +1,83 @@
+"""What an editing run does: the methods, one editing configuration (:class:`EditSpec`) and a run's
+settings (:class:`EditConfig`, what the CLI builds and the Prefect flows take).
+
+The paper's edit ("shift", Section 7): for an edit (prompt, target) take x_n, the input of one FF2 matrix
+at the last prompt position, and add eta * x_n^T E[t] to the matrix, E[t] the unembedding row of the
+target's first token. The baseline "sgd" takes one true gradient step on the same matrix,
+W -= lr * dL/dW with L the NLL of target_new's first token at the last position.
+
+Step-size variants of the shift (``step``):
+
+* ``fixed``       eta as given (the paper's recipe; lr column = eta).
+* ``normalized``  eta = c / (|x_n|^2 |E[t]|^2): the edit prompt's residual gets c * E[t]/|E[t]|^2, so the
+                  target's logit moves by ~c (times the final norm's gain) whatever the layer's
+                  activation scale (lr column = c).
+* ``minimal``     the smallest eta (doubling, then bisection on the edit prompt alone) that makes
+                  target_new the argmax, times a margin factor (lr column = the margin).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from blens.extract.adapters import ModelView
+from blens.extract.models import EMBEDDED_NAME
+
+METHODS = ("none", "shift", "sgd")
+STEPS = ("fixed", "normalized", "minimal")
+MATRIX = "ff2"  # the matrix every method edits (the paper's FF2)
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One editing configuration: which method, where, how big a step."""
+
+    method: str  # none | shift | sgd
+    layer: int | None = None
+    lr: float | None = None  # shift: eta (fixed) / c (normalized) / margin (minimal); sgd: learning rate
+    step: str = "fixed"  # shift only
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
+        if self.method != "none" and (self.layer is None or self.lr is None):
+            raise ValueError(f"method {self.method!r} needs a layer and a learning rate")
+        if self.method != "none" and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
+
+    @property
+    def label(self) -> str:
+        """The ``method`` column: the paper's shift is 'shift'; variants are 'shift-normalized' etc."""
+        if self.method == "shift" and self.step != "fixed":
+            return f"shift-{self.step}"
+        return self.method
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "layer": self.layer, "lr": self.lr, "step": self.step}
+
+
+def check_layer(view: ModelView, layer: int | None) -> None:
+    """Up-front check for the CLI: a clear error naming the valid range."""
+    if layer is not None and not (0 <= layer < view.n_layers):
+        raise ValueError(f"layer {layer} is out of range: the model has {view.n_layers} layers (0..{view.n_layers - 1})")
+
+
+class EditConfig(BaseModel):
+    """One editing run: which records, which specs, where the rows go. ``kind`` 'edit' reports on held-out
+    data; 'sweep' tunes on the train split and then picks defaults (``min_efficacy``)."""
+
+    model: str = EMBEDDED_NAME
+    data: str
+    specs: list[EditSpec]
+    warehouse: str = "warehouse"
+    limit: int | None = Field(default=None, ge=1)
+    device: str = "cpu"
+    batch_size: int = Field(default=16, ge=1)
+    kind: Literal["edit", "sweep"] = "edit"
+    min_efficacy: float = Field(default=0.95, ge=0, le=1)

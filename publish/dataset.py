@@ -1,0 +1,232 @@
+"""Publishing the warehouse as a Hugging Face dataset with a real dataset card.
+
+``publish(warehouse, out)`` writes, under ``out``::
+
+    dataset_dict.json, <split>/...          a datasets.DatasetDict (save_to_disk): one split per table
+    data/<table>/train-00000-of-00001.parquet  the same rows as Parquet (what the card's configs point at)
+    README.md                               the dataset card: YAML header + prose generated from the warehouse
+
+Rows are read only through the DuckDB views (``queries.connect``), which hide uncommitted and
+superseded batches. They are streamed: the view is read as Arrow record batches, each batch cast to
+the declared features and appended to a Parquet file; ``datasets`` then converts those files to its
+Arrow format (memory-mapped), so no table is ever held whole in memory.
+
+On the Hub a dataset with differently-shaped tables is one *config* per table (a config has one
+schema), so the card declares configs ``prompts``, ``tokens``, ... each with a ``train`` split, and
+``load_dataset(repo, "projections", split="train")`` gets a table. Locally, ``load_from_disk(out)``
+returns the DatasetDict keyed by table name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from blens.store.connect import connect
+from blens.store.schema import TABLES
+
+from .card import render_card
+from .output import output_dir_problem, replace_directory
+
+REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
+OPTIONAL_SPLITS = ("vectors", "edit_results")  # published only when non-empty
+SPLITS = REQUIRED_SPLITS + OPTIONAL_SPLITS
+
+ORDER_BY = {
+    "prompts": "run_id, case_id",
+    "tokens": "run_id, case_id, position",
+    "gradient_ranks": "run_id, case_id, layer, matrix",
+    "projections": "run_id, case_id, site, layer, position",
+    "vectors": "run_id, case_id, site, layer, position",
+    "edit_results": "run_id, case_id, method, layer, lr",
+}
+
+# Rows per Arrow batch read from DuckDB (and per Parquet row group): vectors rows are d floats wide.
+BATCH_ROWS = {"vectors": 1024}
+DEFAULT_BATCH_ROWS = 16384
+
+PARQUET_NAME = "train-00000-of-00001.parquet"
+
+class PublishError(RuntimeError):
+    """Publishing failed for a reason the user can act on; the message is one line."""
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    features: object  # datasets.Features
+    num_rows: int
+    num_bytes: int
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class PublishResult:
+    out: Path
+    splits: dict[str, SplitInfo]
+    card: Path
+    pushed_to: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- schema
+
+
+def _declared_type(table: str, column: str, view_type: pa.DataType) -> pa.DataType:
+    schema = TABLES[table]
+    if column in schema.names:
+        return schema.field(column).type
+    return view_type  # a column the views add (none today): keep DuckDB's type
+
+
+def arrow_schema(con, table: str, *, vector_dtype: str = "float32") -> pa.Schema:
+    """The published Arrow schema of a split: the view's columns, with the declared store types."""
+    view_schema = con.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table().schema
+    fields = []
+    for f in view_schema:
+        t = _declared_type(table, f.name, f.type)
+        if pa.types.is_timestamp(t):
+            t = pa.timestamp(t.unit, tz="UTC")
+        if table == "vectors" and f.name == "vector":
+            t = pa.list_(pa.float16() if vector_dtype == "float16" else pa.float32())
+        fields.append(pa.field(f.name, t))
+    return pa.schema(fields)
+
+
+# ------------------------------------------------------------------------------------------ rows
+
+
+def count_rows(con, table: str) -> int:
+    return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+
+
+def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatch]:
+    """The view's rows, in a stable order, as record batches cast to the published schema."""
+    cols = ", ".join(f'"{n}"' for n in schema.names)
+    rel = con.sql(f"SELECT {cols} FROM {table} ORDER BY {ORDER_BY[table]}")
+    reader = rel.to_arrow_reader(BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
+    for batch in reader:
+        if batch.num_rows:
+            yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
+
+
+def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in stream_batches(con, table, schema):
+            writer.write_batch(batch)
+            n += batch.num_rows
+    return n
+
+
+# --------------------------------------------------------------------------------------- publish
+
+
+def _prepare_out(out: Path) -> None:
+    problem = output_dir_problem(out, "dataset_dict.json", "blens publish")
+    if problem:
+        raise PublishError(problem)
+
+
+def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtype: str = "float32",
+            repo_id: str | None = None, progress: bool = False) -> PublishResult:
+    """Build the local artefact (DatasetDict + Parquet copies + card) atomically under ``out``."""
+    import datasets
+
+    if vector_dtype not in ("float32", "float16"):
+        raise PublishError(f"--vector-dtype must be float32 or float16, got {vector_dtype!r}")
+    out = Path(out)
+    _prepare_out(out)
+    try:
+        con = connect(warehouse)
+    except FileNotFoundError as exc:
+        raise PublishError(str(exc)) from None
+    if count_rows(con, "prompts") == 0:
+        raise PublishError(f"warehouse {str(warehouse)!r} has no committed prompts; nothing to publish")
+
+    if not progress:
+        datasets.disable_progress_bars()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        splits: dict[str, SplitInfo] = {}
+        dsets = {}
+        for name in SPLITS:
+            if name in OPTIONAL_SPLITS and count_rows(con, name) == 0:
+                continue
+            schema = arrow_schema(con, name, vector_dtype=vector_dtype)
+            features = datasets.Features.from_arrow_schema(schema)
+            path = stage / "data" / name / PARQUET_NAME
+            n = write_split_parquet(con, name, schema, path)
+            ds = datasets.Dataset.from_parquet(str(path), features=features, split=name,
+                                               cache_dir=str(stage / ".cache"))
+            if ds.num_rows != n:
+                raise PublishError(f"{name}: wrote {n} rows but datasets read {ds.num_rows}")
+            dsets[name] = ds
+            splits[name] = SplitInfo(name, features, n, int(ds.data.nbytes), [path])
+        datasets.DatasetDict(dsets).save_to_disk(str(stage))
+        del dsets
+        shutil.rmtree(stage / ".cache", ignore_errors=True)
+        card = render_card(con, splits, repo_id=repo_id)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        replace_directory(stage, out)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        con.close()
+    for s in splits.values():
+        s.files = [out / "data" / s.name / PARQUET_NAME]
+    return PublishResult(out=out, splits=splits, card=out / "README.md")
+
+
+# ------------------------------------------------------------------------------------------ push
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def push(result: PublishResult, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
+    """Upload a published folder: each table as config ``<table>`` (split ``train``, files under
+    ``data/<table>/``, the same paths as locally), then the card. Checks the token and the Hub first,
+    so a missing token or no network fails before anything is written remotely."""
+    import datasets
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE:
+        raise PublishError("cannot push: HF_HUB_OFFLINE is set (offline mode); the local dataset at "
+                           f"{str(result.out)!r} is complete, push it later with network access")
+    token = token or get_token()
+    if not token:
+        raise PublishError("cannot push: no Hugging Face token configured (set HF_TOKEN or run `hf auth login`); "
+                           f"the local dataset at {str(result.out)!r} is complete")
+    api = HfApi(token=token)
+    try:
+        api.whoami()
+    except Exception as exc:  # network down, proxy, bad token: one line, nothing written remotely
+        raise PublishError(f"cannot push to {repo_id!r}: the Hugging Face Hub is unreachable or rejected the token "
+                           f"[{_one_line(exc)}]") from None
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        dd = datasets.load_from_disk(str(result.out))
+        for name in result.splits:
+            dd[name].push_to_hub(repo_id, config_name=name, split="train", data_dir=f"data/{name}",
+                                 token=token, commit_message=f"blens publish: {name}")
+        api.upload_file(path_or_fileobj=str(result.card), path_in_repo="README.md", repo_id=repo_id,
+                        repo_type="dataset", commit_message="blens publish: dataset card")
+    except PublishError:
+        raise
+    except Exception as exc:
+        raise PublishError(f"push to {repo_id!r} failed: {_one_line(exc)}") from None
+    result.pushed_to = repo_id
+    return f"https://huggingface.co/datasets/{repo_id}"

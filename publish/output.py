@@ -1,0 +1,30 @@
+"""Output directories of the products (dataset, report): checked before anything is written, swapped
+into place whole, so a reader sees the old output or the new one, never a mix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def output_dir_problem(out: Path, marker: str, command: str) -> str | None:
+    """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
+    that command (recognised by ``marker``); None if it may."""
+    if out.exists() and not out.is_dir():
+        return f"--out {str(out)!r} exists and is not a directory"
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        return f"--out {str(out)!r} is not empty and is not an earlier `{command}` output; choose a new directory"
+    return None
+
+
+def replace_directory(stage: Path, out: Path) -> None:
+    """Swap a fully built directory into place: readers see the old one or the new one, never a mix."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)

@@ -1,0 +1,82 @@
+"""Run registration and ``errors`` rows: who produced which rows, and which records were turned away.
+
+A run's identity is (model + revision, dataset fingerprint, result-changing settings): the same command
+on the same data always gets the same run id, which is what makes a rerun resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Mapping, Protocol
+
+import pyarrow as pa
+
+from .schema import SCHEMA_VERSION
+from .writer import commit_batch
+
+
+class ErrorLike(Protocol):
+    """A rejected record as the model side reports it (``blens.extract.records.RecordError``)."""
+
+    case_id: int | None
+    field: str
+    message: str
+    source: str
+
+
+def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
+    """A run's identity: the same model, data and settings always give the same run id (resume)."""
+    blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """git commit of the code that produced the rows (falls back to the package version)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("backward-lens-warehouse")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def errors_table(run_id: str, errors: Iterable[ErrorLike], stage: str) -> pa.Table:
+    """``errors`` rows for one stage (load, prepare, extract, edit)."""
+    errors = list(errors)
+    # Explicit types: an empty list would infer type null and break concat with a non-empty table.
+    return pa.table({
+        "run_id": pa.array([run_id] * len(errors), pa.string()),
+        "case_id": pa.array([e.case_id for e in errors], pa.int64()),
+        "stage": pa.array([stage] * len(errors), pa.string()),
+        "field": pa.array([e.field for e in errors], pa.string()),
+        "message": pa.array([e.message for e in errors], pa.string()),
+        "source": pa.array([e.source or "" for e in errors], pa.string()),
+    })
+
+
+def register_run(root: str | Path, run_id: str, *, model: str, revision: str, dataset: str, fingerprint: str,
+                 config: dict | str, kind: str, errors: Mapping[str, Iterable[ErrorLike]] = {}) -> None:
+    """Commit a run's row together with the records it rejected before any work (stage -> errors)."""
+    run_row = pa.table({
+        "run_id": [run_id], "model": [model], "model_revision": [revision], "dataset": [str(dataset)],
+        "dataset_fingerprint": [fingerprint],
+        "config_json": [config if isinstance(config, str) else json.dumps(config, sort_keys=True)],
+        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+        "code_version": [code_version()], "schema_version": pa.array([SCHEMA_VERSION], pa.int32()),
+        "kind": [kind],
+    })
+    error_tables = [errors_table(run_id, errs, stage) for stage, errs in errors.items()]
+    commit_batch(root, run_id, {"runs": run_row,
+                                "errors": pa.concat_tables(error_tables) if error_tables else None})

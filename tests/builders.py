@@ -1,0 +1,73 @@
+"""Real warehouses for the product tests (publish, report): built from a tiny random GPT-2 through the
+extraction core and the store, the way `blens extract` builds them. A helper module, not a test module."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER = SHARED / "models/gpt2-tokenizer/tokenizer.json"
+DATA = SHARED / "data/counterfact/counterfact-edit-1k.json"
+
+# A prompt whose text needs escaping everywhere it is shown (HTML report, Markdown card).
+TRICKY = dict(case_id=900001, prompt='The "<b>native</b>" language & tongue of Danielle Darrieux is',
+              subject="Danielle Darrieux", target_new="English", target_true="French")
+
+
+def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny") -> Path:
+    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt, vectors on."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from blens.extract.models import wrap_model
+    from blens.extract.tables import extract_batch
+    from blens.extract.prepare import prepare
+    from blens.extract.records import EditRecord, load_records
+    from blens.store.writer import commit_batch, init_warehouse
+
+    if not TOKENIZER.exists() or not DATA.exists():
+        pytest.skip(f"shared test data missing under {SHARED}")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER))
+    tok.pad_token = tok.eos_token = "<|endoftext|>"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
+    lm = wrap_model(model, tok, name="tiny-gpt2")
+    res = load_records(DATA, limit=n)
+    records = res.records + [EditRecord(**TRICKY, source="test")]
+    prompts = [prepare(r, tok, 64) for r in records]
+    tables = extract_batch(lm, prompts, run_id, top_k=10, vectors="spanning")
+    init_warehouse(root)
+    commit_batch(root, run_id, tables, n_prompts=len(prompts))
+    runs = pa.table({
+        "run_id": [run_id], "model": ["tiny-gpt2"], "model_revision": ["random-init"], "dataset": [str(DATA)],
+        "dataset_fingerprint": [res.fingerprint],
+        "config_json": [json.dumps({"top_k": 10, "vectors": "spanning", "limit": n})],
+        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+        "code_version": ["test"], "schema_version": pa.array([1], pa.int32()), "kind": ["extract"],
+    })
+    commit_batch(root, run_id, {"runs": runs})
+    if edits:
+        add_edits(root, [p.record.case_id for p in prompts], run_id=run_id)
+    return root
+
+
+def add_edits(root: Path, case_ids: list[int], *, run_id: str = "run-tiny") -> None:
+    from blens.store.schema import TABLES
+    from blens.store.writer import commit_batch
+
+    rows = []
+    for i, c in enumerate(case_ids):
+        for method, cos in (("ft", 0.95 - 0.1 * i), ("rome", 0.2 + 0.05 * i)):
+            rows.append({"run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
+                         "lr": 0.01 if method == "ft" else None, "efficacy": 1.0, "generalization": 0.5 + 0.1 * (i % 5),
+                         "locality": 0.9, "locality_unchanged": 0.9, "target_new_prob": 0.6,
+                         "target_true_prob": 0.1, "new_gt_true": 1.0, "rephrase_new_gt_true": 0.5,
+                         "update_grad_cosine": cos, "update_norm": 1.5, "error": None})
+    schema = pa.schema([f for f in TABLES["edit_results"] if f.name != "batch_id"])
+    commit_batch(root, run_id, {"edit_results": pa.Table.from_pylist(rows, schema=schema)})
