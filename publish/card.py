@@ -124,6 +124,14 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def _by_layer(rows: list[tuple]) -> dict[int, dict[str, tuple]]:
+    """(layer, kind, *values) rows as {layer: {kind: values}}: one table row per layer, a column per kind."""
+    out: dict[int, dict[str, tuple]] = {}
+    for layer, kind, *values in rows:
+        out.setdefault(layer, {})[kind] = tuple(values)
+    return out
+
+
 def _stats_sections(con) -> list[str]:
     out: list[str] = []
     models = [r[0] for r in con.sql("SELECT DISTINCT model FROM prompts ORDER BY 1").fetchall()]
@@ -133,9 +141,7 @@ def _stats_sections(con) -> list[str]:
             "SELECT layer, matrix, rate, mean_rank, mean_n_tokens, n FROM rank_equals_length WHERE model = ? "
             "ORDER BY layer, matrix", [model]).fetchall()
         matrices = sorted({r[1] for r in rows})
-        by_layer: dict[int, dict[str, tuple]] = {}
-        for layer, matrix, rate, mean_rank, mean_n, n in rows:
-            by_layer.setdefault(layer, {})[matrix] = (rate, mean_rank, mean_n)
+        by_layer = _by_layer(rows)
         out.append(
             "**Gradient rank equals prompt length** (paper Figure 3, view `rank_equals_length`): share of "
             "prompts whose dL/dW has rank exactly n (Lemma 4.1's upper bound), with the mean rank / mean n "
@@ -154,9 +160,7 @@ def _stats_sections(con) -> list[str]:
             "FROM target_rank_by_layer WHERE model = ? AND site = 'ff2_vjp' ORDER BY layer, position_kind",
             [model]).fetchall()
         if rows:
-            stats: dict[int, dict[str, tuple]] = {}
-            for layer, kind, med, in_bottom, in_top, n in rows:
-                stats.setdefault(layer, {})[kind] = (med, in_bottom, in_top)
+            stats = _by_layer(rows)
             out.append(
                 "**Where target_new lands in the FF2 VJP** (paper Figure 6, view `target_rank_by_layer`, "
                 "site `ff2_vjp`): median rank of target_new among all vocabulary tokens when delta_i is "

@@ -51,6 +51,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _model_panels(plt, rows: list[tuple]):
+    """One subplot per model (rows' first column), side by side: (figure, [(axis, model, that model's rows)])."""
+    models = sorted({r[0] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5.5 * len(models)), 4.2), squeeze=False)
+    return fig, [(ax, m, [r for r in rows if r[0] == m]) for ax, m in zip(axes[0], models)]
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
 
@@ -193,11 +200,9 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
     plt = _plt()
     rows = con.sql("SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment WHERE site = 'ff2_vjp' "
                    "ORDER BY model, segment, layer").fetchall()
-    models = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5.5 * len(models)), 4.2), squeeze=False)
+    fig, panels = _model_panels(plt, rows)
     notes = []
-    for ax, model in zip(axes[0], models):
-        mrows = [r for r in rows if r[0] == model]
+    for ax, model, mrows in panels:
         positive = [r[3] for r in mrows if r[3] and r[3] > 0]
         logy = bool(positive) and max(positive) / min(positive) > 50
         for seg in ("subject", "last", "other"):
@@ -234,11 +239,9 @@ def fig_target_rank(con, path: Path) -> Figure:
     plt = _plt()
     rows = con.sql("SELECT model, layer, position_kind, median_target_new_rank, target_new_in_bottom_k "
                    "FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer").fetchall()
-    models = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5.5 * len(models)), 4.2), squeeze=False)
+    fig, panels = _model_panels(plt, rows)
     notes = []
-    for ax, model in zip(axes[0], models):
-        mrows = [r for r in rows if r[0] == model]
+    for ax, model, mrows in panels:
         for kind, color, label in (("last", SEGMENT_COLORS["last"], "last token"),
                                    ("not_last", SEGMENT_COLORS["other"], "all other tokens")):
             pts = [(r[1], r[3]) for r in mrows if r[2] == kind]

@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import options
-from ._common import err_console, fail, progress_bar, quiet_prefect
+from ._common import err_console, fail, print_table, progress_bar, quiet_prefect, report_errors
 
-console = Console()
 
 # Chosen by `blens sweep` on counterfact-train (120 edits) for SmolLM2-135M; see docs/editing.md.
 # method/step -> (layer, lr). For other models pass --layer/--lr (the paper: GPT2-xl layer 35, eta 0.24).
@@ -138,20 +135,13 @@ def print_summary(warehouse: str, run_id: str, summary) -> None:
                rephrase_new_gt_true, mean_update_grad_cosine
         FROM edit_summary WHERE run_id = ? ORDER BY method, layer, lr""", [run_id]).fetchall()
     con.close()
-    t = Table(title=f"run {run_id}: {summary.n_records} edits in {summary.seconds:.0f} s "
-                    f"({summary.rate:.2f} edits/s)", show_edge=False)
-    for col in ("method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood", "nbhd unchanged",
-                "P(new)>P(true)", "rephr. P(new)>P(true)", "cos(update,-grad)"):
-        t.add_column(col, justify="right")
     fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    for r in rows:
-        t.add_row(r[0], fmt(r[1]), fmt(r[2]), str(r[3]), *(pct(v) for v in r[4:10]), fmt(r[10]))
-    console.print(t)
-    n_err = summary.n_errors + summary.n_load_errors
-    if n_err:
-        err_console.print(f"[yellow]{n_err} edit(s)/record(s) failed; see them with:[/] blens sql "
-                          f"\"SELECT * FROM errors WHERE run_id = '{run_id}'\" --warehouse {warehouse}")
+    print_table(f"run {run_id}: {summary.n_records} edits in {summary.seconds:.0f} s ({summary.rate:.2f} edits/s)",
+                ["method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood", "nbhd unchanged",
+                 "P(new)>P(true)", "rephr. P(new)>P(true)", "cos(update,-grad)"],
+                [[r[0], fmt(r[1]), fmt(r[2]), str(r[3]), *(pct(v) for v in r[4:10]), fmt(r[10])] for r in rows])
+    report_errors(summary.n_errors + summary.n_load_errors, "edit(s)/record(s) failed", warehouse, run_id)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,7 @@ rendering ``--help`` never needs to import torch.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,3 +43,27 @@ Workers = Annotated[int, typer.Option(
 
 VECTOR_CHOICES = ("none", "spanning", "all")
 LENS_DTYPES = ("fp32", "bf16")
+
+# The extraction settings `extract` and `serve` share: (parameter name, option type, default).
+EXTRACTION_OPTIONS = (
+    ("model", Model, "smollm2-135m"),
+    ("warehouse", Warehouse, Path("warehouse")),
+    ("batch_size", BatchSize, 32),
+    ("batch_tokens", BatchTokens, 512),
+    ("top_k", TopK, 10),
+    ("device", Device, "cpu"),
+    ("vectors", Vectors, "none"),
+    ("lens_dtype", LensDtype, "fp32"),
+    ("workers", Workers, 1),
+)
+
+
+def with_extraction_options(command):
+    """Give a command the shared extraction options (declared once, above): typer reads the command's
+    signature, so they are appended to it, and the command receives them in its ``**settings``."""
+    sig = inspect.signature(command, eval_str=True)  # typer needs the types, not `from __future__` strings
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=default)
+               for name, kind, default in EXTRACTION_OPTIONS]
+    command.__signature__ = sig.replace(parameters=params)
+    return command

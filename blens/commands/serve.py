@@ -13,23 +13,16 @@ from . import options
 from ._common import check_choice, err_console, fail, quiet_prefect
 
 
+@options.with_extraction_options
 def serve(
     data: str = typer.Option(..., "--data", help="CounterFact records (file/directory) re-read on every run: "
                              "only records not yet in the warehouse are extracted."),
     cron: str = typer.Option("0 * * * *", "--cron", help="Cron schedule, e.g. '0 * * * *' (hourly)."),
-    model: options.Model = "smollm2-135m",
-    warehouse: options.Warehouse = Path("warehouse"),
-    batch_size: options.BatchSize = 32,
-    batch_tokens: options.BatchTokens = 512,
-    top_k: options.TopK = 10,
-    device: options.Device = "cpu",
-    vectors: options.Vectors = "none",
-    lens_dtype: options.LensDtype = "fp32",
-    workers: options.Workers = 1,
     name: str = typer.Option("blens-extract-scheduled", "--name", help="Deployment name."),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) "
                                  "as JSON and exit without serving."),
+    **settings,
 ) -> None:
     """Serve a Prefect deployment that runs incremental extraction on a cron schedule.
 
@@ -39,8 +32,8 @@ def serve(
     `prefect deployment run 'blens-scheduled-extract/blens-extract-scheduled'`.
     """
     quiet_prefect()
-    check_choice("--vectors", vectors, options.VECTOR_CHOICES)
-    check_choice("--lens-dtype", lens_dtype, options.LENS_DTYPES)
+    check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
+    check_choice("--lens-dtype", settings["lens_dtype"], options.LENS_DTYPES)
     try:
         from prefect.client.schemas.schedules import CronSchedule
 
@@ -51,9 +44,8 @@ def serve(
     from blens.extract.config import ExtractConfig
     from blens.flows.serve import build_deployment, serve_deployment
 
-    cfg = ExtractConfig(data=str(Path(data).resolve()) if Path(data).exists() else data, model=model,
-                        warehouse=str(warehouse.resolve()), batch_size=batch_size, batch_tokens=batch_tokens,
-                        top_k=top_k, device=device, vectors=vectors, lens_dtype=lens_dtype, workers=workers)
+    cfg = ExtractConfig(data=str(Path(data).resolve()) if Path(data).exists() else data,
+                        **{**settings, "warehouse": str(settings["warehouse"].resolve())})
     dep = build_deployment(cfg, cron=cron, name=name, timezone=timezone)
     if dry_run:
         info = {"name": dep.name, "flow_name": dep.flow_name, "entrypoint": dep.entrypoint,

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from ._common import err_console, fail, quiet_prefect
+from ._common import err_console, fail, print_table, quiet_prefect
 from . import options
-from .edit import SMOLLM2, console, print_summary, run_edit, set_threads
+from .edit import SMOLLM2, print_summary, run_edit, set_threads
 
 TRAIN = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact" / "counterfact-train.json")
 
@@ -92,14 +91,12 @@ def sweep(
     summary = run_edit(dict(model=model, data=data, specs=specs, warehouse=str(warehouse), limit=limit,
                             device=device, batch_size=batch_size, kind="sweep", min_efficacy=min_efficacy))
     print_summary(str(warehouse), summary.run_id, summary)
-    t = Table(title=f"chosen defaults (efficacy >= {min_efficacy}, then most neighbourhood predictions "
-                    f"unchanged; else highest efficacy)", show_edge=False)
-    for col in ("method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood", "nbhd unchanged"):
-        t.add_column(col, justify="right")
-    for m, d in sorted(summary.defaults.items()):
-        t.add_row(m, str(d["layer"]), f"{d['lr']:.3g}", str(d["n"]),
-                  *(f"{100 * (d[k] or 0):.1f}" for k in ("efficacy", "generalization", "locality", "locality_unchanged")))
-    console.print(t)
+    print_table(f"chosen defaults (efficacy >= {min_efficacy}, then most neighbourhood predictions unchanged; "
+                "else highest efficacy)", ["method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood",
+                                          "nbhd unchanged"],
+                [[m, str(d["layer"]), f"{d['lr']:.3g}", str(d["n"]),
+                  *(f"{100 * (d[k] or 0):.1f}" for k in ("efficacy", "generalization", "locality", "locality_unchanged"))]
+                 for m, d in sorted(summary.defaults.items())])
 
 
 def register(app: typer.Typer) -> None:
