@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .adapters import LENS_SITES, vector_sites
+from .adapters import vector_sites
 from .capture import SpanningSets, capture
 from .lens import LogitLens
 from .models import LoadedModel
@@ -111,9 +111,11 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
     })
 
     # Lens: all (site, layer, real position) vectors of the batch in one matrix -> chunked GEMMs.
-    per_site = [torch.stack([spans.site(layer, s) for layer in range(L)])[:, spans.mask] for s in LENS_SITES]
+    # The family's lens sites: ff1_input and ff2_vjp, plus resid_post_vjp behind a post-MLP norm (Gemma).
+    sites = view.lens_sites
+    per_site = [torch.stack([spans.site(layer, s) for layer in range(L)])[:, spans.mask] for s in sites]
     stacked = torch.stack(per_site)  # (S, L, n_rows, d)
-    S = len(LENS_SITES)
+    S = len(sites)
     flat = stacked.reshape(S * L * n_rows, -1)
     tgt = torch.tensor([[p.target_new_id, p.target_true_id] for p in prompts], device=flat.device)[
         torch.as_tensor(rows.b, device=flat.device)].repeat(S * L, 1)
@@ -126,7 +128,7 @@ def extract_batch(lm: LoadedModel, prompts: list[PreparedPrompt], run_id: str, *
         "run_id": [run_id] * N,
         "case_id": np.tile(rows.case_id, S * L),
         "layer": np.tile(np.repeat(np.arange(L, dtype=np.int32), n_rows), S),
-        "site": np.repeat(np.array([str(s) for s in LENS_SITES], dtype=object), L * n_rows),
+        "site": np.repeat(np.array([str(s) for s in sites], dtype=object), L * n_rows),
         "position": np.tile(rows.pos, S * L),
         "segment": pa.array(np.tile(rows.segment, S * L), pa.string()),
         "norm": norms,
