@@ -14,8 +14,9 @@ and the original copied back in a ``finally`` block; restoration is asserted bit
 
 Evaluation is cheap because an edit at layer L leaves everything below L untouched: one pre-edit
 forward over the edit, rephrase and locality prompts (right-padded, batched) records block L's input
-and its keyword arguments (mask, rotary embeddings); the edited model then only re-runs blocks L..N-1
-and the LM head at the last positions.
+and the keyword arguments (mask, rotary embeddings) of every block from L up; the edited model then
+only re-runs blocks L..N-1, each with its own keyword arguments (Gemma alternates sliding-window and
+full-attention blocks with different masks and rotary tables), and the LM head at the last positions.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Probe:
     last_pos: torch.Tensor  # (R,)
     x_n: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in,) FF2 input, edit prompt, last pos
     grad: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in, d_out) dL/dW
-    block_in: dict[int, tuple] = field(default_factory=dict)  # layer -> (args, kwargs) of block `layer`
+    block_in: dict[int, tuple] = field(default_factory=dict)  # layer -> (args, kwargs) of block `layer`, every
+    # block from the lowest probed layer up (replay needs each block's own kwargs)
     loss: float = float("nan")
 
 
@@ -147,7 +149,8 @@ class Editor:
         only_edit_prompt = torch.zeros(ids.shape[0], device=self.device)
         only_edit_prompt[0] = 1.0
         t = trace(self.view, ids, mask, keys, targets, only_edit_prompt,
-                  pre_block_hooks=[(self.view.blocks[layer], recorder(layer)) for layer in layers])
+                  pre_block_hooks=[(self.view.blocks[i], recorder(i))
+                                   for i in range(min(layers, default=self.view.n_layers), self.view.n_layers)])
         n0 = len(case.prompt_ids) - 1
         for key in keys:
             x, d = t.inputs[key][0], t.vjps[key][0]  # the edit prompt's spanning set, (T, d_in) and (T, d_out)
@@ -162,16 +165,22 @@ class Editor:
     def replay(self, probe: Probe, layer: int, rows: slice | None = None) -> torch.Tensor:
         """Next-token logits of the (currently edited) model for the case's prompts, re-running only
         blocks ``layer``..N-1 from the recorded pre-edit input of block ``layer``."""
-        args, kwargs = probe.block_in[layer]
         last_pos = probe.last_pos
+        n = len(last_pos)
+
+        def block_inputs(i: int):
+            args, kwargs = probe.block_in[i]
+            if rows is not None:
+                args, kwargs = _take_rows(args, n, rows), _take_rows(kwargs, n, rows)
+            return args, kwargs
+
         if rows is not None:
-            n = len(last_pos)
-            args, kwargs = _take_rows(args, n, rows), _take_rows(kwargs, n, rows)
             last_pos = last_pos[rows]
-        h = args[0]
+        h = block_inputs(layer)[0][0]
         with torch.no_grad():
-            for blk in self.view.blocks[layer:]:
-                h = _block_out(blk(h, *args[1:], **kwargs))
+            for i in range(layer, self.view.n_layers):
+                args, kwargs = block_inputs(i)
+                h = _block_out(self.view.blocks[i](h, *args[1:], **kwargs))
             h = self.view.final_norm(h)
             last = h[torch.arange(h.shape[0], device=self.device), last_pos]
             logits = self.view.logits(last)
