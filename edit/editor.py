@@ -208,7 +208,12 @@ class Editor:
 
     def minimal_eta(self, probe: Probe, layer: int, *, start: float, doublings: int = 16, bisections: int = 5) -> float:
         """Smallest eta (to ~3%) for which target_new is the argmax after the edit prompt: doubling from
-        ``start``, then bisection; only the edit prompt is run. Returns the cap if never reached."""
+        ``start`` (or halving, when ``start`` already works), then bisection; only the edit prompt is run.
+        Returns the cap if never reached.
+
+        Halving matters where a small step is enough: Gemma normalises FF2's output before the residual add,
+        so its threshold is c ~ 1-10 in normalised units, far below ``start`` (c = 128); bisecting [0, start]
+        alone would stop at c >= 4 (start / 2^5), several times the smallest step."""
         case = probe.case
         x, e = probe.x_n[layer], self.e_t(case)
 
@@ -220,12 +225,19 @@ class Editor:
         if int(probe.logits[0].argmax()) == case.target_new_id:
             return 0.0
         lo, hi = 0.0, start
-        for _ in range(doublings):
-            if works(hi):
-                break
-            lo, hi = hi, hi * 2
-        else:
-            return hi
+        if works(hi):
+            for _ in range(doublings):  # the same number of halvings: down to start / 2^16, then lo = 0
+                if not works(hi / 2):
+                    lo = hi / 2
+                    break
+                hi = hi / 2
+        else:  # as before halving existed: start * 2^k for k < doublings, else the cap start * 2^doublings
+            for _ in range(doublings - 1):
+                lo, hi = hi, hi * 2
+                if works(hi):
+                    break
+            else:
+                return hi * 2
         for _ in range(bisections):
             mid = (lo + hi) / 2
             if works(mid):

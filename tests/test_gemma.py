@@ -300,9 +300,18 @@ def test_real_gemma_knows_eiffel_and_ranks_equal_length(gemma270m):
         top1 = int(lm.model(input_ids=ids).logits[0, -1].argmax())
     assert top1 == p.target_true_id  # " Paris"
     ranks = ranks_for_batch(spans, lm.view.matrix_names, 18)
+    n = p.n_tokens
     for (layer, matrix), r in ranks.items():
-        expected = 1 if layer == 17 else p.n_tokens
-        assert r.item() == expected, f"layer {layer} {matrix}: rank {r.item()}, expected {expected}"
+        if layer == 17:  # only the last position's VJP reaches the loss
+            assert r.item() == 1, (layer, matrix)
+        elif layer == 16 and matrix == "ff2":
+            # Gemma's one exception (rank = length for 65 % of 150 CounterFact prompts): the VJP norms across
+            # positions span three orders of magnitude (0.036 to 38 here), and the smallest direction falls below
+            # matrix_rank's tolerance sigma_max * max(d_in, d_out) * eps_fp32 (9.9e-3 < 2.7e-2 for this prompt).
+            g = spans.gradient(layer, matrix, row=0)
+            assert r.item() == torch.linalg.matrix_rank(g).item() == n - 1, (layer, matrix)
+        else:
+            assert r.item() == n, f"layer {layer} {matrix}: rank {r.item()}, expected {n}"
 
 
 @pytest.mark.slow
@@ -315,3 +324,25 @@ def test_real_gemma_shift_puts_target_at_the_bottom(gemma270m):
     for site in ("ff2_vjp", "resid_post_vjp"):
         ranks = last[last.site == site].target_new_rank
         assert len(ranks) == 6 and (ranks > 262144 * 0.99).all(), (site, ranks.tolist())
+
+
+def test_minimal_step_halves_when_the_first_probe_already_works(tiny_lm):
+    """The minimal-step search finds the same smallest eta from far above it as from below it (Gemma's threshold
+    lies far below the search's start; bisecting [0, start] alone would overshoot it ~30x here). Tiny GPT-2 and
+    Llama: the tiny random Gemma cannot be edited to the argmax at all (its post-FF norm caps the shift)."""
+    from blens.edit.cases import prepare_case
+    from blens.edit.editor import Editor
+
+    for lm in (tiny_lm,):
+        ed = Editor(lm)
+        rec = EditRecord(case_id=1, prompt="Paris is the capital of", subject="Paris", target_new="Italy",
+                         target_true="France", source="t#1")
+        case = prepare_case(rec, lm.tokenizer)
+        layer = lm.view.n_layers - 2
+        probe = ed.probe(case, [layer], grad=False)
+        x, e = probe.x_n[layer], ed.e_t(case)
+        start = 1e-3 / float(x.norm() ** 2 * e.norm() ** 2)  # c = 1e-3 in normalised units: below any threshold
+        from_below = ed.minimal_eta(probe, layer, start=start)
+        assert start < from_below < start * 2**16, lm.name  # found by doubling
+        from_above = ed.minimal_eta(probe, layer, start=from_below * 1000)
+        assert from_above == pytest.approx(from_below, rel=0.1), lm.name
