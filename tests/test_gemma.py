@@ -196,6 +196,19 @@ def test_edit_replay_uses_each_blocks_own_mask_and_rotary(gemma):
     assert [r["error"] for r in rows] == [None] * 4
 
 
+def test_edit_defaults_are_keyed_by_model():
+    from blens.commands.edit import DEFAULTS, GEMMA3, SMOLLM2, resolve_spec
+    from blens.edit.spec import EditSpec
+
+    assert set(DEFAULTS) == {SMOLLM2, GEMMA3}
+    for model, d in DEFAULTS.items():
+        assert set(d) == {"shift", "shift-normalized", "shift-minimal", "sgd"}
+        assert resolve_spec("shift", None, None, None, model) == EditSpec("shift", *d["shift-minimal"], "minimal")
+        assert resolve_spec("shift", "fixed", None, None, model) == EditSpec("shift", *d["shift"])
+        assert resolve_spec("sgd", None, None, None, model) == EditSpec("sgd", *d["sgd"])
+        assert all(0 <= layer < (30 if model == SMOLLM2 else 18) for layer, _ in d.values())
+
+
 # -- the embedded-model registry --------------------------------------------------------------------------
 
 def test_registry_entries():
