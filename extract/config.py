@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from .adapters import LENS_SITES
+from .identity import result_settings
 from .models import EMBEDDED_NAME
 
 
@@ -29,10 +29,7 @@ class ExtractConfig(BaseModel):
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
-    force: bool = False  # recompute prompts already committed under this run
-    # Scheduled runs over a growing file: the run identity uses the dataset *source* instead of its
-    # content fingerprint, and a record is skipped when the same case_id with the same content is done.
-    incremental: bool = False
+    force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
 
     @field_validator("shard")
     @classmethod
@@ -53,7 +50,6 @@ class ExtractConfig(BaseModel):
         i, n = (int(x) for x in self.shard.split("/"))
         return i, n
 
-    def identity_settings(self) -> dict:
-        """Settings that change what lands in the warehouse (batching, device, sharding do not)."""
-        return {"top_k": self.top_k, "vectors": self.vectors, "sites": [str(s) for s in LENS_SITES],
-                "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding"}
+    def result_settings(self) -> dict:
+        """Settings that change a result's rows (batching, device, sharding and stored vectors do not)."""
+        return result_settings(self.top_k)

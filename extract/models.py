@@ -166,3 +166,16 @@ def wrap_model(model, tokenizer, *, name: str, revision: str = "local", device: 
 def cached_model(name: str, device: str) -> LoadedModel:
     """One model per worker process: Prefect tasks pass names, not 500 MB objects."""
     return load_model(name, device)
+
+
+def model_facts(lm: LoadedModel) -> dict:
+    """What the ``models`` table records: name, revision, family, shape, and the file the weights came from."""
+    view = lm.view
+    source = sha = None
+    meta = cache_dir() / lm.name / "blens.json"
+    if lm.name == EMBEDDED_NAME and meta.exists():
+        info = json.loads(meta.read_text())
+        source, sha = info.get("source"), info.get("gguf_sha256")
+    return {"name": lm.name, "revision": lm.revision, "family": view.family.name, "n_layers": view.n_layers,
+            "d_model": int(view.unembedding.shape[1]), "vocab_size": int(view.vocab_size),
+            "source_file": source, "source_sha256": sha}

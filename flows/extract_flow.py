@@ -67,7 +67,7 @@ def _failed_batch(cfg: ExtractConfig, run_id: str, batch: list[PreparedPrompt], 
     msg = f"batch failed after retries: {describe(exc)}"
     errs = [RecordError(case_id=p.record.case_id, field="batch", message=msg, source=p.record.source) for p in batch]
     try:
-        commit_batch(cfg.warehouse, run_id, {"errors": errors_table(run_id, errs, "extract")})
+        commit_batch(cfg.warehouse, {"errors": errors_table(run_id, errs, "extract")}, kind="meta")
     except OSError:
         raise exc from None  # cannot even record the failure (disk full, warehouse gone): stop the run
     return BatchResult(0, len(batch), 0.0)

@@ -48,8 +48,7 @@ def progress_bar(kind: str, unit: str) -> Iterator[None]:
             state["task"] = progress.add_task(kind, total=event.n, rate=0.0)
             done_before = getattr(event.payload, "n_skipped_done", 0)
             if done_before:
-                err_console.print(f"resuming run {event.payload.run_id}: {done_before} prompts already done, "
-                                  f"{event.n} to go")
+                err_console.print(f"{done_before} record(s) already in the warehouse (skipped), {event.n} to go")
             return
         state["n"] += event.n
         state["t"] += event.payload.seconds
