@@ -68,7 +68,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyConnec
     for stmt in statements:
         kind = str(stmt.type).rsplit(".", 1)[-1]
         if kind != "SELECT":
-            raise QueryRefused(f"only queries are allowed here, not {kind} (blens sql never writes, loads or "
+            raise QueryRefused(f"read-only: only queries are allowed, not {kind} (blens sql never writes, loads or "
                                "attaches; for anything else use plain DuckDB with `blens init-sql`)")
     result = con
     for stmt in statements:

@@ -65,8 +65,11 @@ def attach_sql(location: str | os.PathLike, *, read_only: bool = False, data_pat
     else:
         root = Path(location).absolute()
         target = f"ducklake:sqlite:{root / CATALOG_FILE}"
-        if new if new is not None else not (root / CATALOG_FILE).exists():
-            opts.append(f"DATA_PATH {sql_str(str(data_path or root / DATA_DIR) + '/')}")
+        # The data always sits beside the catalog; the catalog stores file paths relative to it, so a
+        # warehouse directory can be moved or copied (OVERRIDE_DATA_PATH: use where it is now).
+        opts.append(f"DATA_PATH {sql_str(str(data_path or root / DATA_DIR) + '/')}")
+        if not (new if new is not None else not (root / CATALOG_FILE).exists()):
+            opts.append("OVERRIDE_DATA_PATH true")
     if snapshot is not None:
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}" if str(snapshot).isdigit()
                     else f"SNAPSHOT_TIME {sql_str(snapshot)}")

@@ -34,8 +34,8 @@ def file_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
 
 
 def compact(location: str | os.PathLike, *, expire_older_than: str | None = "7 days") -> CompactResult:
-    """Merge small files; then, with a retention period, expire older snapshots and delete unused files
-    (and files no snapshot ever referenced: leftovers of writers killed mid-commit)."""
+    """Merge small files; then, with a retention period, expire older snapshots and delete the files only
+    they used, and files no snapshot ever listed (leftovers of writers killed mid-commit) older than it."""
     if not is_warehouse(location):
         raise FileNotFoundError(f"no warehouse at {str(location)!r} (run `blens extract` first)")
     t0 = time.perf_counter()
@@ -44,6 +44,9 @@ def compact(location: str | os.PathLike, *, expire_older_than: str | None = "7 d
     try:
         before = file_counts(con)
         with _local_queue(location):
+            # Files carrying deletes (superseded or --force-replaced rows) are never merged: rewrite them first.
+            policy.run(lambda: con.execute(f"CALL ducklake_rewrite_data_files({sql_str(LAKE)}, "
+                                           "delete_threshold => 0.0)").fetchall())
             policy.run(lambda: con.execute(f"CALL ducklake_merge_adjacent_files({sql_str(LAKE)})").fetchall())
             if expire_older_than is not None:
                 policy.run(lambda: con.execute(
@@ -51,8 +54,11 @@ def compact(location: str | os.PathLike, *, expire_older_than: str | None = "7 d
                     f"INTERVAL {sql_str(expire_older_than)})").fetchall())
                 policy.run(lambda: con.execute(
                     f"CALL ducklake_cleanup_old_files({sql_str(LAKE)}, cleanup_all => true)").fetchall())
+                # Files no snapshot lists (a writer killed mid-commit), once older than the retention: a live
+                # writer's files are unlisted too until it commits, so never "all".
                 policy.run(lambda: con.execute(
-                    f"CALL ducklake_delete_orphaned_files({sql_str(LAKE)}, cleanup_all => true)").fetchall())
+                    f"CALL ducklake_delete_orphaned_files({sql_str(LAKE)}, older_than => now() - "
+                    f"INTERVAL {sql_str(expire_older_than)})").fetchall())
         after = file_counts(con)
     finally:
         con.close()

@@ -88,6 +88,12 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     except BaseException:
         rollback(con)
         raise
+    if "commit_lock" not in have:
+        # Kept inline in the catalog (no Parquet file, no schema change per commit): replacing its one row
+        # is what makes two overlapping commits conflict. Not COMMENT ON (bumps the schema version, and
+        # compaction never merges files across schema versions) and not UPDATE (writes a file each time).
+        con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 10, table_name => 'commit_lock')")
+        con.execute("INSERT INTO commit_lock SELECT 0, 'init' WHERE NOT EXISTS (SELECT 1 FROM commit_lock)")
 
 
 def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:

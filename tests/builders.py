@@ -43,7 +43,7 @@ def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str =
     prompts = [prepare(r, tok, 64) for r in records]
     tables = extract_batch(lm, prompts, run_id, top_k=10, vectors="spanning")
     init_warehouse(root)
-    commit_batch(root, run_id, tables, n_prompts=len(prompts))
+    commit_batch(root, tables, kind="extract")
     runs = pa.table({
         "run_id": [run_id], "model": ["tiny-gpt2"], "model_revision": ["random-init"], "dataset": [str(DATA)],
         "dataset_fingerprint": [res.fingerprint],
@@ -51,7 +51,10 @@ def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str =
         "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
         "code_version": ["test"], "schema_version": pa.array([1], pa.int32()), "kind": ["extract"],
     })
-    commit_batch(root, run_id, {"runs": runs})
+    from blens.extract.models import model_facts
+    from blens.store.runs import models_table
+
+    commit_batch(root, {"runs": runs, "models": models_table(model_facts(lm))}, kind="meta")
     if edits:
         add_edits(root, [p.record.case_id for p in prompts], run_id=run_id)
     return root
@@ -64,10 +67,10 @@ def add_edits(root: Path, case_ids: list[int], *, run_id: str = "run-tiny") -> N
     rows = []
     for i, c in enumerate(case_ids):
         for method, cos in (("ft", 0.95 - 0.1 * i), ("rome", 0.2 + 0.05 * i)):
-            rows.append({"run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
+            rows.append({"key": f"{run_id}-{c}-{method}", "run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
                          "lr": 0.01 if method == "ft" else None, "efficacy": 1.0, "generalization": 0.5 + 0.1 * (i % 5),
                          "locality": 0.9, "locality_unchanged": 0.9, "target_new_prob": 0.6,
                          "target_true_prob": 0.1, "new_gt_true": 1.0, "rephrase_new_gt_true": 0.5,
                          "update_grad_cosine": cos, "update_norm": 1.5, "error": None})
     schema = pa.schema([f for f in TABLES["edit_results"] if f.name != "batch_id"])
-    commit_batch(root, run_id, {"edit_results": pa.Table.from_pylist(rows, schema=schema)})
+    commit_batch(root, {"edit_results": pa.Table.from_pylist(rows, schema=schema)}, kind="edit")

@@ -35,7 +35,9 @@ def warehouses(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(plain, with_edits)
     from blens.store.connect import connect
 
-    add_edits(with_edits, [r[0] for r in connect(with_edits).sql("SELECT case_id FROM prompts").fetchall()])
+    con = connect(with_edits)
+    add_edits(with_edits, [r[0] for r in con.sql("SELECT case_id FROM prompts").fetchall()])
+    con.close()
     return {"plain": plain, "edits": with_edits}
 
 
@@ -81,7 +83,8 @@ def test_without_edits_four_sections_and_default_cases(warehouses, tmp_path):
     res = build_report(warehouses["plain"], tmp_path / "r")
     page = res.index.read_text()
     assert len(sections(page)) == 4
-    first_two = [r[0] for r in connect(warehouses["plain"]).sql(
+    con = connect(warehouses["plain"])
+    first_two = [r[0] for r in con.sql(
         "SELECT DISTINCT case_id FROM prompts ORDER BY 1 LIMIT 2").fetchall()]
     assert res.cases == first_two
     for c in first_two:
@@ -95,7 +98,8 @@ def test_case_table_shows_prompt_tokens_escaped(report, warehouses):
     from blens.publish.tokens import _plain
 
     page = report.index.read_text()
-    tokens = [r[0] for r in connect(warehouses["edits"]).execute(
+    con = connect(warehouses["edits"])
+    tokens = [r[0] for r in con.execute(
         "SELECT token FROM tokens WHERE case_id = ? ORDER BY position", [TRICKY["case_id"]]).fetchall()]
     assert len(tokens) > 5
     strip = re.search(r'<ol class="tokens".*?</ol>', page, flags=re.S).group(0)
