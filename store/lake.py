@@ -60,8 +60,9 @@ def attach_sql(location: str | os.PathLike, *, read_only: bool = False, data_pat
     opts = []
     if is_remote(location):
         target = "ducklake:" + str(location)
+        data_path = data_path or os.environ.get("BLENS_DATA_PATH")  # where a new shared lake keeps its files
         if data_path:
-            opts.append(f"DATA_PATH {sql_str(data_path)}")
+            opts.append(f"DATA_PATH {sql_str(data_path.rstrip('/') + '/')}")
     else:
         root = Path(location).absolute()
         target = f"ducklake:sqlite:{root / CATALOG_FILE}"
@@ -116,9 +117,9 @@ class RetryPolicy:
     "database is locked", a transaction conflict); retried, they go through. Other errors are not retried.
     """
 
-    max_tries: int = 12
+    max_tries: int = 30
     base_s: float = 0.05
-    cap_s: float = 2.0
+    cap_s: float = 3.0
     log: list = field(default_factory=list)  # (attempt, error text) per failed try
 
     def delay(self, attempt: int) -> float:

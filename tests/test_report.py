@@ -24,7 +24,7 @@ CHROMIUM = next((p for p in (os.environ.get("BLENS_CHROMIUM"), shutil.which("chr
                              shutil.which("chromium-browser"), shutil.which("google-chrome"))
                  if p and Path(p).exists()), None)
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not installed (run scripts/install_chromium.sh)")
+    CHROMIUM is None, reason="headless Chromium not installed (run scripts/install_test_services.sh)")
 
 
 @pytest.fixture(scope="module")
