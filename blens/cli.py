@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("extract", "sql", "edit", "sweep", "publish", "report", "serve")
+COMMANDS = ("extract", "sql", "warehouse", "edit", "sweep", "publish", "report", "serve")
 
 for _name in COMMANDS:
     try:

@@ -165,6 +165,7 @@ def attach(location: str | os.PathLike, *, read_only: bool, snapshot: str | None
         if new:
             _create_wal_sqlite(root / CATALOG_FILE)
     con = duckdb.connect(":memory:", config={"threads": threads} if threads else {})
+    con.execute("SET enable_progress_bar = false")  # our commands print their own progress
     try:
         load_extensions(con, is_remote(location))
         statement = attach_sql(location, read_only=read_only, snapshot=snapshot, new=new)

@@ -60,11 +60,20 @@ def extract(
 
     from blens.flows.extract_flow import WorkersUnavailable, run_extract
 
+    import duckdb
+
     try:
         with progress_bar("extract", "prompts"):
             summary = run_extract(cfg)
-    except (DataSourceError, WorkersUnavailable) as exc:
+    except (DataSourceError, WorkersUnavailable, WarehouseError) as exc:
         fail(str(exc))
+    except OSError as exc:  # the environment, not a record: nothing was recorded as a bad record
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        fail(f"extraction stopped: {exc.strerror or exc}{where}; committed batches are kept, rerun the same "
+             "command after fixing this to finish", code=1)
+    except duckdb.Error as exc:
+        fail(f"extraction stopped: the warehouse could not be read or written: {' '.join(str(exc).split())[:400]}"
+             f" (`blens check --warehouse {cfg.warehouse}` finds damaged files, `--repair` fixes them)", code=1)
     print_summary(cfg, summary)
 
 

@@ -76,43 +76,5 @@ def sql(
             err_console.print(f"({len(rows)} rows, {max_rows} shown; --max-rows or --format csv for all)")
 
 
-def init_sql(
-    warehouse: options.Warehouse = Path("warehouse"),
-    write: bool = typer.Option(False, "--write", help="Attach read-write (default: read-only)."),
-) -> None:
-    """Print the SQL that makes the warehouse queryable from a plain DuckDB session, no project code needed.
-
-    Save it and run `duckdb -init FILE` (DuckDB 1.4.4 CLI), or `duckdb.connect().execute(open(FILE).read())`
-    in Python. Every table and view is then queryable by name; the views live in the warehouse's catalog,
-    so a persisted DuckDB database keeps working in the next session after running the same SQL.
-    """
-    from blens.store.lake import init_sql as make_sql, is_warehouse
-
-    if not is_warehouse(warehouse):
-        fail(f"no warehouse at {str(warehouse)!r} (run `blens extract` first)")
-    print(make_sql(warehouse, read_only=not write), end="")
-
-
-def compact(
-    warehouse: options.Warehouse = Path("warehouse"),
-    expire_older_than: Optional[str] = typer.Option(
-        "7 days", "--expire-older-than", help="Expire snapshots older than this interval and delete the files only "
-        "they used ('' keeps every snapshot: full time travel, no space reclaimed)."),
-) -> None:
-    """Rewrite the warehouse's small files into large ones (atomically: queries give the same answers before
-    and after), then expire superseded data older than the retention period."""
-    from blens.store.lake import WarehouseError
-    from blens.store.maintenance import compact as do_compact
-
-    try:
-        res = do_compact(warehouse, expire_older_than=expire_older_than or None)
-    except (FileNotFoundError, WarehouseError) as exc:
-        fail(str(exc))
-    rows = [[t, str(res.before.get(t, 0)), str(res.after.get(t, 0))] for t in sorted(set(res.before) | set(res.after))]
-    print_table(f"compacted {warehouse} in {res.seconds:.1f} s", ["table", "files before", "files after"], rows)
-
-
 def register(app: typer.Typer) -> None:
     app.command("sql")(sql)
-    app.command("init-sql")(init_sql)
-    app.command("compact")(compact)
