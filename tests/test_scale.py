@@ -381,7 +381,10 @@ def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, 
     assert assert_complete(tmp_path / "wh") == 4
 
 
-def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_model_dir, monkeypatch):
+def test_environment_failing_after_all_retries_stops_the_run_and_records_nothing(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Issue 13: a full disk is not a bad record. Prefect retries the batch; then the run fails, and no
+    errors row says the record was skipped (so a rerun after recovery redoes it)."""
     import blens.extract.job as job
     from blens.flows.extract_flow import extract_flow
 
@@ -397,12 +400,12 @@ def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_mode
 
     monkeypatch.setattr(job, "commit_batch", broken_for_case_3)
     data = write_records(tmp_path / "cf.json", make_records(4))
-    summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=1))
+    with pytest.raises(OSError, match="No space left"):
+        extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=1))
     assert attempts["n"] == 3  # first try + retries=2
-    assert (summary.n_extracted, summary.n_failed) == (3, 1)
     con = connect(tmp_path / "wh")
-    errs = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
-    assert len(errs) == 1 and errs[0][:3] == (3, "extract", "batch") and "No space left" in errs[0][3]
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    assert 3 not in [r[0] for r in con.execute("SELECT case_id FROM prompts").fetchall()]
     con.close()
 
 
