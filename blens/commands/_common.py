@@ -24,8 +24,9 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def quiet_prefect() -> None:
-    """Keep Prefect's per-task INFO logs off the terminal: the progress bar says the same, legibly."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    """Keep Prefect's logs off the terminal: the progress bar says what they say, and a failure is reported by
+    the command in one line (Prefect would add its traceback). PREFECT_LOGGING_LEVEL=INFO shows them again."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; no telemetry noise
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # busy 2-core boxes
@@ -35,7 +36,14 @@ def quiet_prefect() -> None:
 def progress_bar(kind: str, unit: str) -> Iterator[None]:
     """A progress bar over a flow's ``plan``/``batch`` events (see ``blens.flows.progress``); on a
     non-terminal (logs, CI) a plain line per batch instead of a live bar."""
+    import logging
+
     from blens.flows.progress import Event, watching
+
+    # A failing run is reported by the command in one line; Prefect's own record of it (a traceback per
+    # retry) stays off the terminal whatever PREFECT_LOGGING_LEVEL says.
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
     progress = Progress(TextColumn(f"[bold]{kind}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                         TextColumn("{task.fields[rate]:.2f}/s"), TimeElapsedColumn(), TextColumn("eta"),
