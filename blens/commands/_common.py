@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Iterator
+import signal
+import sys
+from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -16,6 +19,82 @@ err_console = Console(stderr=True)
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# --- the top-level guard (blens/cli.py): user errors in one line, signals end a command cleanly ---------------
+
+# Exceptions that mean "the user's input or environment is wrong", never a bug: one red line and exit 2,
+# wherever in a command they escape from. Named as (module, class) and only looked up in modules already
+# imported (an exception cannot come from a module nobody imported), so the guard imports nothing heavy.
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("blens.extract.records", "DataSourceError"),
+    ("blens.extract.models", "ModelLoadError"),
+    ("blens.extract.adapters", "UnsupportedModelError"),
+    ("blens.store.writer", "WarehouseError"),
+    ("blens.flows.extract_flow", "WorkersUnavailable"),
+    ("blens.publish.dataset", "PublishError"),
+    ("blens.publish.report", "ReportError"),
+)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread. A BaseException on purpose: ``except Exception`` (a
+    batch's error policy, a failed-batch handler) must not record an interrupt as a failure and go on."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_interrupted: list[int] = []  # the first signal received, if any
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _interrupted:  # a second Ctrl-C / SIGTERM while shutting down: stop now (child processes die with us)
+        os._exit(128 + signum)
+    _interrupted.append(signum)
+    logging.disable(logging.CRITICAL)  # Prefect would report the interrupted run's crash, with tracebacks
+    raise Interrupted(signum)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    for module_name, class_name in USER_ERRORS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run the CLI (``command``) so that nothing a user can cause ends in a traceback:
+
+    - SIGINT (Ctrl-C) and SIGTERM raise :class:`Interrupted` in the main thread; it unwinds the command
+      (Prefect marks the run crashed, ``atexit`` stops its API server), prints one line and exits
+      128 + signal number (130, 143). A second signal exits at once. A signal the parent set to be ignored
+      (``nohup``, a background job of a non-interactive shell) stays ignored.
+    - A known user error (:data:`USER_ERRORS`) escaping any command: one red line, exit 2.
+    - Anything else is a bug and keeps its traceback.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _on_signal)
+    try:
+        return command(*args, **kwargs)
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        err_console.print(f"[bold red]interrupted[/] by {name}: stopped; everything committed before it is kept "
+                          "(rerun the same command to resume)", highlight=False, soft_wrap=True)
+        sys.exit(128 + exc.signum)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        err_console.print(f"[bold red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
