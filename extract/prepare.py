@@ -10,7 +10,7 @@ Two length limits, both ``errors`` rows (field "prompt"), never a crash or an OO
 - ``max_prompt_tokens``: a memory bound. Token-budget batching (``--batch-tokens``) bounds a batch of
   many prompts, but a prompt longer than the budget runs alone, and its memory grows with its length:
   measured on SmolLM2-135M (fp32, CPU, one prompt per process, VmHWM over the loaded model's 1.13 GB),
-  +579 MB at 257 tokens, +1,057 MB at 513, +2,160 MB at 1,025, +4,3xx MB at 2,049: ~2.1 MB per token,
+  +579 MB at 257 tokens, +1,057 MB at 513, +2,160 MB at 1,025, +4,510 MB at 2,049: 2.1-2.2 MB per token,
   linear (autograd's saved activations and the captured x_i, delta_i of 90 matrices). A 5,000-token
   prompt needs ~11 GB and used to get the process OOM-killed, on every rerun. The default,
   ``DEFAULT_MAX_PROMPT_TOKENS`` = 1,024 tokens, keeps one prompt's capture within ~2.2 GB on SmolLM2-135M
