@@ -128,4 +128,5 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    return extract_flow.with_options(task_runner=runner)(cfg)
+    with prefect_runtime.api_for_child_processes():  # workers use our API server: none outlives us
+        return extract_flow.with_options(task_runner=runner)(cfg)

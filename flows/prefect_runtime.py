@@ -39,7 +39,7 @@ import threading
 import types
 from typing import Any, Callable, Iterator
 
-__all__ = ["arm_ephemeral_server", "ensure_local_api", "parent_death_preexec", "prepare_process",
+__all__ = ["api_for_child_processes", "arm_ephemeral_server", "ensure_local_api", "parent_death_preexec", "prepare_process",
            "quiet_sigterm_bridge"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -145,6 +145,28 @@ def ensure_local_api() -> str | None:
         return None
     server.start()
     return server.api_url
+
+
+@contextlib.contextmanager
+def api_for_child_processes() -> Iterator[str | None]:
+    """Within the block, child processes we start (Dask's worker processes for ``--workers N``) use this
+    process's API server, whose life is bound to ours, instead of each starting an ephemeral server of
+    its own: a worker dies with its parent (distributed watches a pipe and ``os._exit``s), which runs no
+    ``atexit``, and its server, started from a worker thread where no death signal can be set, outlived it.
+    Children copy the environment when they start, so it is set only for the block."""
+    url = ensure_local_api()
+    if url is None:
+        yield None
+        return
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def quiet_sigterm_bridge() -> bool:

@@ -275,3 +275,20 @@ def test_a_bug_keeps_its_traceback() -> None:
     r = subprocess.run([sys.executable, "-c", GUARDED, "bug"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'not a user error'" in r.stderr
+
+
+def test_edit_flow_saves_the_good_records_next_to_a_huge_case_id(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The same record rules hold for editing (its flow loads records through the same load_records)."""
+    from blens.edit.spec import EditConfig, EditSpec
+    from blens.flows.edit_flow import edit_flow
+    from blens.store.connect import connect
+
+    data = write_json(tmp_path / "cf.json", GOOD + [{**GOOD[1], "case_id": -(2**64)}])
+    wh = tmp_path / "wh"
+    s = edit_flow(EditConfig(model=str(tiny_model_dir), data=str(data), specs=[EditSpec("none")], warehouse=str(wh),
+                             batch_size=8))
+    assert (s.n_records, s.n_load_errors) == (5, 1)
+    con = connect(wh)
+    errors = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
+    con.close()
+    assert len(errors) == 1 and errors[0][:3] == (None, "load", "case_id") and str(-(2**64)) in errors[0][3]

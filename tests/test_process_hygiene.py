@@ -68,21 +68,17 @@ def cmdline(pid: int) -> str:
 @pytest.fixture
 def busy_run(tmp_path, tiny_model_dir):
     """Start `blens extract` on 400 records, one per batch (a minute or more of work), in the test's own process
-    group and with SIGINT at its default (as at an interactive shell, whatever the CI runner set). Yields
-    (process, warehouse, descendants known so far); whatever survives the test is killed by pid."""
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps([{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": t,
-                                 "ground_truth": g} for i, (s, t, g) in ((i, SUBJECTS[i % 5]) for i in range(400))]))
-    wh = tmp_path / "wh"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
-         "--warehouse", str(wh), "--batch-size", "1", "--threads", "1", "--top-k", "3"],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen: set[int] = set()
-    try:
-        yield proc, wh, seen
-    finally:
+    group and with SIGINT at its default (as at an interactive shell, whatever the CI runner set). Returns
+    start(*extra_args) -> (process, warehouse, descendants known so far); whatever survives is killed by pid."""
+    started: list[tuple[subprocess.Popen, set[int]]] = []
+
+    def start(*extra: str):
+        proc, wh, seen = _start(tmp_path, tiny_model_dir, extra)
+        started.append((proc, seen))
+        return proc, wh, seen
+
+    yield start
+    for proc, seen in started:
         for pid in [proc.pid, *seen]:
             if alive(pid):
                 try:
@@ -90,6 +86,19 @@ def busy_run(tmp_path, tiny_model_dir):
                 except ProcessLookupError:
                     pass
         proc.communicate(timeout=60)
+
+
+def _start(tmp_path, tiny_model_dir, extra):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": t,
+                                 "ground_truth": g} for i, (s, t, g) in ((i, SUBJECTS[i % 5]) for i in range(400))]))
+    wh = tmp_path / "wh"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
+         "--warehouse", str(wh), "--batch-size", "1", "--threads", "1", "--top-k", "3", *extra],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, wh, set()
 
 
 def wait_until_busy(proc, wh: Path, seen: set[int], timeout: float = 240.0) -> list[int]:
@@ -116,12 +125,18 @@ def survivors(pids: list[int], within: float) -> list[str]:
         time.sleep(0.1)
 
 
-def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run):
-    proc, wh, seen = busy_run
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "dask-2-workers"])
+def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run, workers):
+    """With --workers 2 every Dask worker process used to start an ephemeral API server of its own (from a
+    worker thread), and those servers outlived the killed run too; now the workers use the CLI's server."""
+    if workers > 1:
+        pytest.importorskip("prefect_dask")
+    proc, wh, seen = busy_run("--workers", str(workers))
     kids = wait_until_busy(proc, wh, seen)
     kids = descendants(proc.pid) or kids  # freshest view right before the kill
     seen.update(kids)
-    assert any("uvicorn" in cmdline(k) for k in kids), "expected Prefect's ephemeral API server as a child"
+    servers = [k for k in kids if "uvicorn" in cmdline(k)]
+    assert len(servers) == 1, f"expected one Prefect API server among {[cmdline(k)[:80] for k in kids]}"
     os.kill(proc.pid, signal.SIGKILL)  # the CLI process only, not its group: nobody else is signalled
     proc.wait(timeout=30)
     assert survivors(kids, within=10.0) == []
@@ -129,7 +144,7 @@ def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_exit_promptly_in_one_line_with_no_children_left(busy_run, sig):
-    proc, wh, seen = busy_run
+    proc, wh, seen = busy_run()
     kids = wait_until_busy(proc, wh, seen)
     t0 = time.monotonic()
     os.kill(proc.pid, sig)

@@ -80,8 +80,10 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     - A known user error (:data:`USER_ERRORS`) escaping any command: one red line, exit 2.
     - Anything else is a bug and keeps its traceback.
     """
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
+    _interrupted.clear()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
             signal.signal(signum, _on_signal)
     try:
         return command(*args, **kwargs)
@@ -95,6 +97,12 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             raise
         err_console.print(f"[bold red]error:[/] {one_line(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        # Called in-process (tests, notebooks): leave the caller's handlers as they were. After an interrupt
+        # ours stay, so that a second signal during the exit (atexit stops Prefect's server) exits at once.
+        if not _interrupted:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
