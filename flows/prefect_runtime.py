@@ -57,12 +57,15 @@ def _prctl() -> Callable[..., int] | None:
     return fn
 
 
-def parent_death_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+def parent_death_preexec(sig: int = signal.SIGKILL, own_group: bool = True) -> Callable[[], None] | None:
     """A ``preexec_fn`` for ``subprocess.Popen``: the child receives ``sig`` when the thread that started it
     dies (Linux ``PR_SET_PDEATHSIG``; kept across exec). None where that does not exist.
 
     If the parent is already gone when the child gets there, nothing would deliver the signal: the child
-    exits at once instead.
+    exits at once instead. ``own_group`` puts the child in a process group of its own, so that a signal
+    sent to our group (Ctrl-C at a terminal reaches the whole foreground group; ``kill -TERM -PGID``) reaches
+    only us: we shut down in order, reporting to a server that is still there, and then stop it. Otherwise
+    the server died first and Prefect's crash report retried a dead socket for over a minute, then raised.
     """
     prctl = _prctl()
     if prctl is None:
@@ -70,6 +73,8 @@ def parent_death_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None
     parent = os.getpid()
 
     def preexec() -> None:  # runs in the child between fork and exec: no locks, no imports
+        if own_group:
+            os.setpgid(0, 0)
         prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
@@ -169,6 +174,11 @@ def api_for_child_processes() -> Iterator[str | None]:
             os.environ["PREFECT_API_URL"] = before
 
 
+# Called with the signal number by Prefect's (wrapped) SIGTERM handler before it raises; the CLI registers
+# its exit watchdog here (an exception raised by a signal handler can be swallowed, see _common.py).
+termination_hooks: list[Callable[[int], None]] = []
+
+
 def quiet_sigterm_bridge() -> bool:
     """Have Prefect's in-flow SIGTERM handler switch logging off before it raises ``TerminationSignal``,
     so an interrupted run prints no crash reports (its state is still reported to the API). True if
@@ -186,6 +196,8 @@ def quiet_sigterm_bridge() -> bool:
 
     def handler(sig_num: int, *args: object) -> None:
         logging.disable(logging.CRITICAL)
+        for hook in termination_hooks:
+            hook(sig_num)
         raise TerminationSignal(signal=sig_num)
 
     handler._blens_quiet = True  # type: ignore[attr-defined]

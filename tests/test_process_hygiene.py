@@ -72,8 +72,8 @@ def busy_run(tmp_path, tiny_model_dir):
     start(*extra_args) -> (process, warehouse, descendants known so far); whatever survives is killed by pid."""
     started: list[tuple[subprocess.Popen, set[int]]] = []
 
-    def start(*extra: str):
-        proc, wh, seen = _start(tmp_path, tiny_model_dir, extra)
+    def start(*extra: str, new_session: bool = False):
+        proc, wh, seen = _start(tmp_path, tiny_model_dir, extra, new_session)
         started.append((proc, seen))
         return proc, wh, seen
 
@@ -88,7 +88,7 @@ def busy_run(tmp_path, tiny_model_dir):
         proc.communicate(timeout=60)
 
 
-def _start(tmp_path, tiny_model_dir, extra):
+def _start(tmp_path, tiny_model_dir, extra, new_session):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": t,
                                  "ground_truth": g} for i, (s, t, g) in ((i, SUBJECTS[i % 5]) for i in range(400))]))
@@ -97,7 +97,7 @@ def _start(tmp_path, tiny_model_dir, extra):
         [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
          "--warehouse", str(wh), "--batch-size", "1", "--threads", "1", "--top-k", "3", *extra],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        text=True, start_new_session=new_session, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, wh, set()
 
 
@@ -142,12 +142,18 @@ def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run, workers):
     assert survivors(kids, within=10.0) == []
 
 
+@pytest.mark.parametrize("to", ["pid", "group"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_exit_promptly_in_one_line_with_no_children_left(busy_run, sig):
-    proc, wh, seen = busy_run()
+def test_sigterm_and_sigint_exit_promptly_in_one_line_with_no_children_left(busy_run, sig, to):
+    """"pid": `kill -TERM PID`. "group": what Ctrl-C at a terminal does (the whole foreground process group gets
+    SIGINT), or `kill -TERM -PGID` by a supervisor; the CLI then runs in a session of its own, as a shell's job."""
+    proc, wh, seen = busy_run(new_session=(to == "group"))
     kids = wait_until_busy(proc, wh, seen)
     t0 = time.monotonic()
-    os.kill(proc.pid, sig)
+    if to == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=60)
     took = time.monotonic() - t0
     assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
