@@ -86,6 +86,22 @@ def test_integer_literal_longer_than_python_parses_is_one_error_row(tmp_path: Pa
     assert all(len(e.message) < 200 for e in result.errors)
 
 
+def test_json_nested_too_deeply_to_parse_is_an_error_row_or_one_source_error(tmp_path: Path) -> None:
+    """json.loads raises RecursionError (not a JSONDecodeError) on deep nesting: a line of it in a .jsonl file
+    used to end the whole run with a traceback; a .json file of it is unusable as a whole."""
+    deep = "[" * 100_000 + "]" * 100_000
+    lines = tmp_path / "cf.jsonl"
+    lines.write_text("\n".join([json.dumps(good(0)), deep, json.dumps(good(2))]) + "\n")
+    result = load_records(lines)
+    assert [r.case_id for r in result.records] == [0, 2]
+    assert [(e.field, e.source) for e in result.errors] == [("json", "cf.jsonl:2")]
+    assert "too deeply" in result.errors[0].message
+    whole = tmp_path / "deep.json"
+    whole.write_text(deep)
+    with pytest.raises(DataSourceError, match=r"deep\.json nests JSON .* too deeply"):
+        load_records(whole)
+
+
 def test_cli_saves_the_good_records_next_to_a_huge_case_id(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = write_json(tmp_path / "cf.json", GOOD + [{**GOOD[0], "case_id": 2**70}])
     wh = tmp_path / "wh"
