@@ -8,9 +8,13 @@ per record and returns an :class:`EditRecord` either way, so both give byte-iden
 same fact and therefore the same dataset fingerprint.
 
 One bad record must never sink a 10,000-record run, so validation problems become
-:class:`RecordError` rows that the warehouse stores next to the good records. Only a problem with
-the source as a whole (missing path, truncated ``.json``, hub unreachable) raises
-:class:`DataSourceError`.
+:class:`RecordError` rows that the warehouse stores next to the good records: anything a record can
+carry that a later stage (tokeniser, Arrow, Parquet) would choke on is caught here and named by
+field (a case_id outside int64, text with no visible character, a subject absent from its prompt,
+NUL, lone surrogates, numbers too long for Python's int parser). Only a problem with the source as a
+whole (missing path, truncated ``.json``, an unreadable file in a directory, hub unreachable) raises
+:class:`DataSourceError`, and :func:`describe_source` finds those (and an empty source) before any
+model is loaded. docs/reliability.md lists the guarantees and their tests.
 """
 
 from __future__ import annotations
@@ -19,18 +23,22 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 __all__ = [
     "DataSourceError",
     "EditRecord",
     "LoadResult",
     "RecordError",
+    "SourceSummary",
+    "describe_source",
     "fingerprint_records",
     "load_records",
     "record_from_dict",
+    "subject_span",
 ]
 
 
@@ -84,6 +92,77 @@ class _Invalid(Exception):
 
 _MISSING = object()
 _INT_STR = re.compile(r"\s*-?\d+\s*")
+# case_id keys every warehouse table as int64: anything outside cannot be stored (an OverflowError in the
+# Arrow build used to kill the whole run, good records included).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _BigInt:
+    """A JSON integer literal too long to be an int64 (more than 19 digits), kept as its text.
+
+    json.loads converts integer literals with ``int()``, which raises ValueError (not a JSONDecodeError)
+    beyond 4,300 digits and would take the whole file down; every literal this long is out of range for
+    case_id anyway, so it is not converted at all. Any other field holding one is a type error as usual.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return _short_digits(self.text)
+
+
+def _parse_int(text: str) -> int | _BigInt:
+    return _BigInt(text) if len(text.lstrip("-")) > 19 else int(text)
+
+
+def _short_digits(text: str) -> str:
+    """A long integer literal shortened for a message: head...tail (N digits)."""
+    digits = len(text.lstrip("-"))
+    return text if len(text) <= 30 else f"{text[:12]}...{text[-6:]} ({digits} digits)"
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int)
+
+
+# Characters that draw nothing. Besides whitespace and the categories Cc (controls), Cf (format: zero-width
+# space/joiners, bidi marks, soft hyphen, BOM) and Z* (separators), Unicode's other default-ignorable code
+# points: combining grapheme joiner, Hangul fillers, Khmer vowel inherents, Mongolian free variation
+# selectors, variation selectors, musical-symbol formatting, tags. A target made only of these becomes a
+# byte-fragment token; a prompt or subject made only of them names nothing.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+_DEFAULT_IGNORABLE = (
+    (0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x2060, 0x206F),
+    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
+
+def _invisible(ch: str) -> bool:
+    if ch.isspace() or unicodedata.category(ch) in _INVISIBLE_CATEGORIES:
+        return True
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _DEFAULT_IGNORABLE)
+
+
+def has_visible_text(text: str) -> bool:
+    """True if ``text`` has at least one character that draws something (see ``_invisible``)."""
+    return any(not _invisible(ch) for ch in text)
+
+
+def subject_span(prompt: str, subject: str) -> tuple[int, int] | None:
+    """Character span of the subject in the prompt (last occurrence; case-insensitive fallback).
+
+    The one definition of "the subject occurs in the prompt": validation here rejects a record without
+    a span, and ``prepare`` uses the span to mark the subject's tokens.
+    """
+    start = prompt.rfind(subject)
+    if start < 0:
+        start = prompt.lower().rfind(subject.lower())
+    return None if start < 0 or not subject else (start, start + len(subject))
 # A Hugging Face dataset id: "name" or "owner/name" (one slash only; anything deeper is a path).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -92,10 +171,14 @@ def _describe(value: Any) -> str:
     """A short type-and-value phrase for messages, safe for any input (repr escapes NUL/surrogates)."""
     if value is None:
         return "null"
+    name = "int" if isinstance(value, _BigInt) else type(value).__name__
+    return f"{name} {_quote(value)}"
+
+
+def _quote(value: Any) -> str:
+    """repr, cut to 40 characters: messages stay one short line whatever the input."""
     text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{type(value).__name__} {text}"
+    return text[:37] + "..." if len(text) > 40 else text
 
 
 def _text(value: Any, field: str, label: str) -> str:
@@ -113,6 +196,9 @@ def _text(value: Any, field: str, label: str) -> str:
         raise _Invalid(field, f"{label} contains a lone surrogate, which is not valid unicode") from None
     if not value.strip():
         raise _Invalid(field, f"{label} is empty")
+    if not has_visible_text(value):
+        shown = " ".join(f"U+{ord(ch):04X}" for ch in dict.fromkeys(value))[:60]
+        raise _Invalid(field, f"{label} has no visible characters (only {shown})")
     return value
 
 
@@ -132,11 +218,20 @@ def _case_id(raw: dict[str, Any]) -> int:
     value = raw.get("case_id", _MISSING)
     if value is _MISSING or value is None:
         raise _Invalid("case_id", "case_id is missing")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and _INT_STR.fullmatch(value):
-        return int(value)
-    raise _Invalid("case_id", f"case_id must be an integer, got {_describe(value)}")
+    if isinstance(value, _BigInt):
+        number, text = None, value.text
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number, text = value, None
+    elif isinstance(value, str) and _INT_STR.fullmatch(value):
+        text = value.strip()
+        number = None if len(text.lstrip("-")) > 19 else int(text)  # int() of 4,301+ digits raises
+    else:
+        raise _Invalid("case_id", f"case_id must be an integer, got {_describe(value)}")
+    if number is None or not INT64_MIN <= number <= INT64_MAX:
+        shown = _short_digits(text if text is not None else str(number))
+        raise _Invalid("case_id", f"case_id {shown} is outside the 64-bit range [-2^63, 2^63-1] that keys "
+                                  "the warehouse tables")
+    return number
 
 
 def _rome_target(rewrite: dict[str, Any], key: str, field: str) -> str:
@@ -185,8 +280,13 @@ def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
     subject = subject.strip()
     if "{}" in prompt:
         prompt = prompt.replace("{}", subject)
-    elif rome and subject not in prompt:
-        raise _Invalid("prompt", f"{prompt_label} has no {{}} placeholder and does not contain the subject")
+    elif subject_span(prompt, subject) is None:
+        if rome:
+            raise _Invalid("prompt", f"{prompt_label} has no {{}} placeholder and does not contain the subject")
+        # Otherwise the record would be extracted with no subject tokens at all: its "subject" segment
+        # (Figure 5's VJP norms by segment) would silently be empty.
+        raise _Invalid("subject", f"subject {_quote(subject)} does not occur in the prompt "
+                                  "(case-insensitive match)")
     return EditRecord(
         case_id=case_id,
         prompt=prompt.rstrip(),
@@ -244,16 +344,18 @@ def _read_bytes(path: Path) -> bytes:
         raise DataSourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def _json_rows(path: Path) -> list[_Row]:
+def _json_rows(path: Path, data: bytes | None = None) -> list[_Row]:
     """A .json file: a list of records, or a dict wrapping one under "data"/"records"."""
     try:
-        doc = json.loads(_read_bytes(path).decode("utf-8-sig"))
+        doc = _loads((_read_bytes(path) if data is None else data).decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise DataSourceError(f"{path} is not UTF-8 text (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise DataSourceError(
             f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from exc
+    except RecursionError:
+        raise DataSourceError(f"{path} nests JSON arrays/objects too deeply to parse") from None
     if isinstance(doc, dict):
         for key in ("data", "records"):
             if isinstance(doc.get(key), list):
@@ -281,27 +383,42 @@ def _jsonl_lines(path: Path, data: bytes) -> Iterator[_Row]:
         if not text.strip():
             continue
         try:
-            yield label, json.loads(text)
+            yield label, _loads(text)
         except json.JSONDecodeError as exc:
             message = f"line is not valid JSON ({exc.msg} at column {exc.colno})"
             yield label, RecordError(None, "json", message, label)
+        except RecursionError:
+            yield label, RecordError(None, "json", "line nests JSON arrays/objects too deeply to parse", label)
+
+
+def _check_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise DataSourceError(f"unsupported data file {path}: expected .json, .jsonl or a directory of them")
+    return suffix
 
 
 def _file_rows(path: Path) -> Iterator[_Row]:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
+    if _check_suffix(path) == ".json":
         return iter(_json_rows(path))
-    if suffix == ".jsonl":
-        return _jsonl_rows(path)
-    raise DataSourceError(f"unsupported data file {path}: expected .json, .jsonl or a directory of them")
+    return _jsonl_rows(path)
 
 
 def _dir_rows(path: Path) -> Iterator[_Row]:
-    """Every .json/.jsonl directly in ``path``, by name; files are read only when reached."""
+    """Every .json/.jsonl directly in ``path``, by name.
+
+    Every file is read, and every .json file parsed, before the first row is returned: a broken file
+    anywhere in the directory is a DataSourceError naming it *now* (the CLI checks the source before it
+    loads a model), not after the records of the files before it were processed.
+    """
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
     if not files:
         raise DataSourceError(f"no .json or .jsonl files in directory {path}")
-    return (row for file in files for row in _file_rows(file))
+    parts: list[Iterable[_Row]] = []
+    for file in files:
+        data = _read_bytes(file)
+        parts.append(_json_rows(file, data) if _check_suffix(file) == ".json" else _jsonl_lines(file, data))
+    return (row for part in parts for row in part)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -392,3 +509,50 @@ def load_records(source: str | os.PathLike[str], *, limit: int | None = None) ->
             if limit is not None and len(records) >= limit:
                 break
     return LoadResult(records, errors, fingerprint_records(records), os.fspath(source))
+
+
+@dataclass(frozen=True)
+class SourceSummary:
+    """What a source holds, known before any model is loaded (see :func:`describe_source`)."""
+
+    source: str
+    n_records: int  # valid records (at most ``limit``)
+    n_errors: int  # rejected records/lines met on the way
+    first_errors: tuple[RecordError, ...]  # the first few, for a message
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to process: no valid record at all."""
+        return self.n_records == 0
+
+    @property
+    def all_rejected(self) -> bool:
+        """Something was there but every record was rejected: almost surely the wrong file or layout."""
+        return self.n_records == 0 and self.n_errors > 0
+
+    def message(self) -> str:
+        """One line for the CLI, e.g. ``0 records in cf.jsonl (3 lines rejected, first: cf.jsonl:1 json: line
+        is not UTF-8 text (byte 0))``."""
+        noun = "record" if self.n_records == 1 else "records"
+        text = f"{self.n_records} {noun} in {self.source}"
+        if self.n_errors:
+            first = self.first_errors[0]
+            text += (f" ({self.n_errors} rejected, first: {first.source} {first.field}: {first.message})")
+        elif self.empty:
+            text += " (the source holds no records)"
+        return text
+
+
+def describe_source(source: str | os.PathLike[str], *, limit: int | None = None,
+                    n_first: int = 3) -> SourceSummary:
+    """Read and validate a whole source without a model: how many valid records, how many rejected.
+
+    Meant for the CLI before it loads a model: raises :class:`DataSourceError` for a source that cannot
+    be used at all (missing path, a truncated ``.json`` file, also one file of a directory), and gives
+    the numbers to say "0 records in DATA" for an empty or wholly rejected source. It costs one parse
+    and validation pass over the records (no tokenizer): ~1 s for the 20,000 CounterFact records.
+    With ``limit`` it stops where ``load_records`` would, so the numbers are those of the run.
+    """
+    loaded = load_records(source, limit=limit)
+    return SourceSummary(source=loaded.source, n_records=len(loaded.records), n_errors=len(loaded.errors),
+                         first_errors=tuple(loaded.errors[:n_first]))

@@ -35,7 +35,11 @@ from blens.extract.records import RecordError
 from blens.store.runs import errors_table
 from blens.store.writer import commit_batch
 
+from . import prefect_runtime
 from .progress import emit
+
+# The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
+prefect_runtime.prepare_process()
 
 
 @dataclass
@@ -113,6 +117,7 @@ class WorkersUnavailable(RuntimeError):
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """What the CLI calls: the flow in this process, or on ``cfg.workers`` Dask worker processes (one
     thread each, sharing the CPU cores) via prefect-dask's DaskTaskRunner."""
+    prefect_runtime.ensure_local_api()  # from the main thread, so its server dies with us (see prefect_runtime)
     if cfg.workers <= 1:
         return extract_flow(cfg)
     try:
@@ -123,4 +128,5 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    return extract_flow.with_options(task_runner=runner)(cfg)
+    with prefect_runtime.api_for_child_processes():  # workers use our API server: none outlives us
+        return extract_flow.with_options(task_runner=runner)(cfg)
