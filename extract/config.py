@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from .identity import result_settings
+from .prepare import DEFAULT_MAX_PROMPT_TOKENS
 from .models import EMBEDDED_NAME
 
 
@@ -29,6 +30,8 @@ class ExtractConfig(BaseModel):
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
+    # Per-prompt memory bound: a longer prompt becomes an errors row instead of an out-of-memory kill.
+    max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, ge=1)
     force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
 
     @field_validator("shard")

@@ -102,7 +102,7 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
     prepared: list[PreparedPrompt] = []
     prep_errors: list[RecordError] = []
     for rec in todo:
-        p = prepare(rec, lm.tokenizer, max_tokens)
+        p = prepare(rec, lm.tokenizer, max_tokens, cfg.max_prompt_tokens)
         (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
     batches = token_budget_batches(prepared, cfg.batch_size, cfg.batch_tokens)

@@ -218,11 +218,6 @@ def test_describe_source_with_good_records_and_limit(tmp_path: Path) -> None:
     assert describe_source(path, limit=2).n_records == 2
 
 
-WIRING = ("blens/commands/extract.py must call describe_source() before loading the model "
-          "(docs/reliability.md, 'Empty sources'); remove this marker once it does")
-
-
-@pytest.mark.xfail(reason=WIRING, strict=True)
 @pytest.mark.parametrize("content", [b"[]", b"", b"\xff\xfe\n\x89PNG\r\n"])
 def test_cli_says_0_records_before_loading_a_model(tmp_path: Path, content: bytes) -> None:
     data = tmp_path / ("cf.json" if content == b"[]" else "cf.jsonl")

@@ -35,7 +35,7 @@ def extract(
 
     from blens.extract.config import ExtractConfig
     from blens.extract.models import ModelLoadError, cached_model
-    from blens.extract.records import DataSourceError, load_records
+    from blens.extract.records import DataSourceError, describe_source
     from blens.store.writer import WarehouseError, init_warehouse
 
     check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
@@ -48,9 +48,14 @@ def extract(
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
-        load_records(cfg.data, limit=1)
+        source = describe_source(cfg.data, limit=cfg.limit)
     except DataSourceError as exc:
         fail(str(exc))
+    if source.all_rejected:  # something was there but nothing usable: the wrong file or layout
+        fail(source.message())
+    if source.empty:
+        err_console.print(source.message(), highlight=False)
+        return
     try:
         with err_console.status(f"loading model {cfg.model} ..."):
             cached_model(cfg.model, cfg.device)

@@ -37,6 +37,9 @@ Vectors = Annotated[str, typer.Option(
 LensDtype = Annotated[str, typer.Option(
     "--lens-dtype", help="fp32: one fp32 GEMM per block (default; exact). bf16: shortlist in bfloat16 and rescore "
     "in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
+MaxPromptTokens = Annotated[int, typer.Option(
+    "--max-prompt-tokens", min=1, help="Longest prompt extracted, in tokens: a memory bound (about 2 MB per token "
+    "on SmolLM2-135M); a longer prompt becomes an errors row instead of an out-of-memory kill.")]
 Workers = Annotated[int, typer.Option(
     "--workers", min=1, help="Run batches on N local Dask worker processes (prefect-dask, extra 'dask'); each "
     "loads the model and writes its own batch files.")]
@@ -55,6 +58,7 @@ EXTRACTION_OPTIONS = (
     ("vectors", Vectors, "none"),
     ("lens_dtype", LensDtype, "fp32"),
     ("workers", Workers, 1),
+    ("max_prompt_tokens", MaxPromptTokens, 1024),
 )
 
 
