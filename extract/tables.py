@@ -157,13 +157,14 @@ def _gather_rows(spans: SpanningSets, sites: Sequence[Site], L: int, index: torc
 
 def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int = 10, vectors: str = "none",
                   lens: LogitLens | None = None, identity: list[tuple[str, str]] | None = None,
-                  mark: Callable[[str], None] | None = None) -> HostBatch:
+                  mark: Callable[[str], None] | None = None, host_pack: bool | None = None) -> HostBatch:
     """The device stage of one batch: capture, lens, ranks, then one copy of everything to the host.
 
     Everything the device needs from the host (ids, mask, row index, target ids) is copied before the
     capture starts; after that nothing is read back until :func:`to_host` (gradient ranks excepted:
     ``ranks.py`` returns CPU tensors). ``mark(stage)``, if given, is called after each stage
     ("capture", "lens", "ranks", "copy"); a timing harness can synchronise the device there.
+    ``host_pack``: passed to :func:`to_host` (``True`` runs the packed copy on CPU too, for tests).
     """
     view = lm.view
     device = view.unembedding.device
@@ -197,7 +198,8 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
         rank_vals = torch.stack([ranks[k] for k in rank_keys], dim=1)  # (B, K), CPU
         note("ranks")
     host = to_host([spans.loss.float(), norms.float(), res.top_ids.int(), res.top_logits.float(), res.bottom_ids.int(),
-                    res.bottom_logits.float(), res.target_ranks.int(), rank_vals, *(v.float() for v in vecs.values())])
+                    res.bottom_logits.float(), res.target_ranks.int(), rank_vals, *(v.float() for v in vecs.values())],
+                   pack=host_pack)
     note("copy")
     loss, norms_h, top_ids, top_logits, bot_ids, bot_logits, t_ranks, rank_h, *vec_h = host
     return HostBatch(prompts=prompts, keys=keys, slots=[s for _, s in identity], rows=rows, loss=loss,
