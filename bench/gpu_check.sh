@@ -4,14 +4,16 @@
 #   bash bench/gpu_check.sh          # on a CUDA machine: < 8 minutes
 #   bash bench/gpu_check.sh --cpu    # anywhere: the same checks on CPU with small shapes, < 10 minutes
 #
-# Needs only python3 with torch, transformers, pyarrow and numpy ($PYTHON picks the interpreter). The
-# project is not installed: blens.extract is mapped onto extract/ (and bench/ onto bench/) through a
-# temporary directory of symlinks (the package-dir layout of pyproject.toml), which is the only path
-# given to Python; the repository root is not on it (its blens/ is the CLI), so nothing outside the
-# extraction core can be imported.
+# Needs only a Python with torch, transformers, pyarrow and numpy: $PYTHON if set, else the checkout's
+# .venv/bin/python if there is one, else python3. The project is not installed: blens.extract is mapped
+# onto extract/ (and bench/ onto bench/) through a temporary directory of symlinks (the package-dir layout
+# of pyproject.toml), which is the only path given to Python; the repository root is not on it (its blens/
+# is the CLI), so nothing outside the extraction core can be imported.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python3}"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
+else PY=python3; fi
 T="$(mktemp -d)"
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/blens"
