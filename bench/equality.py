@@ -54,7 +54,7 @@ class Verdict:
         s = (f"{'PASS' if self.ok else 'FAIL'}: {self.rows} lens rows, top-10 sets {self.top_diff} diff "
              f"({self.top_ties} ties), bottom-10 {self.bottom_diff} ({self.bottom_ties} ties), target ranks "
              f"{self.rank_diff} diff ({self.rank_ties} ties); grad ranks {self.grad_rank_diff}/{self.grad_ranks} diff; "
-             f"max |d logit| {self.max_logit_diff:.1e}, max loss rel {self.max_loss_rel:.1e}")
+             f"max abs d logit {self.max_logit_diff:.1e}, max loss rel {self.max_loss_rel:.1e}")
         return s + ("; " + "; ".join(self.notes) if self.notes else "")
 
 
