@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import ROOT
 from blens.store.connect import connect
