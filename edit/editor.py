@@ -14,8 +14,9 @@ and the original copied back in a ``finally`` block; restoration is asserted bit
 
 Evaluation is cheap because an edit at layer L leaves everything below L untouched: one pre-edit
 forward over the edit, rephrase and locality prompts (right-padded, batched) records block L's input
-and its keyword arguments (mask, rotary embeddings); the edited model then only re-runs blocks L..N-1
-and the LM head at the last positions.
+and the keyword arguments (mask, rotary embeddings) of every block from L up; the edited model then
+only re-runs blocks L..N-1, each with its own keyword arguments (Gemma alternates sliding-window and
+full-attention blocks with different masks and rotary tables), and the LM head at the last positions.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class Probe:
     last_pos: torch.Tensor  # (R,)
     x_n: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in,) FF2 input, edit prompt, last pos
     grad: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in, d_out) dL/dW
-    block_in: dict[int, tuple] = field(default_factory=dict)  # layer -> (args, kwargs) of block `layer`
+    block_in: dict[int, tuple] = field(default_factory=dict)  # layer -> (args, kwargs) of block `layer`, every
+    # block from the lowest probed layer up (replay needs each block's own kwargs)
     loss: float = float("nan")
 
 
@@ -147,7 +149,8 @@ class Editor:
         only_edit_prompt = torch.zeros(ids.shape[0], device=self.device)
         only_edit_prompt[0] = 1.0
         t = trace(self.view, ids, mask, keys, targets, only_edit_prompt,
-                  pre_block_hooks=[(self.view.blocks[layer], recorder(layer)) for layer in layers])
+                  pre_block_hooks=[(self.view.blocks[i], recorder(i))
+                                   for i in range(min(layers, default=self.view.n_layers), self.view.n_layers)])
         n0 = len(case.prompt_ids) - 1
         for key in keys:
             x, d = t.inputs[key][0], t.vjps[key][0]  # the edit prompt's spanning set, (T, d_in) and (T, d_out)
@@ -162,16 +165,22 @@ class Editor:
     def replay(self, probe: Probe, layer: int, rows: slice | None = None) -> torch.Tensor:
         """Next-token logits of the (currently edited) model for the case's prompts, re-running only
         blocks ``layer``..N-1 from the recorded pre-edit input of block ``layer``."""
-        args, kwargs = probe.block_in[layer]
         last_pos = probe.last_pos
+        n = len(last_pos)
+
+        def block_inputs(i: int):
+            args, kwargs = probe.block_in[i]
+            if rows is not None:
+                args, kwargs = _take_rows(args, n, rows), _take_rows(kwargs, n, rows)
+            return args, kwargs
+
         if rows is not None:
-            n = len(last_pos)
-            args, kwargs = _take_rows(args, n, rows), _take_rows(kwargs, n, rows)
             last_pos = last_pos[rows]
-        h = args[0]
+        h = block_inputs(layer)[0][0]
         with torch.no_grad():
-            for blk in self.view.blocks[layer:]:
-                h = _block_out(blk(h, *args[1:], **kwargs))
+            for i in range(layer, self.view.n_layers):
+                args, kwargs = block_inputs(i)
+                h = _block_out(self.view.blocks[i](h, *args[1:], **kwargs))
             h = self.view.final_norm(h)
             last = h[torch.arange(h.shape[0], device=self.device), last_pos]
             logits = self.view.logits(last)
@@ -199,7 +208,12 @@ class Editor:
 
     def minimal_eta(self, probe: Probe, layer: int, *, start: float, doublings: int = 16, bisections: int = 5) -> float:
         """Smallest eta (to ~3%) for which target_new is the argmax after the edit prompt: doubling from
-        ``start``, then bisection; only the edit prompt is run. Returns the cap if never reached."""
+        ``start`` (or halving, when ``start`` already works), then bisection; only the edit prompt is run.
+        Returns the cap if never reached.
+
+        Halving matters where a small step is enough: Gemma normalises FF2's output before the residual add,
+        so its threshold is c ~ 1-10 in normalised units, far below ``start`` (c = 128); bisecting [0, start]
+        alone would stop at c >= 4 (start / 2^5), several times the smallest step."""
         case = probe.case
         x, e = probe.x_n[layer], self.e_t(case)
 
@@ -211,12 +225,19 @@ class Editor:
         if int(probe.logits[0].argmax()) == case.target_new_id:
             return 0.0
         lo, hi = 0.0, start
-        for _ in range(doublings):
-            if works(hi):
-                break
-            lo, hi = hi, hi * 2
-        else:
-            return hi
+        if works(hi):
+            for _ in range(doublings):  # the same number of halvings: down to start / 2^16, then lo = 0
+                if not works(hi / 2):
+                    lo = hi / 2
+                    break
+                hi = hi / 2
+        else:  # as before halving existed: start * 2^k for k < doublings, else the cap start * 2^doublings
+            for _ in range(doublings - 1):
+                lo, hi = hi, hi * 2
+                if works(hi):
+                    break
+            else:
+                return hi * 2
         for _ in range(bisections):
             mid = (lo + hi) / 2
             if works(mid):

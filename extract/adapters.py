@@ -7,12 +7,13 @@ changes.
 
 Matrix names (the ``matrix`` column of the warehouse):
 
-* ``ff1``       the first MLP matrix (GPT-2 ``c_fc``, Llama ``up_proj``); its input is the "imprint" site.
-* ``ff1_gate``  Llama's ``gate_proj``: same input as ``ff1``, its own VJP (absent on GPT-2).
-* ``ff2``       the second MLP matrix (GPT-2 ``c_proj``, Llama ``down_proj``); its VJP is the "shift" site.
+* ``ff1``       the first MLP matrix (GPT-2 ``c_fc``, Llama/Gemma ``up_proj``); its input is the "imprint" site.
+* ``ff1_gate``  Llama's and Gemma's ``gate_proj``: same input as ``ff1``, its own VJP (absent on GPT-2).
+* ``ff2``       the second MLP matrix (GPT-2 ``c_proj``, Llama/Gemma ``down_proj``); its VJP is the "shift" site.
 
-A :class:`Site` is one kind of spanning vector of one matrix (its input x_i or its VJP delta_i). It is
-the ``site`` column of the warehouse and means the same thing for every family.
+A :class:`Site` is one kind of spanning vector of one matrix (its input x_i or its VJP delta_i), plus one
+residual-stream site for families whose FF2 output is normalised before it joins the residual stream
+(Gemma). It is the ``site`` column of the warehouse and means the same thing for every family.
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ class Site(StrEnum):
     """A spanning vector of an MLP matrix: ``<matrix>_input`` (x_i) or ``<matrix>_vjp`` (delta_i = dL/dz_i).
 
     dL/dW of a matrix = sum_i outer(x_i, delta_i) (Lemma 4.1), so a matrix's two sites rebuild its gradient.
+
+    ``ff2_vjp`` is always the VJP at FF2's *output* (the gradient's spanning set, as the paper defines the
+    "shift"), in every family. In GPT-2 and Llama FF2's output is added to the residual stream as it is,
+    so ``ff2_vjp`` is also the gradient at the residual stream after the block. In Gemma it first goes
+    through ``post_feedforward_layernorm`` (h_out = h_mid + norm(FF2(...))), so the two differ
+    (ff2_vjp = J_norm^T resid_post_vjp). For such families (:attr:`Family.post_mlp_norm` set) the
+    residual-stream gradient is a site of its own:
+
+    * ``resid_post_vjp``  dL/dh_out, the gradient at the block's output (the residual stream right after the
+      normalised MLP output joins it; TransformerLens' ``hook_resid_post``). Not a spanning vector of any
+      matrix (``matrix`` is None); captured and lens-projected only where it differs from ``ff2_vjp``.
     """
 
     FF1_INPUT = "ff1_input"  # x_i entering FF1: the paper's "imprint" (shared by ff1_gate)
@@ -39,9 +51,13 @@ class Site(StrEnum):
     FF1_VJP = "ff1_vjp"
     FF1_GATE_VJP = "ff1_gate_vjp"
     FF2_INPUT = "ff2_input"
+    RESID_POST_VJP = "resid_post_vjp"  # dL/d(block output); differs from ff2_vjp only behind a post-MLP norm
 
     @property
-    def matrix(self) -> str:
+    def matrix(self) -> str | None:
+        """The MLP matrix whose spanning set this site is part of; None for the residual-stream site."""
+        if self is Site.RESID_POST_VJP:
+            return None
         return self.value.rsplit("_", 1)[0]
 
     @property
@@ -53,8 +69,14 @@ class Site(StrEnum):
         return cls(f"{matrix}_{'vjp' if vjp else 'input'}")
 
 
-# The two sites the paper reads through the logit lens (projections table).
+# The two sites the paper reads through the logit lens (projections table), for every family.
 LENS_SITES: tuple[Site, ...] = (Site.FF1_INPUT, Site.FF2_VJP)
+
+
+def lens_sites(family: "Family") -> tuple[Site, ...]:
+    """The sites projected through the logit lens for a family: the paper's two, plus the residual-stream
+    VJP where FF2's output is normalised before the residual add (there it is not ``ff2_vjp``)."""
+    return LENS_SITES + ((Site.RESID_POST_VJP,) if family.post_mlp_norm else ())
 
 
 def vector_sites(matrix_names: list[str], everything: bool) -> list[Site]:
@@ -79,6 +101,10 @@ class Family:
     embedding: str  # module that maps ids to the first residual stream (scaling included)
     # GPT-2's Conv1D stores W as (in, out) and computes x @ W; nn.Linear stores (out, in), x @ W.T.
     weight_is_in_by_out: bool = False
+    # Path inside a block of a norm applied to FF2's output before it joins the residual stream (Gemma's
+    # post_feedforward_layernorm); None where FF2's output is added as it is (GPT-2, Llama). When set, the
+    # residual-stream VJP is captured as Site.RESID_POST_VJP (its output's VJP = the block output's).
+    post_mlp_norm: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -102,6 +128,19 @@ FAMILIES: dict[str, Family] = {
         final_norm="model.norm",
         unembedding="lm_head",
         embedding="model.embed_tokens",
+    ),
+    # Gemma 3 (text): a GeGLU MLP (gate/up/down) between pre- and post-feedforward RMSNorms, scale (1 + w).
+    # The embedding module multiplies by sqrt(d_model) itself, so inputs_embeds=embedding(ids) is exact.
+    "gemma3": Family(
+        name="gemma3",
+        model_types=("gemma3_text",),
+        base="model",
+        blocks="model.layers",
+        matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
+        final_norm="model.norm",
+        unembedding="lm_head",
+        embedding="model.embed_tokens",
+        post_mlp_norm="post_feedforward_layernorm",
     ),
 }
 
@@ -148,6 +187,15 @@ class ModelView:
 
     def matrix(self, layer: int, name: str) -> nn.Module:
         return self.blocks[layer].get_submodule(self.family.matrices[name])
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm between FF2's output and the residual stream, or None where there is none."""
+        path = self.family.post_mlp_norm
+        return None if path is None else self.blocks[layer].get_submodule(path)
+
+    @property
+    def lens_sites(self) -> tuple[Site, ...]:
+        return lens_sites(self.family)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
         """The matrix as (d_in, d_out): the orientation in which dL/dW = sum_i x_i^T delta_i."""

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .adapters import LENS_SITES, Site, vector_sites
+from .adapters import Site, vector_sites
 from .capture import SpanningSets, capture
 from .identity import result_key, result_settings, result_slot
 from .lens import LogitLens, fp32_exact
@@ -176,7 +176,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     rows = _Rows.of(prompts, keys)
     width = max(p.n_tokens for p in prompts)
     L = view.n_layers
-    S = len(LENS_SITES)
+    S = len(view.lens_sites)
     row_targets = np.array([[p.target_new_id, p.target_true_id] for p in prompts], dtype=np.int64)[rows.b]
     index = torch.from_numpy(rows.flat_index(width)).to(device)
     tgt_rows = torch.from_numpy(row_targets).to(device)
@@ -186,7 +186,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
         spans = capture(view, prompts, lm.tokenizer.pad_token_id)
         note("capture")
         # Lens: all (site, layer, real position) vectors of the batch in one matrix -> blocked GEMMs.
-        flat = _gather_rows(spans, LENS_SITES, L, index).reshape(S * L * len(rows.b), -1)
+        flat = _gather_rows(spans, view.lens_sites, L, index).reshape(S * L * len(rows.b), -1)
         res = lens.project(flat, tgt_rows.repeat(S * L, 1), top_k)
         norms = flat.norm(dim=-1)
         del flat
@@ -258,7 +258,9 @@ def build_tables(lm: LoadedModel, batch: HostBatch, run_id: str, *, top_k: int =
         "n_tokens": np.repeat(lengths, len(sites)),
     })
 
-    S = len(LENS_SITES)
+    # The family's lens sites: ff1_input and ff2_vjp, plus resid_post_vjp behind a post-MLP norm (Gemma).
+    lens_sites = lm.view.lens_sites
+    S = len(lens_sites)
     N = S * L * n_rows
     norms = batch.norms
     proj_t = pa.table({
@@ -267,7 +269,7 @@ def build_tables(lm: LoadedModel, batch: HostBatch, run_id: str, *, top_k: int =
         "case_id": np.tile(rows.case_id, S * L),
         "model": [lm.name] * N,
         "layer": np.tile(np.repeat(np.arange(L, dtype=np.int32), n_rows), S),
-        "site": np.repeat(np.array([str(s) for s in LENS_SITES], dtype=object), L * n_rows),
+        "site": np.repeat(np.array([str(s) for s in lens_sites], dtype=object), L * n_rows),
         "position": np.tile(rows.pos, S * L),
         "segment": pa.array(np.tile(rows.segment, S * L), pa.string()),
         "norm": norms,

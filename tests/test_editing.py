@@ -247,8 +247,9 @@ def test_cli_rejects_bad_layer_up_front(tiny_model_dir, records_file, tmp_path):
 def test_cli_defaults_resolve_to_the_sweep_choice():
     from blens.commands.edit import DEFAULTS, resolve_spec
 
-    assert resolve_spec("shift", None, None, None, "smollm2-135m") == EditSpec("shift", *DEFAULTS["shift-minimal"], "minimal")
+    d = DEFAULTS["smollm2-135m"]
+    assert resolve_spec("shift", None, None, None, "smollm2-135m") == EditSpec("shift", *d["shift-minimal"], "minimal")
     assert resolve_spec("shift", None, 24, 0.24, "gpt2") == EditSpec("shift", 24, 0.24, "fixed")  # the paper's eta
-    assert resolve_spec("shift", "fixed", None, None, "smollm2-135m") == EditSpec("shift", *DEFAULTS["shift"])
-    assert resolve_spec("sgd", None, None, None, "smollm2-135m") == EditSpec("sgd", *DEFAULTS["sgd"])
+    assert resolve_spec("shift", "fixed", None, None, "smollm2-135m") == EditSpec("shift", *d["shift"])
+    assert resolve_spec("sgd", None, None, None, "smollm2-135m") == EditSpec("sgd", *d["sgd"])
     assert resolve_spec("none", None, None, None, "x") == EditSpec("none")

@@ -11,22 +11,34 @@ from . import options
 from ._common import err_console, fail, print_table, progress_bar, quiet_prefect, report_errors
 
 
-# Chosen by `blens sweep` on counterfact-train (120 edits) for SmolLM2-135M; see docs/editing.md.
-# method/step -> (layer, lr). For other models pass --layer/--lr (the paper: GPT2-xl layer 35, eta 0.24).
-DEFAULTS: dict[str, tuple[int, float]] = {
-    "shift": (24, 0.24),
-    "shift-normalized": (24, 1024.0),
-    "shift-minimal": (24, 1.25),
-    "sgd": (24, 3.0),
-}
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
+# Per model: method/step -> (layer, lr), chosen by `blens sweep` on counterfact-train only.
+# SmolLM2-135M: 100 train edits, see docs/editing.md. Gemma 3 270M: see docs/gemma.md.
+# For other models pass --layer/--lr (the paper: GPT2-xl layer 35, eta 0.24).
+DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
+    SMOLLM2: {
+        "shift": (24, 0.24),
+        "shift-normalized": (24, 1024.0),
+        "shift-minimal": (24, 1.25),
+        "sgd": (24, 3.0),
+    },
+    # 100 train edits x 33 cells (run 55864b3899728c7a); the post-FF norm saturates large steps, so sgd's lr and
+    # the normalized c are orders of magnitude below SmolLM2's.
+    GEMMA3: {
+        "shift": (15, 0.24),
+        "shift-normalized": (15, 2.0),
+        "shift-minimal": (15, 1.25),
+        "sgd": (12, 0.01),
+    },
+}
 # The sweep's minimal step beat the paper's fixed eta on train (97% efficacy / 52% neighbourhood unchanged
 # vs at best 85% / 44%), so it is the default step of --method shift; --step fixed is the paper's recipe.
 DEFAULT_SHIFT_STEP = "minimal"
 
 
 def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Optional[float], model: str):
-    """The EditSpec the options ask for; defaults only for the model they were tuned on.
+    """The EditSpec the options ask for; defaults only for the models they were tuned on (:data:`DEFAULTS`).
 
     --step defaults to 'minimal' for shift when no --lr is given (the sweep's winner on train), and to
     'fixed' (the paper's eta) when an --lr is given without --step.
@@ -45,9 +57,10 @@ def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Opt
         return EditSpec("none")
     key = method if step == "fixed" else f"{method}-{step}"
     if layer is None or lr is None:
-        if model != SMOLLM2:
-            fail(f"--method {method} on {model!r} needs --layer and --lr (defaults are tuned for {SMOLLM2} only)")
-        d_layer, d_lr = DEFAULTS[key]
+        if model not in DEFAULTS:
+            fail(f"--method {method} on {model!r} needs --layer and --lr (defaults are tuned for "
+                 f"{' and '.join(DEFAULTS)} only)")
+        d_layer, d_lr = DEFAULTS[model][key]
         layer = d_layer if layer is None else layer
         lr = d_lr if lr is None else lr
     if not lr > 0:
@@ -65,7 +78,8 @@ def edit(
     limit: options.Limit = None,
     warehouse: options.Warehouse = Path("warehouse"),
     layer: Optional[int] = typer.Option(None, "--layer", help="Block whose FF2 (Llama down_proj, GPT-2 c_proj) is "
-                                        "edited. Default: the sweep's choice for SmolLM2 (see docs/editing.md)."),
+                                        "edited. Default: the sweep's choice for the embedded models (docs/editing.md, "
+                                        "docs/gemma.md)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="shift: eta (step=fixed), c in eta = c/(|x_n|^2|E_t|^2) "
                                        "(normalized), or the margin over the smallest eta that makes target_new "
                                        "the argmax (minimal); sgd: the learning rate. Default: the sweep's choice."),

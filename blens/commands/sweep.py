@@ -9,9 +9,22 @@ import typer
 
 from ._common import err_console, fail, print_table, quiet_prefect
 from . import options
-from .edit import SMOLLM2, print_summary, run_edit, set_threads
+from .edit import GEMMA3, SMOLLM2, print_summary, run_edit, set_threads
 
 TRAIN = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact" / "counterfact-train.json")
+
+
+# Default grid per model (any option given on the command line wins); other models get SmolLM2's grid.
+GRIDS: dict[str, dict[str, str]] = {
+    SMOLLM2: dict(layers="8,12,16,20,24,28", shift_lrs="0.12,0.24,0.5", sgd_layers="16,20,24,28", sgd_lrs="1,3,10",
+                  normalized="512,1024", normalized_layers="20,24", minimal="1.25", minimal_layers="24"),
+    # 18 layers. FF2's output goes through post_feedforward_layernorm, so any update that dominates FF2's output
+    # saturates (every step above it gives the same edit, and the model then says the target everywhere): the
+    # grid spans the unsaturated range found by a 20-edit train pilot (docs/gemma.md), sgd lr and normalized c
+    # ~100-1000x smaller than SmolLM2's.
+    GEMMA3: dict(layers="6,9,12,15", shift_lrs="0.06,0.12,0.24", sgd_layers="9,12,15", sgd_lrs="0.001,0.003,0.01,0.03",
+                 normalized="1,2,4", normalized_layers="12,15", minimal="1.25", minimal_layers="12,15"),
+}
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -37,15 +50,23 @@ def sweep(
     model: options.Model = SMOLLM2,
     limit: Optional[int] = typer.Option(100, "--limit", min=1, help="Train edits to use."),
     warehouse: options.Warehouse = Path("warehouse"),
-    layers: str = typer.Option("8,12,16,20,24,28", "--layers", help="Layers to try (comma-separated)."),
-    shift_lrs: str = typer.Option("0.12,0.24,0.5", "--shift-lrs", help="eta values for the paper's shift."),
-    sgd_layers: str = typer.Option("16,20,24,28", "--sgd-layers", help="Layers for the one-step sgd baseline."),
-    sgd_lrs: str = typer.Option("1,3,10", "--sgd-lrs", help="Learning rates for the one-step sgd baseline."),
-    normalized: str = typer.Option("512,1024", "--normalized", help="c values for --step normalized ('' = skip)."),
-    normalized_layers: str = typer.Option("20,24", "--normalized-layers", help="Layers for --step normalized."),
-    minimal: str = typer.Option("1.25", "--minimal", help="Margins for --step minimal ('' = skip)."),
-    minimal_layers: str = typer.Option("24", "--minimal-layers", help="Layers for --step minimal (each probe "
-                                       "costs ~7 extra forward passes of the edit prompt)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to try (comma-separated). Default: per "
+                                         "model (SmolLM2 8,12,16,20,24,28; Gemma 3 270M 6,9,12,15)."),
+    shift_lrs: Optional[str] = typer.Option(None, "--shift-lrs", help="eta values for the paper's shift "
+                                            "(default 0.12,0.24,0.5)."),
+    sgd_layers: Optional[str] = typer.Option(None, "--sgd-layers", help="Layers for the one-step sgd baseline "
+                                             "(default: per model)."),
+    sgd_lrs: Optional[str] = typer.Option(None, "--sgd-lrs", help="Learning rates for the one-step sgd baseline "
+                                          "(default: per model)."),
+    normalized: Optional[str] = typer.Option(None, "--normalized", help="c values for --step normalized ('' = "
+                                             "skip; default: per model)."),
+    normalized_layers: Optional[str] = typer.Option(None, "--normalized-layers", help="Layers for --step "
+                                                    "normalized (default: per model)."),
+    minimal: Optional[str] = typer.Option(None, "--minimal", help="Margins for --step minimal ('' = skip; "
+                                          "default 1.25)."),
+    minimal_layers: Optional[str] = typer.Option(None, "--minimal-layers", help="Layers for --step minimal (each "
+                                                 "probe costs ~7 extra forward passes of the edit prompt; default: "
+                                                 "per model)."),
     min_efficacy: float = typer.Option(0.95, "--min-efficacy", help="Defaults: among configs reaching this "
                                        "efficacy the one leaving most neighbourhood predictions unchanged (else the "
                                        "most efficacious)."),
@@ -57,7 +78,8 @@ def sweep(
     cell to edit_results (kind 'sweep') and prints the chosen default per method.
 
     Each edit computes one forward+backward for all layers; each cell then re-runs only the layers above
-    the edited one. Default grid: 100 edits x 36 cells, ~13 min on a busy 2-core machine with --threads 1.
+    the edited one. Default grid for SmolLM2: 100 edits x 36 cells, ~13 min on a busy 2-core machine with
+    --threads 1; the grid is per model (GRIDS), a smaller one for Gemma 3 270M's 18 layers.
     """
     quiet_prefect()
     from blens.edit.spec import EditSpec, check_layer
@@ -65,6 +87,11 @@ def sweep(
     from blens.store.writer import WarehouseError, init_warehouse
 
     set_threads(threads)
+    grid = GRIDS.get(model, GRIDS[SMOLLM2])
+    given = dict(layers=layers, shift_lrs=shift_lrs, sgd_layers=sgd_layers, sgd_lrs=sgd_lrs, normalized=normalized,
+                 normalized_layers=normalized_layers, minimal=minimal, minimal_layers=minimal_layers)
+    layers, shift_lrs, sgd_layers, sgd_lrs, normalized, normalized_layers, minimal, minimal_layers = (
+        grid[k] if v is None else v for k, v in given.items())
     lay, sgd_lay = _ints(layers, "--layers"), _ints(sgd_layers, "--sgd-layers")
     norm_lay, min_lay = _ints(normalized_layers, "--normalized-layers"), _ints(minimal_layers, "--minimal-layers")
     eta, sgd_lr = _floats(shift_lrs, "--shift-lrs"), _floats(sgd_lrs, "--sgd-lrs")
