@@ -206,7 +206,8 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
     facts = [{"case_id": c, "prompt": p, "subject": s, "target_new": t, "ground_truth": g,
               "rephrase_prompt": p + " the", "locality_prompt": FACTS[(c + 1) % 5][1],
               "locality_ground_truth": FACTS[(c + 1) % 5][4]} for c, p, s, t, g in FACTS]
-    facts.append({**facts[0], "case_id": 10, "prompt": " ".join(["word"] * 80)})  # too long: an edit error
+    facts.append({**facts[0], "case_id": 10,  # too long for the model's context: an edit error
+                  "prompt": " ".join(["word"] * 80) + " " + facts[0]["prompt"]})
     facts.append({"case_id": 11, "prompt": "x is", "subject": "x", "ground_truth": "y"})  # no target: load error
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(facts))
