@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import os
 import platform
 import sys
@@ -375,6 +376,7 @@ def main(argv=None) -> int:
             rows.append({"check": "throughput", "model (L, d, V)": name, "result": "ERROR (traceback above)"})
             ok = False
         finally:
+            gc.collect()  # the previous shape's model (GBs) before the next one is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     table = render(rows)
