@@ -24,7 +24,7 @@ class ExtractConfig(BaseModel):
     # 512 = 32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's tokenizer.
     batch_tokens: int = Field(default=512, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)
-    device: str = "cpu"
+    device: str = "auto"  # a GPU when one is present (cuda), else the CPU
     vectors: Literal["none", "spanning", "all"] = "none"
     lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"

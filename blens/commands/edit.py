@@ -86,7 +86,7 @@ def edit(
     step: Optional[str] = typer.Option(None, "--step", help="shift step size: fixed (the paper's eta) | normalized "
                                        "| minimal. Default: minimal (the sweep's winner) unless --lr is given, "
                                        "then fixed."),
-    device: options.Device = "cpu",
+    device: options.Device = "auto",
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Edits per Prefect task (one commit each)."),
     threads: options.Threads = None,
 ) -> None:

@@ -21,7 +21,7 @@ Data = Annotated[str, typer.Option(
     "detected per record), or a Hugging Face dataset id (ID or ID:split) when a hub is reachable.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N valid records.")]
 Warehouse = Annotated[Path, typer.Option("--warehouse", help="Warehouse directory (Parquet + views).")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Most prompts per backward pass and per "
@@ -54,7 +54,7 @@ EXTRACTION_OPTIONS = (
     ("batch_size", BatchSize, 32),
     ("batch_tokens", BatchTokens, 512),
     ("top_k", TopK, 10),
-    ("device", Device, "cpu"),
+    ("device", Device, "auto"),
     ("vectors", Vectors, "none"),
     ("lens_dtype", LensDtype, "fp32"),
     ("workers", Workers, 1),
