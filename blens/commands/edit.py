@@ -133,6 +133,17 @@ def run_edit(settings: dict):
     from blens.flows.edit_flow import edit_flow
 
     cfg = EditConfig(**settings)
+    from blens.extract.records import describe_source
+
+    try:  # a missing/truncated source (or one file of a directory) fails here: one line, no flow traceback
+        source = describe_source(cfg.data, limit=cfg.limit)
+    except DataSourceError as exc:
+        fail(str(exc))
+    if source.all_rejected:  # something was there, but not one usable record: the wrong file or layout
+        fail(source.message())
+    if source.empty:  # an empty source is not an error: say so and write nothing
+        err_console.print(source.message(), highlight=False, soft_wrap=True)
+        raise typer.Exit(0)
     try:
         with progress_bar(cfg.kind, "edits"):
             return edit_flow(cfg)
