@@ -54,7 +54,7 @@ def extract(
     if source.all_rejected:  # something was there but nothing usable: the wrong file or layout
         fail(source.message())
     if source.empty:
-        err_console.print(source.message(), highlight=False)
+        err_console.print(source.message(), highlight=False, soft_wrap=True)
         return
     try:
         with err_console.status(f"loading model {cfg.model} ..."):
