@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +86,25 @@ def busy_run(tmp_path, tiny_model_dir):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+
+
+class Tee:
+    """Reads a pipe in a thread, keeping every line: progress can be watched while the process runs (and a full
+    pipe never blocks it)."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self.thread.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            self.lines.append(line.rstrip("\n"))
+
+    def text(self, timeout: float = 30.0) -> str:
+        self.thread.join(timeout)
+        return "\n".join(self.lines)
 
 
 def _start(tmp_path, tiny_model_dir, extra, new_session):
@@ -96,24 +115,29 @@ def _start(tmp_path, tiny_model_dir, extra, new_session):
     proc = subprocess.Popen(
         [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
          "--warehouse", str(wh), "--batch-size", "1", "--threads", "1", "--top-k", "3", *extra],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, start_new_session=new_session, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.err = Tee(proc.stderr)  # type: ignore[attr-defined]
     return proc, wh, set()
 
 
+DONE = re.compile(r"^extract: (\d+)/400 prompts")  # the CLI's progress line per batch on a non-terminal
+
+
 def wait_until_busy(proc, wh: Path, seen: set[int], timeout: float = 240.0) -> list[int]:
-    """Until the Prefect server child exists and at least two batches are committed (the flow is running)."""
+    """Until the Prefect server child exists and at least two batches are done (the flow is running)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         kids = descendants(proc.pid)
         seen.update(kids)
         server = [k for k in kids if "uvicorn" in cmdline(k)]
-        if server and len(list(wh.glob("_commits/run=*/*"))) >= 3:
+        done = [int(m.group(1)) for m in map(DONE.match, list(proc.err.lines)) if m]
+        if server and done and max(done) >= 2:
             return kids
         if proc.poll() is not None:
-            raise AssertionError(f"blens extract ended early (rc={proc.returncode}): {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"blens extract ended early (rc={proc.returncode}): {proc.err.text()[-3000:]}")
         time.sleep(0.1)
-    raise AssertionError("blens extract never got busy")
+    raise AssertionError(f"blens extract never got busy: {proc.err.text(0)[-3000:]}")
 
 
 def survivors(pids: list[int], within: float) -> list[str]:
@@ -154,8 +178,9 @@ def test_sigterm_and_sigint_exit_promptly_in_one_line_with_no_children_left(busy
         os.killpg(proc.pid, sig)
     else:
         os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     took = time.monotonic() - t0
+    err = proc.err.text()
     assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
     assert took < 30, f"took {took:.1f} s to stop"
     assert "Traceback" not in err and "Crash detected" not in err, err[-3000:]
