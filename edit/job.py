@@ -15,7 +15,8 @@ import pyarrow as pa
 
 from blens.extract.identity import result_key
 from blens.extract.models import LoadedModel, model_facts
-from blens.extract.records import EditRecord, RecordError, load_records
+from blens.extract.records import EditRecord, RecordError
+from blens.extract.sources import load_records
 from blens.store import runs as store_runs
 from blens.store.reads import edit_summary_rows, existing_results
 from blens.store.writer import commit_batch, init_warehouse

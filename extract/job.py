@@ -24,7 +24,8 @@ from .identity import result_key, result_slot
 from .lens import LogitLens
 from .models import LoadedModel, cached_model, model_facts
 from .prepare import PreparedPrompt, prepare
-from .records import RecordError, load_records
+from .records import RecordError
+from .sources import load_records
 from .tables import extract_batch
 
 

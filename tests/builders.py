@@ -28,7 +28,8 @@ def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str =
     from blens.extract.models import wrap_model
     from blens.extract.tables import extract_batch
     from blens.extract.prepare import prepare
-    from blens.extract.records import EditRecord, load_records
+    from blens.extract.records import EditRecord
+    from blens.extract.sources import load_records
     from blens.store.writer import commit_batch, init_warehouse
 
     if not TOKENIZER.exists() or not DATA.exists():

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from conftest import FACTS, ROOT
-from blens.extract.records import DataSourceError, EditRecord, RecordError, load_records, record_from_dict
+from blens.extract.records import DataSourceError, EditRecord, RecordError, record_from_dict
+from blens.extract.sources import load_records
 
 GOOD = [{"case_id": c, "prompt": p, "subject": s, "target_new": t, "ground_truth": g} for c, p, s, t, g in FACTS]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -188,7 +189,7 @@ def test_the_model_context_is_still_checked_first(tokenizer) -> None:
 # --- 6. an empty or wholly rejected source ------------------------------------------------------------
 
 def test_describe_source_counts_an_empty_source(tmp_path: Path) -> None:
-    from blens.extract.records import describe_source
+    from blens.extract.sources import describe_source
 
     for path in (write_json(tmp_path / "empty.json", []), tmp_path / "empty.jsonl"):
         path.touch()
@@ -198,7 +199,7 @@ def test_describe_source_counts_an_empty_source(tmp_path: Path) -> None:
 
 
 def test_describe_source_says_every_line_was_rejected(tmp_path: Path) -> None:
-    from blens.extract.records import describe_source
+    from blens.extract.sources import describe_source
 
     path = tmp_path / "binary.jsonl"
     path.write_bytes(b"\xff\xfe\x00\x01\n\x89PNG\r\n\x1a\n\xde\xad\xbe\xef\n")
@@ -209,7 +210,7 @@ def test_describe_source_says_every_line_was_rejected(tmp_path: Path) -> None:
 
 
 def test_describe_source_with_good_records_and_limit(tmp_path: Path) -> None:
-    from blens.extract.records import describe_source
+    from blens.extract.sources import describe_source
 
     path = write_json(tmp_path / "cf.json", GOOD + [good(99, target_new="")])
     s = describe_source(path)

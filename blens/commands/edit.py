@@ -133,7 +133,7 @@ def run_edit(settings: dict):
     from blens.flows.edit_flow import edit_flow
 
     cfg = EditConfig(**settings)
-    from blens.extract.records import describe_source
+    from blens.extract.sources import describe_source
 
     try:  # a missing/truncated source (or one file of a directory) fails here: one line, no flow traceback
         source = describe_source(cfg.data, limit=cfg.limit)

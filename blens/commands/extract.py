@@ -35,7 +35,8 @@ def extract(
 
     from blens.extract.config import ExtractConfig
     from blens.extract.models import ModelLoadError, cached_model
-    from blens.extract.records import DataSourceError, describe_source
+    from blens.extract.records import DataSourceError
+    from blens.extract.sources import describe_source
     from blens.store.writer import WarehouseError, init_warehouse
 
     check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
