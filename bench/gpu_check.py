@@ -130,20 +130,10 @@ def random_prompts(n: int, vocab_size: int, seed: int, lo: int = 4, hi: int = 16
 
 
 def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int, batch_tokens: int) -> list[list[PreparedPrompt]]:
-    """Length-sorted prompts cut like ``blens.extract.job.token_budget_batches`` (which imports the store;
-    tests/test_gpu_paths.py checks that the two cut identically)."""
-    prompts = sorted(prompts, key=lambda p: (p.n_tokens, p.record.case_id))
-    batches, current, width = [], [], 0
-    for p in prompts:
-        new_width = max(width, p.n_tokens)
-        if current and (len(current) >= batch_size or (len(current) + 1) * new_width > batch_tokens):
-            batches.append(current)
-            current, new_width = [], p.n_tokens
-        current.append(p)
-        width = new_width
-    if current:
-        batches.append(current)
-    return batches
+    """Length-sorted prompts cut exactly as the pipeline cuts them (``blens.extract.batching``)."""
+    from blens.extract.batching import token_budget_batches as cut
+
+    return cut(sorted(prompts, key=lambda p: (p.n_tokens, p.record.case_id)), batch_size, batch_tokens)
 
 
 class ParquetSink:

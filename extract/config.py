@@ -20,7 +20,7 @@ class ExtractConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     warehouse: str = "warehouse"
     batch_size: int = Field(default=32, ge=1)
-    # prompts x padded length per batch: bounds a batch's memory (see job.token_budget_batches).
+    # prompts x padded length per batch: bounds a batch's memory (see batching.token_budget_batches).
     # 512 = 32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's tokenizer.
     batch_tokens: int = Field(default=512, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)

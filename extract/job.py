@@ -23,6 +23,7 @@ from .failures import describe, is_record_failure
 from .identity import result_key, result_slot
 from .lens import LogitLens
 from .models import LoadedModel, cached_model, model_facts
+from .batching import token_budget_batches
 from .prepare import PreparedPrompt, prepare
 from .records import RecordError
 from .sources import load_records
@@ -46,32 +47,6 @@ class RunPlan:
 def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
     i, n = shard
     return case_id % n == i
-
-
-def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
-                         batch_tokens: int) -> list[list[PreparedPrompt]]:
-    """Cut length-sorted prompts into batches of at most ``batch_size`` prompts and ``batch_tokens`` padded
-    tokens (prompts x longest prompt); a prompt longer than the budget runs alone.
-
-    Why a token budget and not only a prompt count: a batch's memory (activations kept for the backward
-    pass, the captured x_i and delta_i, lens blocks) grows with its padded token count. Runs are sorted by
-    length, so with a prompt count alone the longest prompts of a large run (the tail of the length
-    distribution, absent from a small run) form its largest batches, and peak RSS grows with the size of the
-    run. With the budget, the largest batch, and so the peak, is set by ``batch_tokens`` whatever the run size.
-    """
-    batches: list[list[PreparedPrompt]] = []
-    current: list[PreparedPrompt] = []
-    width = 0
-    for p in prompts:
-        new_width = max(width, p.n_tokens)
-        if current and (len(current) >= batch_size or (len(current) + 1) * new_width > batch_tokens):
-            batches.append(current)
-            current, new_width = [], p.n_tokens
-        current.append(p)
-        width = new_width
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _identity(cfg: ExtractConfig, lm: LoadedModel, record) -> tuple[str, str]:

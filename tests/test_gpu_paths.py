@@ -311,7 +311,7 @@ def test_equality_measure_fails_on_real_differences_and_forgives_ties():
 
 
 def test_gpu_check_batches_like_the_job():
-    from blens.extract.job import token_budget_batches as job_batches
+    from blens.extract.batching import token_budget_batches as job_batches
 
     prompts = random_prompts(200, 1000, seed=5, lo=1, hi=40)
     for bs, bt in ((32, 512), (7, 100), (1000, 4096)):

@@ -419,7 +419,7 @@ def test_token_budget_batches_bound_every_batch_and_pack_greedily():
     import random
     from types import SimpleNamespace
 
-    from blens.extract.job import token_budget_batches
+    from blens.extract.batching import token_budget_batches
 
     rng = random.Random(0)
     prompts = sorted((SimpleNamespace(n_tokens=rng.choice([3, 4, 5, 6, 9, 14, 25, 60])) for _ in range(300)),
