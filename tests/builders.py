@@ -75,3 +75,43 @@ def add_edits(root: Path, case_ids: list[int], *, run_id: str = "run-tiny") -> N
                          "update_grad_cosine": cos, "update_norm": 1.5, "error": None})
     schema = pa.schema([f for f in TABLES["edit_results"] if f.name != "batch_id"])
     commit_batch(root, {"edit_results": pa.Table.from_pylist(rows, schema=schema)}, kind="edit")
+
+
+def autograd_weight_grads(lm, prompt):
+    """Reference: the slow, obvious way. Params require grad, full forward, loss.backward()."""
+    import torch
+
+    view = lm.view
+    weights = {(l, m): view.matrix(l, m).weight for l in range(view.n_layers) for m in view.matrix_names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        logits = lm.model(torch.tensor([prompt.input_ids])).logits[0, -1]
+        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.target_new_id]))
+        grads = torch.autograd.grad(loss, list(weights.values()))
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    # as (d_in, d_out), the orientation of sum_i x_i^T delta_i
+    return {k: (g if view.family.weight_is_in_by_out else g.T) for k, g in zip(weights, grads)}, loss.item()
+
+
+def assert_spanning_sets_rebuild_gradients(lm, prepared) -> dict:
+    """capture() on a right-padded batch rebuilds autograd's dL/dW of every MLP matrix of each prompt alone
+    (relative error <= 1e-5); returns prompt index -> autograd's gradients, for further checks."""
+    from blens.extract.capture import capture
+
+    spans = capture(lm.view, prepared, lm.tokenizer.pad_token_id)
+    refs, n_checked = {}, 0
+    for b, p in enumerate(prepared):
+        ref, loss = autograd_weight_grads(lm, p)
+        refs[b] = ref
+        assert spans.loss[b].item() == pytest.approx(loss, rel=1e-5)
+        for key, g in ref.items():
+            rebuilt = spans.gradient(*key, row=b)
+            assert rebuilt.shape == g.shape
+            rel = ((rebuilt - g).norm() / g.norm()).item()
+            assert rel <= 1e-5, f"{lm.name} prompt {b} {key}: relative error {rel:.2e}"
+            n_checked += 1
+    assert n_checked == len(prepared) * lm.view.n_layers * len(lm.view.matrix_names)
+    return {"spans": spans, "refs": refs}
