@@ -58,6 +58,11 @@ def _model_panels(plt, rows: list[tuple]):
     return fig, [(ax, m, [r for r in rows if r[0] == m]) for ax, m in zip(axes[0], models)]
 
 
+def _figure(path: Path, caption: str, alt: str, wide: bool = False) -> Figure:
+    """The Figure record of a PNG just saved under ``figures/``."""
+    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=wide)
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
 
@@ -98,8 +103,7 @@ def fig_rank_equals_length(con, path: Path) -> Figure:
         "means the n spanning vectors are linearly independent. The last layer drops to about 0% because only "
         "the last token's VJP is non-zero there (rank 1). " + "; ".join(summary) + "."
     )
-    return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: share of prompts with gradient rank equal to prompt length, by layer")
+    return _figure(path, caption, "Line chart: share of prompts with gradient rank equal to prompt length, by layer")
 
 
 def _case_rows(con, run_id: str, case_id: int, site: str):
@@ -193,7 +197,7 @@ def fig_case_table(con, run_id: str, case_id: int, site: str, path: Path, tokens
                    f"vocabulary. Colour is ‖xᵢ‖ ({scale}). Subject tokens are red, the last token blue; ␣ marks a "
                    "leading space.")
     alt = f"Table of {'least' if use_bottom else 'most'} probable lens tokens for case {case_id}, tokens by layers"
-    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=True)
+    return _figure(path, caption, alt, wide=True)
 
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
@@ -231,8 +235,7 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
     caption = ("Mean L2 norm of the FF2 VJP δᵢ (how strongly each token contributes to the FF2 gradient) by "
                "layer, for subject tokens, the last token and all other tokens. The paper finds the gradient "
                "concentrated on the subject and the last token. " + "; ".join(notes) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
+    return _figure(path, caption, "Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
 
 
 def fig_target_rank(con, path: Path) -> Figure:
@@ -264,8 +267,7 @@ def fig_target_rank(con, path: Path) -> Figure:
                "V−1 = least probable). A high rank means target_new is among the LEAST probable tokens of δᵢ, so a "
                "gradient step (which subtracts δᵢ) writes it into the model — the paper's 'shift'. "
                + "; ".join(notes) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: median rank of target_new in FF2 VJP projections by layer, last vs other tokens")
+    return _figure(path, caption, "Line chart: median rank of target_new in FF2 VJP projections by layer, last vs other tokens")
 
 
 def fig_edit_metrics(con, path: Path) -> Figure:
@@ -296,7 +298,7 @@ def fig_edit_metrics(con, path: Path) -> Figure:
     caption = ("Mean editing outcome per method (successful edits only): efficacy = target_new is the top-1 "
                "prediction on the edit prompt; generalization = the same on rephrased prompts; locality = "
                "neighbourhood prompts keep their answer. Efficacy / generalization / locality: " + "; ".join(parts) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption, alt="Bar chart of editing metrics by method")
+    return _figure(path, caption, "Bar chart of editing metrics by method")
 
 
 def fig_edit_cosine(con, path: Path) -> Figure | None:
@@ -327,4 +329,4 @@ def fig_edit_cosine(con, path: Path) -> Figure | None:
     caption = ("Distribution of the cosine between each edit's weight update and the single-step gradient of the "
                "same loss (edit_results.update_grad_cosine). Values near ±1 mean the method's update is (a "
                "multiple of) the gradient, i.e. it writes the same low-rank imprint/shift. " + "; ".join(notes) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption, alt="Histogram of update-gradient cosine by method")
+    return _figure(path, caption, "Histogram of update-gradient cosine by method")
