@@ -63,6 +63,11 @@ def _figure(path: Path, caption: str, alt: str, wide: bool = False) -> Figure:
     return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=wide)
 
 
+def _query_panels(con, sql: str):
+    """Side-by-side panels, one per model, over the rows of ``sql`` (model first)."""
+    return _model_panels(_plt(), con.sql(sql).fetchall())
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
 
@@ -201,10 +206,8 @@ def fig_case_table(con, run_id: str, case_id: int, site: str, path: Path, tokens
 
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
-    plt = _plt()
-    rows = con.sql("SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment WHERE site = 'ff2_vjp' "
-                   "ORDER BY model, segment, layer").fetchall()
-    fig, panels = _model_panels(plt, rows)
+    fig, panels = _query_panels(con, "SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment "
+                                "WHERE site = 'ff2_vjp' ORDER BY model, segment, layer")
     notes = []
     for ax, model, mrows in panels:
         positive = [r[3] for r in mrows if r[3] and r[3] > 0]
@@ -239,10 +242,9 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
 
 
 def fig_target_rank(con, path: Path) -> Figure:
-    plt = _plt()
-    rows = con.sql("SELECT model, layer, position_kind, median_target_new_rank, target_new_in_bottom_k "
-                   "FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer").fetchall()
-    fig, panels = _model_panels(plt, rows)
+    fig, panels = _query_panels(con, "SELECT model, layer, position_kind, median_target_new_rank, "
+                                "target_new_in_bottom_k FROM target_rank_by_layer WHERE site = 'ff2_vjp' "
+                                "ORDER BY model, position_kind, layer")
     notes = []
     for ax, model, mrows in panels:
         for kind, color, label in (("last", SEGMENT_COLORS["last"], "last token"),
