@@ -138,8 +138,8 @@ def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
 # --------------------------------------------------------------------------------------- publish
 
 
-def _prepare_out(out: Path) -> None:
-    problem = output_dir_problem(out, "dataset_dict.json", "blens publish")
+def _prepare_out(out: Path, warehouse) -> None:
+    problem = output_dir_problem(out, "dataset_dict.json", "blens publish", warehouse)
     if problem:
         raise PublishError(problem)
 
@@ -152,7 +152,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
     if vector_dtype not in ("float32", "float16"):
         raise PublishError(f"--vector-dtype must be float32 or float16, got {vector_dtype!r}")
     out = Path(out)
-    _prepare_out(out)
+    _prepare_out(out, warehouse)
     try:
         con = connect(warehouse)
     except FileNotFoundError as exc:

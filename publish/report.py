@@ -117,7 +117,7 @@ def _case_section(con, chosen: list[tuple[int, str, str]], figs: Path) -> Sectio
 def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:
     """Render every figure and index.html into ``out`` (replacing an earlier report there)."""
     out = Path(out)
-    problem = output_dir_problem(out, "index.html", "blens report")
+    problem = output_dir_problem(out, "index.html", "blens report", warehouse)
     if problem:
         raise ReportError(problem)
     try:

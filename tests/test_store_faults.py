@@ -121,3 +121,13 @@ def test_foreign_directory_is_refused_as_a_warehouse(tmp_path, tiny_model_dir):
     r = blens("extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(foreign))
     assert r.returncode == 2 and "is not empty and is not a warehouse" in r.stderr
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize("command, marker", [("publish", "dataset_dict.json"), ("report", "index.html")])
+def test_product_output_inside_the_warehouse_is_refused(warehouse, command, marker):
+    wh, _ = warehouse
+    for out in (wh / "published", wh, wh.parent):
+        r = blens(command, "--warehouse", str(wh), "--out", str(out))
+        assert r.returncode != 0 and "overlaps the warehouse" in r.stderr, (out, r.stderr)
+    assert not (wh / "published").exists() and not (wh / marker).exists()
+    assert blens("check", "--warehouse", str(wh)).returncode == 0
