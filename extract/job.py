@@ -9,12 +9,13 @@ file only costs its new records. Runs are provenance: (model + revision, dataset
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from blens.store.reads import VECTOR_LEVELS, existing_results
+from blens.store.reads import VECTOR_LEVELS, existing_results, runs_holding
 from blens.store.runs import errors_table, register_run, run_id_for
 from blens.store.writer import commit_batch, init_warehouse
 
@@ -38,6 +39,7 @@ class RunPlan:
     n_records: int
     n_skipped_done: int
     errors: list[RecordError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things the user should hear before the run starts
 
     @property
     def n_todo(self) -> int:
@@ -87,7 +89,28 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
                  errors=[errors_table(run_id, load_errors, "load"),
                          errors_table(run_id, prep_errors, "prepare", [keys[e.case_id] for e in prep_errors])])
     return RunPlan(run_id=run_id, model_name=lm.name, batches=batches, n_records=len(records),
-                   n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors)
+                   n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors,
+                   notes=_overlap_notes(cfg, root, run_id, [keys[c] for c in keys.keys() - {r.case_id for r in todo}]))
+
+
+def _overlap_notes(cfg: ExtractConfig, root, run_id: str, skipped: list[str]) -> list[str]:
+    """Say when this shard's records were already extracted by a run with another shard or limit: they are
+    skipped (each result is stored once), so this run alone is not the whole of that shard."""
+    if cfg.shard is None or not skipped:
+        return []
+    notes = []
+    for other, config, n in runs_holding(root, skipped):
+        if other == run_id:
+            continue
+        try:
+            theirs = json.loads(config or "{}")
+        except ValueError:
+            theirs = {}
+        if (theirs.get("shard"), theirs.get("limit")) != (cfg.shard, cfg.limit):
+            notes.append(f"warning: {n} of shard {cfg.shard}'s records were already extracted by run {other} "
+                         f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
+                         "recomputed (each result is stored once)")
+    return notes
 
 
 @dataclass

@@ -29,3 +29,15 @@ def edit_summary_rows(warehouse: str | os.PathLike, run_id: str) -> list[tuple]:
     return con.execute("""
         SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged
         FROM edit_summary WHERE run_id = ? AND method <> 'none'""", [run_id]).fetchall()
+
+
+def runs_holding(warehouse: str | os.PathLike, keys: list[str]) -> list[tuple[str, str, int]]:
+    """(run_id, config_json, how many of ``keys``) for each run that stored some of these results."""
+    con = writer_connection(warehouse)
+    con.register("_ask", pa.table({"key": pa.array(list(keys), pa.string())}))
+    try:
+        return con.execute("""
+            SELECT p.run_id, any_value(r.config_json), count(*) FROM prompts p LEFT JOIN runs r USING (run_id)
+            WHERE p.key IN (SELECT key FROM _ask) GROUP BY p.run_id ORDER BY p.run_id""").fetchall()
+    finally:
+        con.unregister("_ask")

@@ -165,3 +165,15 @@ def test_compaction_keeps_every_answer_and_merges_files(tmp_path, tiny_model_dir
     con = connect(wh)
     assert [con.execute(q).fetchall() for q in queries] == before
     con.close()
+
+
+def test_overlapping_shards_with_different_limits_warn_and_store_once(tmp_path, tiny_model_dir):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records(8)))
+    wh = tmp_path / "wh"
+    first = extract(tiny_model_dir, data, wh, "--shard", "0/2", "--limit", "4")
+    assert "warning" not in first.stderr
+    second = extract(tiny_model_dir, data, wh, "--shard", "0/2", "--limit", "8")
+    assert "warning: 2 of shard 0/2's records were already extracted by run" in second.stderr
+    assert "limit 4" in second.stderr
+    assert counts(wh) == {"prompts": 4, "keys": 4, "rank_n": 4, "projection_dups": 0}

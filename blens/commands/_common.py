@@ -223,6 +223,8 @@ def progress_bar(kind: str, unit: str) -> Iterator[None]:
         if event.kind == "plan":
             state["total"] = event.n
             state["task"] = progress.add_task(kind, total=event.n, rate=0.0)
+            for note in getattr(event.payload, "notes", ()):
+                err_console.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
             done_before = getattr(event.payload, "n_skipped_done", 0)
             if done_before:
                 err_console.print(f"{done_before} record(s) already in the warehouse (skipped), {event.n} to go")
