@@ -98,7 +98,9 @@ def test_card_yaml_lists_every_split_and_real_files(published):
 
     text = published.card.read_text()
     body = text.split("\n---\n", 1)[1]
-    for needle in ("tiny-gpt2", "random-init", str(DATA), '"top_k": 10', "rank_equals_length",
+    # issue 12: the source is named by its dataset name, never by a path on the machine that extracted it
+    assert str(DATA) not in body and str(DATA.parent) not in body
+    for needle in ("tiny-gpt2", "random-init", DATA.stem, "Meng, Kevin", '"top_k": 10', "rank_equals_length",
                    "target_rank_by_layer", "load_from_disk", 'load_dataset("parquet"', "duckdb",
                    "Katz, Shahar and Belinkov, Yonatan and Geva, Mor and Wolf, Lior",
                    "Backward Lens: Projecting Language Model Gradients into the Vocabulary Space", "EMNLP",
