@@ -44,14 +44,6 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: str | os.PathLike) -> N
     con.execute("SET lock_configuration = true")
 
 
-def view_names(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """The public tables and views of the warehouse (internal ones start with ``_`` or are bookkeeping)."""
-    hidden = {"commit_lock", "blens_meta"}
-    rows = con.execute("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'lake' "
-                       "ORDER BY 1").fetchall()
-    return [r[0] for r in rows if r[0] not in hidden and not r[0].startswith("_")]
-
-
 class QueryRefused(ValueError):
     """A statement that is not a query (blens sql runs queries only)."""
 

@@ -63,8 +63,13 @@ def _check_target(location: str | os.PathLike) -> None:
 
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Tables and catalog views, created once; views are re-created when their SQL changed."""
+    # Names straight from the catalog's own tables: information_schema / duckdb_tables() also compute each
+    # table's storage stats, which, while other processes commit, tripped an internal DuckLake assertion
+    # (LoadStatsForSnapshot) in a concurrent-shards test.
     have = {r[0] for r in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = ?", [LAKE]).fetchall()}
+        f"SELECT table_name FROM __ducklake_metadata_{LAKE}.ducklake_table WHERE end_snapshot IS NULL "
+        f"UNION ALL SELECT view_name FROM __ducklake_metadata_{LAKE}.ducklake_view WHERE end_snapshot IS NULL"
+    ).fetchall()}
     sql = view_sql()
     stored = None
     if "blens_meta" in have:
