@@ -56,6 +56,14 @@ def _model_panels(plt, rows: list[tuple]):
     return fig, [(ax, m, [r for r in rows if r[0] == m]) for ax, m in zip(axes[0], models)]
 
 
+def _layer_axis(ax) -> None:
+    """Layers are whole numbers: ticks at integers whatever the depth (matplotlib would put 2.5 for 18 layers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def fig_rank_equals_length(con, path: Path) -> Figure:
     plt = _plt()
     rows = con.sql("SELECT model, matrix, layer, layer_frac, rate, n FROM rank_equals_length "
@@ -111,7 +119,7 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
         if logy:
             ax.set_yscale("log")
         ax.set_title(f"{model}: mean ‖δᵢ‖ of FF2 VJPs by token segment (Figure 5)", fontsize=10)
-        ax.set_xlabel("layer")
+        _layer_axis(ax)
         ax.set_ylabel("mean VJP norm" + (" (log scale)" if logy else ""))
         ax.legend(frameon=False, fontsize=8)
         # which segment carries the most norm, averaged over layers
@@ -134,7 +142,7 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
 POSITION_KINDS = (("last", SEGMENT_COLORS["last"], "last token"), ("not_last", SEGMENT_COLORS["other"], "other tokens"))
 
 
-def _rank_panel(ax, rows: list[dict], target: str, vocab: int) -> None:
+def _rank_panel(ax, rows: list[dict], target: str, vocab: int, model: str) -> None:
     """Median rank of one target by layer with its interquartile band, last vs other tokens, and V−1."""
     for kind, color, label in POSITION_KINDS:
         pts = [r for r in rows if r["position_kind"] == kind]
@@ -147,8 +155,8 @@ def _rank_panel(ax, rows: list[dict], target: str, vocab: int) -> None:
                 label=f"{label}: median, quartiles")
     ax.axhline(vocab - 1, color="black", linestyle="--", linewidth=1, label=f"V−1 = {vocab - 1:,} (least probable)")
     ax.set_ylim(0, vocab * 1.06)
-    ax.set_title(f"rank of {target}", fontsize=10)
-    ax.set_xlabel("layer")
+    ax.set_title(f"{model} · rank of {target}", fontsize=10)
+    _layer_axis(ax)
     ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}")
     ax.legend(frameon=False, fontsize=7.5, loc="lower left")
 
@@ -166,9 +174,9 @@ def fig_target_rank(con, path: Path) -> Figure:
     for (ax_new, ax_true, ax_k), model in zip(axes, models):
         mrows = [r for r in rows if r["model"] == model]
         vocab = int(max(r["vocab_size"] for r in mrows))
-        _rank_panel(ax_new, mrows, "target_new", vocab)
-        _rank_panel(ax_true, mrows, "target_true", vocab)
-        ax_new.set_ylabel(f"{model}\nrank (0 = most probable)")
+        _rank_panel(ax_new, mrows, "target_new", vocab, model)
+        _rank_panel(ax_true, mrows, "target_true", vocab, model)
+        ax_new.set_ylabel("rank (0 = most probable)")
         for kind, color, label in POSITION_KINDS:
             pts = [r for r in mrows if r["position_kind"] == kind]
             layers = [r["layer"] for r in pts]
@@ -177,8 +185,8 @@ def fig_target_rank(con, path: Path) -> Figure:
             ax_k.plot(layers, [100 * r["target_true_in_bottom_k"] for r in pts], linestyle=":", color=color,
                       label=f"target_true, {label}")
         ax_k.set_ylim(-3, 103)
-        ax_k.set_title("in the bottom-k tokens (share of prompts)", fontsize=10)
-        ax_k.set_xlabel("layer")
+        ax_k.set_title(f"{model} · in the bottom-k tokens (share of prompts)", fontsize=10)
+        _layer_axis(ax_k)
         ax_k.set_ylabel("%")
         ax_k.legend(frameon=False, fontsize=7.5, loc="upper left")
         last = [r for r in mrows if r["position_kind"] == "last"]
@@ -188,7 +196,8 @@ def fig_target_rank(con, path: Path) -> Figure:
             share = sum(r["target_new_in_bottom_k"] for r in upper) / len(upper)
             share_true = sum(r["target_true_in_bottom_k"] for r in upper) / len(upper)
             best = max(last, key=lambda r: r["median_target_new_rank"])
-            notes.append(f"{model} (V = {vocab:,}): at the last token the median rank of target_new peaks at "
+            notes.append(f"{model} (V = {vocab:,}, {last[0]['n']} prompts): at the last token the median rank of "
+                         f"target_new peaks at "
                          f"{best['median_target_new_rank']:,.0f} (layer {best['layer']}); in the upper half of the "
                          f"layers it is among the bottom-k tokens for {100 * share:.0f}% of prompts, target_true "
                          f"for {100 * share_true:.0f}%")

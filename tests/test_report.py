@@ -458,5 +458,5 @@ def test_figure6_has_a_row_per_model(deep_report):
     fig6 = next(f for s in deep_report.sections for f in s.figures if f.file and "target_rank" in f.file)
     w, h = png_size(deep_report.out / fig6.file)
     assert h > 0.5 * w  # two rows of three panels (one row is ~0.3 w)
-    assert "tiny-gpt2-30 (V = 50,257)" in fig6.caption and "tiny-gpt2-4 (V = 50,257)" in fig6.caption
+    assert "tiny-gpt2-30 (V = 50,257, 4 prompts)" in fig6.caption and "tiny-gpt2-4 (V = 50,257, 4 prompts)" in fig6.caption
     assert "interquartile" in fig6.caption and "V−1" in fig6.caption and "target_true" in fig6.caption
