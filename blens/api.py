@@ -248,8 +248,8 @@ class Lens:
 
     def _batch(self, batch: list[PreparedPrompt], vectors: bool) -> dict[str, Result]:
         lm, top_k = self.lm, self.cfg.top_k
-        keep = _KeepLensInput(self._lens)
-        host = compute_batch(lm, batch, top_k=top_k, vectors="all" if vectors else "none", lens=keep)
+        keep = _KeepLensInput(self._lens) if vectors else None  # without vectors, hold no batch-sized copy
+        host = compute_batch(lm, batch, top_k=top_k, vectors="all" if vectors else "none", lens=keep or self._lens)
         tables = build_tables(lm, host, RUN_ID, top_k=top_k)
         out = {}
         for b, (p, key) in enumerate(zip(batch, host.keys)):
@@ -259,7 +259,8 @@ class Lens:
         return out
 
 
-def _vectors_of(lm: LoadedModel, host: HostBatch, lens_input: torch.Tensor, b: int) -> dict[tuple[str, int], torch.Tensor]:
+def _vectors_of(lm: LoadedModel, host: HostBatch, lens_input: torch.Tensor,
+                b: int) -> dict[tuple[str, int], torch.Tensor]:
     """Prompt ``b``'s vectors of every site and layer, (n_tokens, d) each, from the batch's real-token rows:
     the sites ``vectors="all"`` stores, and the lens sites it does not (from the lens input)."""
     rows = np.flatnonzero(host.rows.b == b)

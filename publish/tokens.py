@@ -139,6 +139,7 @@ def case_grid(rows: list[dict], tokens: list[tuple], site: str, target_new_id: i
     if not rows:
         return None
     least = site == "ff2_vjp"
+    side = "least" if least else "most"
     ids_col, tok_col = ("bottom_ids", "bottom_tokens") if least else ("top_ids", "top_tokens")
     cnorm, scale = _colour_norm([r["norm"] for r in rows if not r["zero_vector"]])
     cmap = colormaps["YlOrRd"]
@@ -161,7 +162,7 @@ def case_grid(rows: list[dict], tokens: list[tuple], site: str, target_new_id: i
             marks[mark] += 1
         rgba = cmap(float(cnorm(r["norm"])))
         dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.55
-        title = (f"{where}\n{least and 'least' or 'most'} probable: "
+        title = (f"{where}\n{side} probable: "
                  f"{', '.join(display_token(t, max_chars=40) for t in r[tok_col])}\n"
                  f"norm {r['norm']:.3g} · rank of target_new {r['target_new_rank']:,}{of_v}, "
                  f"of target_true {r['target_true_rank']:,}{of_v} (0 = most probable)")
@@ -179,7 +180,7 @@ def case_grid(rows: list[dict], tokens: list[tuple], site: str, target_new_id: i
     stops = ", ".join(f"{_hex(cmap(t / 10))} {10 * t}%" for t in range(11))
     ticks = [(100 * t, f"{cnorm.inverse(t):.2g}") for t in (0.0, 0.5, 1.0)]
     label = "‖δᵢ‖, FF2 VJP norm" if least else "‖xᵢ‖, FF1 input norm"
-    return Grid(site=site, side="least" if least else "most", norm_label=label, blocks=blocks,
+    return Grid(site=site, side=side, norm_label=label, blocks=blocks,
                 gradient=f"linear-gradient(to right, {stops})", ticks=ticks, scale=scale, marks=marks)
 
 
@@ -187,14 +188,14 @@ def grid_caption(grid: Grid, case_id: int, model: str, target_new: str, target_t
     """What a reader needs to read the grid, and how many cells carry each target."""
     n_new, n_k, n_true = grid.marks["mark-new"], grid.marks["mark-new-k"], grid.marks["mark-true"]
     if grid.side == "least":
-        what = ("the logit lens of the FF2 VJPs δᵢ (the 'shift'). Each cell is the LEAST probable token when δᵢ of "
-                "that token (row) at that layer (column) is projected to the vocabulary: the token a gradient-"
+        what = ("the logit lens of the FF2 VJPs δᵢ (the 'shift'). Each cell is the LEAST probable token when δᵢ "
+                "of that token (row) at that layer (column) is projected to the vocabulary: the token a gradient-"
                 "descent step (which subtracts δᵢ) pushes the model towards.")
     else:
         what = ("the logit lens of the FF1 inputs xᵢ (the 'imprint' the gradient writes into FF1). Each cell is "
                 "the MOST probable token when xᵢ is projected to the vocabulary.")
     return (f"Case {case_id} · {model}: {what} Colour is {grid.norm_label} ({grid.scale}); grey cells are exactly "
             f"zero (no gradient flows there). Outlined: the cell's token is target_new “{target_new}” "
-            f"({n_new} cells); dashed: target_new is among the k {grid.side} probable tokens ({n_k}); green: the cell's "
-            f"token is target_true “{target_true}” ({n_true}). Subject tokens are red, the last token blue; "
+            f"({n_new} cells); dashed: target_new is among the k {grid.side} probable tokens ({n_k}); green: the "
+            f"cell's token is target_true “{target_true}” ({n_true}). Subject tokens are red, the last token blue; "
             "␣ is a space, ⍽ a non-breaking or other space. Hover a cell for its k tokens and target ranks.")
