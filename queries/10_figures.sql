@@ -23,8 +23,14 @@ GROUP BY g.model, g.layer, g.matrix, d.n_layers;
 -- versus all other positions. For ff2_vjp the paper finds target_new among the LEAST probable tokens
 -- (rank near vocab_size - 1) at the last position of the upper layers. Zero vectors (a position that
 -- cannot affect the loss) have no direction to rank and are left out.
+-- Spread: q25_/q75_ are the quartiles of each rank over prompts (the median is the middle one);
+-- target_true_in_bottom_k is the same share as target_new_in_bottom_k for the true object (the control);
+-- vocab_size is V (ranks run 0..V-1): from the models table, else the largest rank seen + 1 (a lower bound).
 CREATE OR REPLACE VIEW target_rank_by_layer AS
-WITH depth AS (SELECT model, max(layer) + 1 AS n_layers FROM projections GROUP BY model)
+WITH depth AS (SELECT model, max(layer) + 1 AS n_layers,
+                      max(greatest(target_new_rank, target_true_rank)) + 1 AS ranks_seen
+               FROM projections GROUP BY model),
+     vocab AS (SELECT model, max(vocab_size) AS vocab_size FROM models GROUP BY model)
 SELECT x.model, x.site, x.layer,
        CASE WHEN x.segment = 'last' THEN 'last' ELSE 'not_last' END AS position_kind,
        count(*) AS n,
@@ -34,10 +40,17 @@ SELECT x.model, x.site, x.layer,
        median(x.target_true_rank) AS median_target_true_rank,
        avg(CASE WHEN list_contains(x.bottom_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_bottom_k,
        avg(CASE WHEN list_contains(x.top_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_top_k,
-       any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac
+       any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac,
+       quantile_cont(x.target_new_rank, 0.25) AS q25_target_new_rank,
+       quantile_cont(x.target_new_rank, 0.75) AS q75_target_new_rank,
+       quantile_cont(x.target_true_rank, 0.25) AS q25_target_true_rank,
+       quantile_cont(x.target_true_rank, 0.75) AS q75_target_true_rank,
+       avg(CASE WHEN list_contains(x.bottom_ids, p.target_true_id) THEN 1.0 ELSE 0.0 END) AS target_true_in_bottom_k,
+       any_value(coalesce(v.vocab_size, d.ranks_seen)) AS vocab_size
 FROM projections AS x
 JOIN prompts AS p USING (key)
 JOIN depth AS d ON d.model = x.model
+LEFT JOIN vocab AS v ON v.model = x.model
 WHERE NOT x.zero_vector
 GROUP BY x.model, x.site, x.layer, position_kind;
 

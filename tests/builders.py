@@ -18,10 +18,16 @@ DATA = SHARED / "data/counterfact/counterfact-edit-1k.json"
 # A prompt whose text needs escaping everywhere it is shown (HTML report, Markdown card).
 TRICKY = dict(case_id=900001, prompt='The "<b>native</b>" language & tongue of Danielle Darrieux is',
               subject="Danielle Darrieux", target_new="English", target_true="French")
+# A prompt with a token that draws nothing unless the report makes it visible: a no-break space (U+00A0).
+NBSP = dict(case_id=900002, prompt="The capital of\u00a0France is", subject="France", target_new="Rome",
+            target_true="Paris")
 
 
-def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny") -> Path:
-    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt, vectors on."""
+def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny", n_layer: int = 4,
+                   model_name: str = "tiny-gpt2", extra: tuple[dict, ...] = ()) -> Path:
+    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt (+ ``extra``
+    records), vectors on. Called again on the same root with another ``model_name`` and ``run_id``, it adds
+    a second model to the warehouse."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -37,16 +43,16 @@ def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str =
     tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER))
     tok.pad_token = tok.eos_token = "<|endoftext|>"
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
-    lm = wrap_model(model, tok, name="tiny-gpt2")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
+    lm = wrap_model(model, tok, name=model_name)
     res = load_records(DATA, limit=n)
-    records = res.records + [EditRecord(**TRICKY, source="test")]
+    records = res.records + [EditRecord(**TRICKY, source="test")] + [EditRecord(**r, source="test") for r in extra]
     prompts = [prepare(r, tok, 64) for r in records]
     tables = extract_batch(lm, prompts, run_id, top_k=10, vectors="spanning")
     init_warehouse(root)
     commit_batch(root, tables, kind="extract")
     runs = pa.table({
-        "run_id": [run_id], "model": ["tiny-gpt2"], "model_revision": ["random-init"], "dataset": [str(DATA)],
+        "run_id": [run_id], "model": [model_name], "model_revision": ["random-init"], "dataset": [str(DATA)],
         "dataset_fingerprint": [res.fingerprint],
         "config_json": [json.dumps({"top_k": 10, "vectors": "spanning", "limit": n})],
         "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
