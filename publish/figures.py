@@ -56,9 +56,9 @@ def _model_panels(plt, rows: list[tuple]):
     return fig, [(ax, m, [r for r in rows if r[0] == m]) for ax, m in zip(axes[0], models)]
 
 
-def _figure(path: Path, caption: str, alt: str, wide: bool = False) -> Figure:
+def _figure(path: Path, caption: str, alt: str) -> Figure:
     """The Figure record of a PNG just saved under ``figures/``."""
-    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=wide)
+    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt)
 
 
 def _query_panels(con, sql: str):
