@@ -6,7 +6,20 @@ import importlib
 
 import typer
 
-app = typer.Typer(
+
+
+class _Blens(typer.Typer):
+    """The app, called through one guard (``run_guarded``): user errors print one line and exit 2, SIGINT /
+    SIGTERM exit cleanly in one line; only bugs show a traceback. A subclass so that both entry points,
+    the ``blens`` script (``blens.cli:app``) and ``python -m blens.cli``, go through it."""
+
+    def __call__(self, *args, **kwargs):
+        from blens.commands._common import run_guarded
+
+        return run_guarded(super().__call__, *args, **kwargs)
+
+
+app = _Blens(
     name="blens",
     help=(
         "Backward Lens warehouse: extract gradient spanning sets (inputs x_i and VJPs delta_i of every MLP "
@@ -17,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-COMMANDS = ("extract", "sql", "edit", "sweep", "publish", "report", "serve")
+COMMANDS = ("extract", "sql", "warehouse", "edit", "sweep", "publish", "report", "serve")
 
 for _name in COMMANDS:
     try:

@@ -13,10 +13,12 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from blens.extract.models import LoadedModel
-from blens.extract.records import EditRecord, RecordError, load_records
+from blens.extract.identity import result_key
+from blens.extract.models import LoadedModel, model_facts
+from blens.extract.records import EditRecord, RecordError
+from blens.extract.sources import load_records
 from blens.store import runs as store_runs
-from blens.store.reads import edit_summary_rows
+from blens.store.reads import edit_summary_rows, existing_results
 from blens.store.writer import commit_batch, init_warehouse
 
 from .cases import prepare_case
@@ -29,8 +31,9 @@ from .spec import MATRIX, EditConfig, EditSpec, check_layer
 class EditPlan:
     run_id: str
     model_name: str
-    records: list[EditRecord]
+    records: list[EditRecord]  # those with at least one spec not yet in the warehouse
     n_load_errors: int
+    n_skipped_done: int = 0
 
 
 @dataclass
@@ -89,6 +92,12 @@ def edit_settings(cfg: EditConfig) -> dict:
             "metrics": "top1_last_position+rome_prob_tests", "loss": "nll_first_target_token_last_position"}
 
 
+def edit_key(lm: LoadedModel, record: EditRecord, spec: EditSpec) -> str:
+    """An edit result's identity: model, record content and the spec (a rerun skips what is stored)."""
+    settings = {"edit": spec.as_dict(), "matrix": MATRIX, "metrics": "top1_last_position+rome_prob_tests"}
+    return result_key(lm.name, lm.revision, settings, record)
+
+
 def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
     """Load records, fix the run identity, and commit the run row plus records rejected on load."""
     for spec in cfg.specs:
@@ -99,18 +108,25 @@ def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
     run_id = store_runs.run_id_for(lm.name, lm.revision, loaded.fingerprint, settings)
     config = {"data": cfg.data, "limit": cfg.limit, **settings}
     store_runs.register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
-                            fingerprint=loaded.fingerprint, config=config, kind=cfg.kind,
-                            errors={"load": loaded.errors})
-    return EditPlan(run_id=run_id, model_name=lm.name, records=list(loaded.records), n_load_errors=len(loaded.errors))
+                            fingerprint=loaded.fingerprint, config=config, kind=cfg.kind, model_facts=model_facts(lm),
+                            errors=[store_runs.errors_table(run_id, loaded.errors, "load")])
+    keys = [edit_key(lm, r, s) for r in loaded.records for s in cfg.specs]
+    stored = existing_results(root, keys, table="edit_results")
+    todo = [r for r in loaded.records if any(edit_key(lm, r, s) not in stored for s in cfg.specs)]
+    return EditPlan(run_id=run_id, model_name=lm.name, records=todo, n_load_errors=len(loaded.errors),
+                    n_skipped_done=len(loaded.records) - len(todo))
 
 
 def process_edit_batch(cfg: EditConfig, lm: LoadedModel, run_id: str, records: Sequence[EditRecord]) -> EditBatchResult:
     """Edit and score a batch of records under every spec; commit edit_results + errors atomically."""
     t0 = time.perf_counter()
     rows, errors = edit_records(lm, records, cfg.specs)
-    commit_batch(cfg.warehouse, run_id, {"edit_results": results_table(rows, run_id, lm.name),
-                                         "errors": store_runs.errors_table(run_id, errors, "edit")},
-                 n_prompts=len(records))
+    by_case = {r.case_id: r for r in records}
+    specs = {(s.label, s.layer, s.lr): s for s in cfg.specs}
+    keys = [edit_key(lm, by_case[r["case_id"]], specs[(r["method"], r["layer"], r["lr"])]) for r in rows]
+    table = results_table(rows, run_id, lm.name)
+    commit_batch(cfg.warehouse, {"edit_results": table.add_column(0, "key", pa.array(keys, pa.string())),
+                                 "errors": store_runs.errors_table(run_id, errors, "edit")}, kind="edit")
     return EditBatchResult(n_cases=len(records), n_rows=len(rows), n_errors=len(errors),
                            seconds=time.perf_counter() - t0)
 

@@ -77,7 +77,7 @@ class EditConfig(BaseModel):
     specs: list[EditSpec]
     warehouse: str = "warehouse"
     limit: int | None = Field(default=None, ge=1)
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = Field(default=16, ge=1)
     kind: Literal["edit", "sweep"] = "edit"
     min_efficacy: float = Field(default=0.95, ge=0, le=1)

@@ -107,6 +107,16 @@ class Family:
     post_mlp_norm: str | None = None
 
 
+# Where Llama-style decoders (Llama, Mistral, Qwen2, Gemma 3) keep the modules: a gated MLP, up/gate/down.
+_GATED_MLP_LAYOUT = dict(
+    base="model",
+    blocks="model.layers",
+    matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
+    final_norm="model.norm",
+    unembedding="lm_head",
+    embedding="model.embed_tokens",
+)
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         name="gpt2",
@@ -119,29 +129,11 @@ FAMILIES: dict[str, Family] = {
         embedding="transformer.wte",
         weight_is_in_by_out=True,
     ),
-    "llama": Family(
-        name="llama",
-        model_types=("llama", "mistral", "qwen2"),
-        base="model",
-        blocks="model.layers",
-        matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
-        final_norm="model.norm",
-        unembedding="lm_head",
-        embedding="model.embed_tokens",
-    ),
+    "llama": Family(name="llama", model_types=("llama", "mistral", "qwen2"), **_GATED_MLP_LAYOUT),
     # Gemma 3 (text): a GeGLU MLP (gate/up/down) between pre- and post-feedforward RMSNorms, scale (1 + w).
     # The embedding module multiplies by sqrt(d_model) itself, so inputs_embeds=embedding(ids) is exact.
-    "gemma3": Family(
-        name="gemma3",
-        model_types=("gemma3_text",),
-        base="model",
-        blocks="model.layers",
-        matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
-        final_norm="model.norm",
-        unembedding="lm_head",
-        embedding="model.embed_tokens",
-        post_mlp_norm="post_feedforward_layernorm",
-    ),
+    "gemma3": Family(name="gemma3", model_types=("gemma3_text",), post_mlp_norm="post_feedforward_layernorm",
+                     **_GATED_MLP_LAYOUT),
 }
 
 

@@ -165,3 +165,74 @@ def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int) -> Span
     t = trace(view, ids, mask, all_matrices(view), target, resid_layers=resid_layers)
     return SpanningSets(input_ids=ids, mask=mask, lengths=mask.sum(1), loss=t.loss, inputs=t.inputs, vjps=t.vjps,
                         resid_vjps=t.resid_vjps)
+
+
+# ---- batch size from free memory (CUDA) ---------------------------------------------------------------
+
+CPU_BATCH_TOKENS = 512  # ExtractConfig's default: bounds a CPU batch's RSS (see batching.token_budget_batches)
+DEVICE_MEMORY_FRACTION = 0.6  # share of the free GPU memory a batch's activations may take
+PEAK_FACTOR = 1.5  # backward transients (a layer's gradients) on top of what is saved for it
+
+
+def activation_bytes_per_token(view: ModelView, probe_tokens: int = 64, pad_id: int = 0) -> float:
+    """Device bytes one token of a batch keeps alive, measured on a probe batch of random ids.
+
+    Counted: every tensor autograd saves for the backward pass (weights excluded) plus the captured
+    spanning sets, plus the lens input copy (two sites, every layer, d floats). Measured through
+    ``torch.autograd.graph.saved_tensors_hooks``, so it is the same count on CPU and CUDA and needs no
+    allocator statistics; unique storages are counted once.
+    """
+    device = view.unembedding.device
+    d = view.unembedding.shape[1]
+    width = max(1, min(16, probe_tokens))
+    rows = max(1, probe_tokens // width)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, view.vocab_size, (rows, width), generator=g).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    params = {p.untyped_storage().data_ptr() for p in view.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        t = trace(view, ids, mask, all_matrices(view), ids[:, -1])
+    captured = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
+                for x in (*t.inputs.values(), *t.vjps.values())}
+    lens_input = 2 * view.n_layers * d * 4 * rows * width
+    return (sum(seen.values()) + sum(captured.values()) + lens_input) / (rows * width)
+
+
+def batch_tokens_for_memory(free_bytes: int, bytes_per_token: float, reserve_bytes: int = 0, *,
+                            fraction: float = DEVICE_MEMORY_FRACTION, peak_factor: float = PEAK_FACTOR,
+                            lo: int = 64, hi: int = 65536) -> int:
+    """The token budget whose activations fit: fraction x (free - reserve) / (peak_factor x bytes/token),
+    clamped to [lo, hi] and rounded down to a multiple of 64."""
+    usable = fraction * max(0, free_bytes - reserve_bytes)
+    tokens = int(usable // (peak_factor * bytes_per_token))
+    return max(lo, min(hi, tokens // 64 * 64))
+
+
+def auto_batch_tokens(view: ModelView, device: torch.device | str | None = None, *, free_bytes: int | None = None,
+                      bytes_per_token: float | None = None) -> int:
+    """``batch_tokens`` for this model on this device: 512 on CPU; on CUDA from free memory.
+
+    On CUDA the lens block (:func:`blens.extract.lens.lens_block_rows`) is reserved first, then the rest
+    is shared out by the measured per-token cost (:func:`activation_bytes_per_token`). Call it after the
+    model is on the device and before the first batch (the probe is one small traced pass).
+    """
+    from .lens import LENS_BYTES_PER_LOGIT, lens_block_rows
+
+    device = torch.device(device) if device is not None else view.unembedding.device
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if bytes_per_token is None:
+        bytes_per_token = activation_bytes_per_token(view)
+    V = view.vocab_size
+    reserve = lens_block_rows(V, device, free_bytes) * V * LENS_BYTES_PER_LOGIT
+    return batch_tokens_for_memory(free_bytes, bytes_per_token, reserve)

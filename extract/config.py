@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from .adapters import LENS_SITES
+from .identity import result_settings
+from .prepare import DEFAULT_MAX_PROMPT_TOKENS
 from .models import EMBEDDED_NAME
 
 
@@ -19,20 +20,19 @@ class ExtractConfig(BaseModel):
     limit: int | None = Field(default=None, ge=1)
     warehouse: str = "warehouse"
     batch_size: int = Field(default=32, ge=1)
-    # prompts x padded length per batch: bounds a batch's memory (see job.token_budget_batches).
+    # prompts x padded length per batch: bounds a batch's memory (see batching.token_budget_batches).
     # 512 = 32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's tokenizer.
     batch_tokens: int = Field(default=512, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)
-    device: str = "cpu"
+    device: str = "auto"  # a GPU when one is present (cuda), else the CPU
     vectors: Literal["none", "spanning", "all"] = "none"
     lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
-    force: bool = False  # recompute prompts already committed under this run
-    # Scheduled runs over a growing file: the run identity uses the dataset *source* instead of its
-    # content fingerprint, and a record is skipped when the same case_id with the same content is done.
-    incremental: bool = False
+    # Per-prompt memory bound: a longer prompt becomes an errors row instead of an out-of-memory kill.
+    max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, ge=1)
+    force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
 
     @field_validator("shard")
     @classmethod
@@ -53,7 +53,6 @@ class ExtractConfig(BaseModel):
         i, n = (int(x) for x in self.shard.split("/"))
         return i, n
 
-    def identity_settings(self) -> dict:
-        """Settings that change what lands in the warehouse (batching, device, sharding do not)."""
-        return {"top_k": self.top_k, "vectors": self.vectors, "sites": [str(s) for s in LENS_SITES],
-                "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding"}
+    def result_settings(self) -> dict:
+        """Settings that change a result's rows (batching, device, sharding and stored vectors do not)."""
+        return result_settings(self.top_k)

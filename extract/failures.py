@@ -2,8 +2,10 @@
 which stop the run. Extraction, editing and the flows all ask here, so the rule cannot drift apart.
 
 A record failure is what one prompt's computation can raise: a tensor op that fails for this input
-(RuntimeError, also torch's device errors), a value or index out of range. Everything else (an
-assertion such as a weight that did not restore, KeyboardInterrupt, a programming error) propagates.
+(RuntimeError, also torch's device errors), a value or index out of range. Everything else propagates and
+stops the run: the environment failing (OSError: disk full, permissions, I/O; MemoryError), an assertion
+such as a weight that did not restore, KeyboardInterrupt, a programming error. An environmental failure is
+never recorded as a bad record, so a rerun after recovery redoes exactly what was lost.
 """
 
 from __future__ import annotations

@@ -2,27 +2,32 @@
 
 Prefect tasks in ``blens.flows.extract_flow`` call exactly these; tests call them without Prefect.
 
-A run's identity is (model + revision, dataset fingerprint, extraction settings), so rerunning the
-same command on the same warehouse resumes: case_ids already committed under that run are skipped.
+Results are identified by content (``identity.py``): a record whose result is already in the warehouse
+is skipped whatever run, file or shard put it there, so rerunning a command resumes it, and a grown
+file only costs its new records. Runs are provenance: (model + revision, dataset fingerprint, settings).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from blens.store.reads import done_case_ids, done_records
+from blens.store.reads import VECTOR_LEVELS, existing_results, runs_holding
 from blens.store.runs import errors_table, register_run, run_id_for
 from blens.store.writer import commit_batch, init_warehouse
 
 from .config import ExtractConfig
 from .failures import describe, is_record_failure
+from .identity import result_key, result_slot
 from .lens import LogitLens
-from .models import LoadedModel, cached_model
+from .models import LoadedModel, cached_model, model_facts
+from .batching import token_budget_batches
 from .prepare import PreparedPrompt, prepare
-from .records import RecordError, load_records
+from .records import RecordError
+from .sources import load_records
 from .tables import extract_batch
 
 
@@ -34,6 +39,7 @@ class RunPlan:
     n_records: int
     n_skipped_done: int
     errors: list[RecordError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things the user should hear before the run starts
 
     @property
     def n_todo(self) -> int:
@@ -45,63 +51,66 @@ def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
     return case_id % n == i
 
 
-def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
-                         batch_tokens: int) -> list[list[PreparedPrompt]]:
-    """Cut length-sorted prompts into batches of at most ``batch_size`` prompts and ``batch_tokens`` padded
-    tokens (prompts x longest prompt); a prompt longer than the budget runs alone.
+def _identity(cfg: ExtractConfig, lm: LoadedModel, record) -> tuple[str, str]:
+    settings = cfg.result_settings()
+    return (result_key(lm.name, lm.revision, settings, record),
+            result_slot(lm.name, lm.revision, settings, record.case_id))
 
-    Why a token budget and not only a prompt count: a batch's memory (activations kept for the backward
-    pass, the captured x_i and delta_i, lens blocks) grows with its padded token count. Runs are sorted by
-    length, so with a prompt count alone the longest prompts of a large run (the tail of the length
-    distribution, absent from a small run) form its largest batches, and peak RSS grows with the size of the
-    run. With the budget, the largest batch, and so the peak, is set by ``batch_tokens`` whatever the run size.
-    """
-    batches: list[list[PreparedPrompt]] = []
-    current: list[PreparedPrompt] = []
-    width = 0
-    for p in prompts:
-        new_width = max(width, p.n_tokens)
-        if current and (len(current) >= batch_size or (len(current) + 1) * new_width > batch_tokens):
-            batches.append(current)
-            current, new_width = [], p.n_tokens
-        current.append(p)
-        width = new_width
-    if current:
-        batches.append(current)
-    return batches
+
+def _needs_work(cfg: ExtractConfig, stored: dict[str, str], key: str) -> bool:
+    """A key is done when stored with at least the vectors this run asks for (and not --force)."""
+    if cfg.force or key not in stored:
+        return True
+    return VECTOR_LEVELS[stored[key]] < VECTOR_LEVELS[cfg.vectors]
 
 
 def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
-    """Load and validate records, tokenize, skip finished ones, and register the run with its load errors."""
+    """Load and validate records, tokenize, skip results already in the warehouse, and register the run
+    with its rejected records."""
     root = init_warehouse(cfg.warehouse)
     loaded = load_records(cfg.data, limit=cfg.limit)
-    dataset_key = f"incremental:{cfg.data}" if cfg.incremental else loaded.fingerprint
-    run_id = run_id_for(lm.name, lm.revision, dataset_key, cfg.identity_settings())
+    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**cfg.result_settings(), "vectors": cfg.vectors})
     shard = cfg.shard_index()
     records = [r for r in loaded.records if in_shard(r.case_id, shard)]
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
-    if cfg.force:
-        done = set()
-    elif cfg.incremental:
-        seen = done_records(root, run_id)
-        done = {r.case_id for r in records
-                if seen.get(r.case_id) == (r.prompt, r.subject, r.target_new, r.target_true)}
-    else:
-        done = done_case_ids(root, run_id)
+    keys = {r.case_id: _identity(cfg, lm, r)[0] for r in records}
+    stored = existing_results(root, list(keys.values()))
+    todo = [r for r in records if _needs_work(cfg, stored, keys[r.case_id])]
     max_tokens = lm.view.max_positions
     prepared: list[PreparedPrompt] = []
     prep_errors: list[RecordError] = []
-    for rec in records:
-        if rec.case_id in done:
-            continue
-        p = prepare(rec, lm.tokenizer, max_tokens)
+    for rec in todo:
+        p = prepare(rec, lm.tokenizer, max_tokens, cfg.max_prompt_tokens)
         (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
     batches = token_budget_batches(prepared, cfg.batch_size, cfg.batch_tokens)
     register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data, fingerprint=loaded.fingerprint,
-                 config=cfg.model_dump_json(), kind="extract", errors={"load": load_errors, "prepare": prep_errors})
+                 config=cfg.model_dump_json(), kind="extract", model_facts=model_facts(lm),
+                 errors=[errors_table(run_id, load_errors, "load"),
+                         errors_table(run_id, prep_errors, "prepare", [keys[e.case_id] for e in prep_errors])])
     return RunPlan(run_id=run_id, model_name=lm.name, batches=batches, n_records=len(records),
-                   n_skipped_done=len(done & {r.case_id for r in records}), errors=load_errors + prep_errors)
+                   n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors,
+                   notes=_overlap_notes(cfg, root, run_id, [keys[c] for c in keys.keys() - {r.case_id for r in todo}]))
+
+
+def _overlap_notes(cfg: ExtractConfig, root, run_id: str, skipped: list[str]) -> list[str]:
+    """Say when this shard's records were already extracted by a run with another shard or limit: they are
+    skipped (each result is stored once), so this run alone is not the whole of that shard."""
+    if cfg.shard is None or not skipped:
+        return []
+    notes = []
+    for other, config, n in runs_holding(root, skipped):
+        if other == run_id:
+            continue
+        try:
+            theirs = json.loads(config or "{}")
+        except ValueError:
+            theirs = {}
+        if (theirs.get("shard"), theirs.get("limit")) != (cfg.shard, cfg.limit):
+            notes.append(f"warning: {n} of shard {cfg.shard}'s records were already extracted by run {other} "
+                         f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
+                         "recomputed (each result is stored once)")
+    return notes
 
 
 @dataclass
@@ -144,9 +153,15 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
     lens = lens or make_lens(lm, cfg.lens_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    identity = [_identity(cfg, lm, p.record) for p in prompts]
+    stored = existing_results(cfg.warehouse, [k for k, _ in identity])
+    todo = [(p, ident) for p, ident in zip(prompts, identity) if _needs_work(cfg, stored, ident[0])]
+    if not todo:  # another writer (a racing shard) committed them meanwhile
+        return BatchResult(0, 0, time.perf_counter() - t0)
+    prompts, identity = [p for p, _ in todo], [i for _, i in todo]
     try:
-        tables = extract_batch(lm, prompts, run_id, top_k=cfg.top_k, vectors=cfg.vectors, lens=lens)
-        commit_batch(cfg.warehouse, run_id, tables, n_prompts=len(prompts))
+        tables = extract_batch(lm, prompts, run_id, top_k=cfg.top_k, vectors=cfg.vectors, lens=lens, identity=identity)
+        commit_batch(cfg.warehouse, tables, kind="extract", replace={k for k, _ in identity if k in stored})
         del tables
         _release_freed_memory()
         return BatchResult(len(prompts), 0, time.perf_counter() - t0)
@@ -157,7 +172,7 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
             p = prompts[0]
             err = RecordError(case_id=p.record.case_id, field="prompt", message=f"extraction failed: {describe(exc)}",
                               source=p.record.source)
-            commit_batch(cfg.warehouse, run_id, {"errors": errors_table(run_id, [err], "extract")})
+            commit_batch(cfg.warehouse, {"errors": errors_table(run_id, [err], "extract", [identity[0][0]])}, kind="meta")
             return BatchResult(0, 1, time.perf_counter() - t0)
     done = failed = 0
     for p in prompts:

@@ -43,17 +43,69 @@ and the bf16 mode is *not* faster than fp32 there; when the union would exceed `
 the vocabulary the block is simply computed exactly in fp32 (bounded overhead: one extra bf16 GEMM).
 It pays off when targets sit in a sparse tail (small bands) and stays exact either way: on 4096 real
 SmolLM2 lens vectors it agreed with fp32 on 100 % of top-k ids, bottom-k ids and both target ranks.
+
+On CUDA (docs/gpu.md) the fp32 lens is the same code with other block sizes: a block is as many rows as
+a share of the free GPU memory allows (:func:`lens_block_rows`, thousands of rows instead of 64, so the
+GEMM fills the device), the GEMM is cuBLAS ``h @ W.T`` with TF32 switched off (:func:`fp32_exact`), and
+top-k, bottom-k and the rank counts are written into device tensors sized for the whole call. Nothing in
+the block loop reads a value back to the host (no ``.item()``, ``nonzero``, ``unique``, ``.cpu()``;
+tests/test_gpu_paths.py checks this through the dispatcher), so the host queues the whole call and the
+results leave the device in the caller's one copy per batch. The bf16 mode is CPU-only: its rescoring
+relies on MKL returning bit-identical values for column subsets, which cuBLAS does not promise.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 BF16_UNIT = 2.0**-9  # half an ulp of bfloat16 relative to the value (8-bit significand)
 MIN_RESCORE_COLS = 64  # below this MKL may take a kernel whose summation order differs from the full GEMM
 MIN_RESCORE_ROWS = 4
+CPU_BLOCK_ROWS = 64  # a 64 x V logits block stays in cache for the top-k and rank passes
+DEVICE_BLOCK_ROWS = (256, 8192)  # bounds of a CUDA block; beyond 8192 rows the GEMM is already device-bound
+DEVICE_LENS_MEMORY_FRACTION = 0.25  # share of the free GPU memory one lens block may take
+LENS_BYTES_PER_LOGIT = 12  # per row and token of a block: fp32 logits, the fp32 rank scratch, top-k workspace
+
+
+def lens_block_rows(vocab_size: int, device: torch.device | str, free_bytes: int | None = None) -> int:
+    """Rows per lens block: 64 on CPU (cache-sized); on CUDA as many as a quarter of the free memory holds.
+
+    A block needs its fp32 logits, the fp32 rank scratch of the same shape and top-k's workspace
+    (:data:`LENS_BYTES_PER_LOGIT` bytes per logit, a bound). ``free_bytes`` defaults to
+    ``torch.cuda.mem_get_info``; the result is a multiple of 256 within :data:`DEVICE_BLOCK_ROWS`.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_BLOCK_ROWS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    rows = int(DEVICE_LENS_MEMORY_FRACTION * free_bytes) // (LENS_BYTES_PER_LOGIT * vocab_size)
+    lo, hi = DEVICE_BLOCK_ROWS
+    return max(lo, min(hi, rows // 256 * 256))
+
+
+@contextlib.contextmanager
+def fp32_exact() -> Iterator[None]:
+    """fp32 matmuls in full fp32 inside the block (no TF32 tensor cores on CUDA), whatever the caller set.
+
+    ``torch.set_float32_matmul_precision("high")`` (which some libraries call) lets cuBLAS round fp32
+    operands to TF32 (10-bit significand): logits would move by ~1e-3 relative, far beyond the ties that
+    different summation orders produce, and target ranks would no longer match the CPU. A host-side flag:
+    setting it synchronises nothing.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 @dataclass
@@ -158,10 +210,13 @@ class LogitLens:
     fp32 dot products summed in another order (max |diff| ~1e-5), which moves a target rank only where
     another token ties it within that. ``"torch"`` is plain ``h @ W.T`` (CUDA, or no oneDNN); the bf16
     mode always uses it, because its rescoring relies on MKL's bit-identical column subsets.
+
+    ``chunk_rows`` (rows per block) defaults to 64 on CPU and, for weights on CUDA, to
+    :func:`lens_block_rows` of the free memory at each call.
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, dtype: str = "fp32", chunk_rows: int = 64, shortlist: int = 32, margin: float = 6.0,
+                 *, dtype: str = "fp32", chunk_rows: int | None = None, shortlist: int = 32, margin: float = 6.0,
                  max_band_frac: float = 0.25, gemm: str = "auto"):
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"lens dtype must be fp32 or bf16, not {dtype!r}")
@@ -172,8 +227,12 @@ class LogitLens:
         self.norm = final_norm
         self.w = unembedding.detach().float().contiguous()
         self.bias = None if bias is None else bias.detach().float()
+        if dtype == "bf16" and self.w.device.type != "cpu":
+            raise ValueError("the bf16 lens is CPU-only (its exact rescoring relies on MKL's bit-identical column "
+                             "subsets); use the fp32 lens on CUDA")
         self.dtype = dtype
-        self.chunk_rows = chunk_rows
+        # rows per block: fixed when given; else 64 on CPU and, on CUDA, chosen per call from free memory
+        self.chunk_rows = chunk_rows if chunk_rows is not None or self.w.device.type == "cuda" else CPU_BLOCK_ROWS
         self.shortlist = shortlist
         self.margin = margin
         self.max_band_frac = max_band_frac
@@ -193,12 +252,20 @@ class LogitLens:
         """The lens of a :class:`~blens.extract.adapters.ModelView`: its final norm and LM head."""
         return cls(view.final_norm, view.unembedding, view.unembedding_bias, dtype=dtype)
 
+    def block_rows(self, device: torch.device) -> int:
+        """Rows per block for a call on ``device``."""
+        return self.chunk_rows if self.chunk_rows is not None else lens_block_rows(self.w.shape[0], device)
+
     def project(self, vectors: torch.Tensor, targets: torch.Tensor, k: int) -> LensResult:
-        """vectors (N, d) raw (the final norm is applied here); targets (N, n_targets) token ids."""
+        """vectors (N, d) raw (the final norm is applied here); targets (N, n_targets) token ids.
+
+        The results are on the vectors' device; on CUDA the call queues its work and returns without
+        waiting for it (the caller's host copy is the one synchronisation)."""
         if self.dtype == "fp32":
-            return self._project_fp32(vectors, targets, k)
+            with fp32_exact():
+                return self._project_fp32(vectors, targets, k)
         parts = []
-        rows = max(self.chunk_rows, MIN_RESCORE_ROWS)
+        rows = max(self.block_rows(vectors.device), MIN_RESCORE_ROWS)
         with torch.inference_mode():
             for s in range(0, vectors.shape[0], rows):
                 parts.append(self._bf16_rows(self.norm(vectors[s : s + rows].float()), k, targets[s : s + rows]))
@@ -226,12 +293,13 @@ class LogitLens:
         the logits, and in some runs every block landed on fresh heap: 2 GB for 6,400 rows.)
         """
         N, n_t = vectors.shape[0], targets.shape[1]
+        rows = self.block_rows(vectors.device)
         out = _empty_result(N, k, n_t, vectors.device)
         counts = torch.empty((n_t, N), dtype=torch.float32, device=vectors.device)  # exact: V < 2^24
-        scratch = torch.empty((min(self.chunk_rows, N), self.w.shape[0]), dtype=torch.float32, device=vectors.device)
+        scratch = torch.empty((min(rows, N), self.w.shape[0]), dtype=torch.float32, device=vectors.device)
         with torch.inference_mode():
-            for s in range(0, N, self.chunk_rows):
-                logits = self._logits(self.norm(vectors[s : s + self.chunk_rows].float()))
+            for s in range(0, N, rows):
+                logits = self._logits(self.norm(vectors[s : s + rows].float()))
                 e = s + logits.shape[0]
                 torch.topk(logits, k, dim=-1, out=(out.top_logits[s:e], out.top_ids[s:e]))
                 torch.topk(logits, k, dim=-1, largest=False, out=(out.bottom_logits[s:e], out.bottom_ids[s:e]))

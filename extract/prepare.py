@@ -3,13 +3,29 @@
 Tokenization uses the model's tokenizer defaults (special tokens as the tokenizer adds them: none for
 GPT-2 and SmolLM2, a BOS for Llama-2). A target's id is the first token of ``" " + target`` without
 special tokens: the token the model must produce right after the prompt.
+
+Two length limits, both ``errors`` rows (field "prompt"), never a crash or an OOM kill:
+
+- ``max_tokens``: the model's context (a longer prompt cannot be run at all);
+- ``max_prompt_tokens``: a memory bound. Token-budget batching (``--batch-tokens``) bounds a batch of
+  many prompts, but a prompt longer than the budget runs alone, and its memory grows with its length:
+  measured on SmolLM2-135M (fp32, CPU, one prompt per process, VmHWM over the loaded model's 1.13 GB),
+  +579 MB at 257 tokens, +1,057 MB at 513, +2,160 MB at 1,025, +4,510 MB at 2,049: 2.1-2.2 MB per token,
+  linear (autograd's saved activations and the captured x_i, delta_i of 90 matrices). A 5,000-token
+  prompt needs ~11 GB and used to get the process OOM-killed, on every rerun. The default,
+  ``DEFAULT_MAX_PROMPT_TOKENS`` = 1,024 tokens, keeps one prompt's capture within ~2.2 GB on SmolLM2-135M
+  (a peak of ~3.3 GB with the model); per-token memory grows with layers x width, so raise or lower it
+  per model (``--max-prompt-tokens``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .records import EditRecord, RecordError
+from .records import EditRecord, RecordError, subject_span
+
+# One prompt's capture memory bound, in tokens (see the module docstring for the measured figures).
+DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 SEGMENT_SUBJECT, SEGMENT_LAST, SEGMENT_OTHER = "subject", "last", "other"
 
@@ -41,14 +57,6 @@ def target_id(tokenizer, target: str) -> int | None:
     return int(ids[0])
 
 
-def subject_span(prompt: str, subject: str) -> tuple[int, int] | None:
-    """Character span of the subject in the prompt (last occurrence; case-insensitive fallback)."""
-    start = prompt.rfind(subject)
-    if start < 0:
-        start = prompt.lower().rfind(subject.lower())
-    return None if start < 0 or not subject else (start, start + len(subject))
-
-
 def segments_for(offsets: list[tuple[int, int]], span: tuple[int, int] | None) -> tuple[str, ...]:
     segs = []
     for i, (s, e) in enumerate(offsets):
@@ -73,8 +81,14 @@ def target_ids(record: EditRecord, tokenizer) -> tuple[int, int] | RecordError:
     return ids[0], ids[1]
 
 
-def prepare(record: EditRecord, tokenizer, max_tokens: int | None) -> PreparedPrompt | RecordError:
-    """Tokenize one record for extraction; every failure names the record and the field."""
+def prepare(record: EditRecord, tokenizer, max_tokens: int | None,
+            max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS) -> PreparedPrompt | RecordError:
+    """Tokenize one record for extraction; every failure names the record and the field.
+
+    ``max_tokens`` is the model's context; ``max_prompt_tokens`` the per-prompt memory bound (None: no
+    bound). A prompt over either is refused here, so it is recorded once instead of being run (and
+    OOM-killed) again on every rerun.
+    """
 
     def error(field: str, message: str) -> RecordError:
         return RecordError(case_id=record.case_id, field=field, message=message, source=record.source)
@@ -85,6 +99,9 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None) -> PreparedPr
         return error("prompt", "prompt tokenizes to no tokens")
     if max_tokens is not None and len(ids) > max_tokens:
         return error("prompt", f"prompt is {len(ids)} tokens, longer than the model's context of {max_tokens}")
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        return error("prompt", f"prompt is {len(ids)} tokens, more than the per-prompt memory limit of "
+                               f"{max_prompt_tokens} tokens (raise it with --max-prompt-tokens)")
     targets = target_ids(record, tokenizer)
     if isinstance(targets, RecordError):
         return targets

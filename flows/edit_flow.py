@@ -19,7 +19,11 @@ from blens.edit.spec import EditConfig
 from blens.extract.models import cached_model
 from blens.extract.records import EditRecord
 
+from . import prefect_runtime
 from .progress import emit
+
+# The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
+prefect_runtime.prepare_process()
 
 
 @dataclass

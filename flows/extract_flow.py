@@ -8,8 +8,9 @@ of weights. The ephemeral local Prefect API is used unless PREFECT_API_URL point
 Scale-out: with the default task runner batches run one after another in this process. With
 ``workers > 1`` (prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes) batch tasks are
 ``.submit()``ted and fan out; every worker loads the model by name and writes its own batch files
-(random batch ids: writers never share a file). A batch that still fails after its retries becomes
-``errors`` rows (stage "extract") and the run goes on.
+(each commit is its own transaction). A batch that still fails after its retries for a reason of its
+own becomes ``errors`` rows (stage "extract") and the run goes on; an environmental failure (disk full,
+permissions, I/O) stops the run (``blens.extract.failures``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blens.extract.config import ExtractConfig
-from blens.extract.failures import describe
+from blens.extract.failures import describe, is_record_failure
 from blens.extract.job import BatchResult, RunPlan, plan_run, process_batch
 from blens.extract.models import cached_model
 from blens.extract.prepare import PreparedPrompt
@@ -34,7 +35,11 @@ from blens.extract.records import RecordError
 from blens.store.runs import errors_table
 from blens.store.writer import commit_batch
 
+from . import prefect_runtime
 from .progress import emit
+
+# The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
+prefect_runtime.prepare_process()
 
 
 @dataclass
@@ -66,10 +71,7 @@ def _failed_batch(cfg: ExtractConfig, run_id: str, batch: list[PreparedPrompt], 
     """A batch that failed for good (after Prefect's retries): its prompts become error rows."""
     msg = f"batch failed after retries: {describe(exc)}"
     errs = [RecordError(case_id=p.record.case_id, field="batch", message=msg, source=p.record.source) for p in batch]
-    try:
-        commit_batch(cfg.warehouse, run_id, {"errors": errors_table(run_id, errs, "extract")})
-    except OSError:
-        raise exc from None  # cannot even record the failure (disk full, warehouse gone): stop the run
+    commit_batch(cfg.warehouse, {"errors": errors_table(run_id, errs, "extract")}, kind="meta")
     return BatchResult(0, len(batch), 0.0)
 
 
@@ -89,7 +91,9 @@ def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
         nonlocal extracted, failed
         try:
             res = get()
-        except Exception as exc:  # noqa: BLE001 - retries are spent: record it and go on
+        except Exception as exc:  # noqa: BLE001 - retries are spent: the policy decides
+            if not is_record_failure(exc):
+                raise  # the environment failed (disk full, permissions, I/O): stop the run, record nothing
             res = _failed_batch(cfg, plan.run_id, batch, exc)
         extracted, failed = extracted + res.n_prompts, failed + res.n_failed
         emit("batch", res, len(batch))
@@ -113,6 +117,7 @@ class WorkersUnavailable(RuntimeError):
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """What the CLI calls: the flow in this process, or on ``cfg.workers`` Dask worker processes (one
     thread each, sharing the CPU cores) via prefect-dask's DaskTaskRunner."""
+    prefect_runtime.ensure_local_api()  # from the main thread, so its server dies with us (see prefect_runtime)
     if cfg.workers <= 1:
         return extract_flow(cfg)
     try:
@@ -123,4 +128,5 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    return extract_flow.with_options(task_runner=runner)(cfg)
+    with prefect_runtime.api_for_child_processes():  # workers use our API server: none outlives us
+        return extract_flow.with_options(task_runner=runner)(cfg)

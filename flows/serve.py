@@ -1,9 +1,8 @@
 """Scheduled, incremental extraction: a Prefect deployment that runs the extract flow on a cron schedule.
 
 The deployment stores one parameter, the ``ExtractConfig`` (as JSON, with Prefect's schema built from
-the model), with ``incremental`` set: the run identity is the dataset source rather than its content
-hash, so a file that grew since the last tick keeps its run id and only its new (or edited) records
-are extracted. ``blens serve`` (blens/commands/serve.py) serves the deployment; it needs a Prefect
+the model). Results are identified by content, so each tick extracts only what the warehouse lacks: the
+new records of a grown file, and edited records (whose new results supersede the old ones). ``blens serve`` (blens/commands/serve.py) serves the deployment; it needs a Prefect
 server whose scheduler creates the runs (``prefect server start`` + ``PREFECT_API_URL``), see
 docs/scale.md.
 """
@@ -25,7 +24,7 @@ DEPLOYMENT_NAME = "blens-extract-scheduled"
 @flow(name="blens-scheduled-extract", log_prints=True)
 def scheduled_extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract whatever in ``cfg.data`` is not in the warehouse yet (new or edited records)."""
-    summary = run_extract(cfg.model_copy(update={"incremental": True}))
+    summary = run_extract(cfg)
     print(f"run {summary.run_id}: {summary.n_extracted} new prompts extracted, {summary.n_done_before} already "
           f"done, {summary.n_failed} failed, {summary.n_skipped} skipped")
     return asdict(summary)
@@ -37,7 +36,7 @@ def build_deployment(cfg: ExtractConfig, *, cron: str = "0 * * * *", name: str =
     from prefect.schedules import Cron
 
     schedule = Cron(cron, timezone=timezone) if timezone else Cron(cron)
-    params = {"cfg": cfg.model_copy(update={"incremental": True}).model_dump(mode="json")}
+    params = {"cfg": cfg.model_dump(mode="json")}
     return scheduled_extract.to_deployment(
         name=name, schedules=[schedule], parameters=params, concurrency_limit=1,
         description="Incremental Backward Lens extraction: only records not yet in the warehouse.",

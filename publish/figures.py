@@ -1,16 +1,14 @@
 """The paper's figures as PNGs (matplotlib, Agg backend), each drawn from one DuckDB view of the warehouse:
-rank_equals_length (Figure 3), projections (the logit-lens tables of single prompts), vjp_norm_by_segment
-(Figure 5), target_rank_by_layer (Figure 6) and edit_results (editing outcomes)."""
+rank_equals_length (Figure 3), vjp_norm_by_segment (Figure 5), target_rank_by_layer (Figure 6) and
+edit_results (editing outcomes). The logit-lens tables of single prompts are HTML, not images
+(``tokens.case_grid``); a :class:`Figure` carries either."""
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-from .tokens import display_token
 
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
 MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
@@ -19,11 +17,11 @@ MODEL_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
 
 @dataclass
 class Figure:
-    file: str  # relative to out/, e.g. figures/rank_equals_length.png
+    file: str | None  # relative to out/, e.g. figures/rank_equals_length.png; None for an HTML grid
     caption: str  # plain text (escaped when rendered)
     alt: str
-    case: object | None = None  # the prompt a per-case figure shows (rendered above the image)
-    wide: bool = False  # shown at natural size with a horizontal scroll instead of fitted to the page
+    case: object | None = None  # the prompt a per-case figure shows (rendered above it)
+    grid: object | None = None  # a lens table rendered as HTML (templates/grid.html.j2) instead of an image
 
 
 def _plt():
@@ -58,12 +56,22 @@ def _model_panels(plt, rows: list[tuple]):
     return fig, [(ax, m, [r for r in rows if r[0] == m]) for ax, m in zip(axes[0], models)]
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
+def _figure(path: Path, caption: str, alt: str) -> Figure:
+    """The Figure record of a PNG just saved under ``figures/``."""
+    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt)
 
 
-def _layer_span(layers: list[int]) -> str:
-    return f"{min(layers)}–{max(layers)}" if layers else "–"
+def _query_panels(con, sql: str):
+    """Side-by-side panels, one per model, over the rows of ``sql`` (model first)."""
+    return _model_panels(_plt(), con.sql(sql).fetchall())
+
+
+def _layer_axis(ax) -> None:
+    """Layers are whole numbers: ticks at integers whatever the depth (matplotlib would put 2.5 for 18 layers)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def fig_rank_equals_length(con, path: Path) -> Figure:
@@ -98,109 +106,12 @@ def fig_rank_equals_length(con, path: Path) -> Figure:
         "means the n spanning vectors are linearly independent. The last layer drops to about 0% because only "
         "the last token's VJP is non-zero there (rank 1). " + "; ".join(summary) + "."
     )
-    return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: share of prompts with gradient rank equal to prompt length, by layer")
-
-
-def _case_rows(con, run_id: str, case_id: int, site: str):
-    # DuckDB lists are 1-based: [1] is the most (top_tokens) or least (bottom_tokens) probable token.
-    return con.execute(
-        "SELECT position, layer, norm, top_tokens[1], bottom_tokens[1], segment FROM projections "
-        "WHERE run_id = ? AND case_id = ? AND site = ? ORDER BY position, layer",
-        [run_id, case_id, site]).fetchall()
-
-
-def fig_case_table(con, run_id: str, case_id: int, site: str, path: Path, tokens: list[tuple]) -> Figure | None:
-    """Rows = prompt tokens, columns = layers; each cell the lens token, coloured by the vector's norm."""
-    import numpy as np
-    from matplotlib.colors import LogNorm, Normalize
-
-    plt = _plt()
-    rows = _case_rows(con, run_id, case_id, site)
-    if not rows:
-        return None
-    positions = sorted({r[0] for r in rows})
-    layers = sorted({r[1] for r in rows})
-    T, L = len(positions), len(layers)
-    pi = {p: i for i, p in enumerate(positions)}
-    li = {l: i for i, l in enumerate(layers)}
-    norms = np.full((T, L), np.nan)
-    labels = [["" for _ in range(L)] for _ in range(T)]
-    use_bottom = site == "ff2_vjp"
-    for pos, layer, norm, top, bottom, _seg in rows:
-        norms[pi[pos], li[layer]] = norm
-        if norm and norm > 0:
-            labels[pi[pos]][li[layer]] = display_token(bottom if use_bottom else top, max_chars=8)
-    positive = norms[np.isfinite(norms) & (norms > 0)]
-    if positive.size and positive.max() / max(positive.min(), 1e-30) > 50:
-        cnorm = LogNorm(vmin=max(positive.min(), positive.max() * 1e-4), vmax=positive.max())
-        scale = "log scale"
-    else:
-        lo, hi = (float(positive.min()), float(positive.max())) if positive.size else (0.0, 1.0)
-        cnorm = Normalize(vmin=lo - 0.05 * (hi - lo), vmax=hi if hi > lo else lo + 1)
-        scale = "linear scale"
-    masked = np.ma.masked_where(~(np.isfinite(norms) & (norms > 0)), norms)
-    cmap = plt.get_cmap("YlOrRd").with_extremes(bad="#eeeeee")
-
-    cell_w, cell_h = 0.62, 0.34
-    fig_w = 1.6 + cell_w * L + 1.0
-    fig_h = 1.1 + cell_h * T
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
-    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=cnorm, interpolation="nearest")
-    ax.grid(False)
-    for s in ax.spines.values():
-        s.set_visible(False)
-    tok_by_pos = {t[0]: t for t in tokens}
-    ylabels = []
-    for p in positions:
-        t = tok_by_pos.get(p)
-        ylabels.append(f"{display_token(t[1], max_chars=14) if t else '?'}  {p}")
-    ax.set_yticks(range(T), ylabels, fontsize=8)
-    for tick, p in zip(ax.get_yticklabels(), positions):
-        seg = tok_by_pos.get(p, (None, None, "other"))[2]
-        tick.set_color(SEGMENT_COLORS.get(seg, "black"))
-        if seg in ("subject", "last"):
-            tick.set_fontweight("bold")
-    ax.set_xticks(range(L), [str(l) for l in layers], fontsize=7)
-    ax.xaxis.set_ticks_position("top")
-    ax.xaxis.set_label_position("top")
-    ax.set_xlabel("layer", fontsize=9)
-    ax.tick_params(length=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
-        for i in range(T):
-            for j in range(L):
-                if labels[i][j]:
-                    r, g, b, _a = cmap(float(cnorm(norms[i, j])))
-                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55
-                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=6.5,
-                            color="white" if dark else "black")
-    cb = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
-    what = "‖δᵢ‖ (FF2 VJP norm)" if use_bottom else "‖xᵢ‖ (FF1 input norm)"
-    cb.set_label(f"{what}, {scale}", fontsize=8)
-    cb.ax.tick_params(labelsize=7)
-    _save(fig, path)
-
-    if use_bottom:
-        caption = (f"Case {case_id} (run {run_id}): the logit lens of the FF2 VJPs δᵢ. Each cell is the LEAST "
-                   "probable token when δᵢ of that token (row) at that layer (column) is projected to the "
-                   "vocabulary — the token a gradient-descent step pushes the model towards. Colour is ‖δᵢ‖ "
-                   f"({scale}); grey cells are exactly zero (no gradient flows there). Subject tokens are red, "
-                   "the last token blue; ␣ marks a leading space.")
-    else:
-        caption = (f"Case {case_id} (run {run_id}): the logit lens of the FF1 inputs xᵢ. Each cell is the MOST "
-                   "probable token when xᵢ (the 'imprint' the gradient writes into FF1) is projected to the "
-                   f"vocabulary. Colour is ‖xᵢ‖ ({scale}). Subject tokens are red, the last token blue; ␣ marks a "
-                   "leading space.")
-    alt = f"Table of {'least' if use_bottom else 'most'} probable lens tokens for case {case_id}, tokens by layers"
-    return Figure(file=f"figures/{path.name}", caption=caption, alt=alt, wide=True)
+    return _figure(path, caption, "Line chart: share of prompts with gradient rank equal to prompt length, by layer")
 
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
-    plt = _plt()
-    rows = con.sql("SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment WHERE site = 'ff2_vjp' "
-                   "ORDER BY model, segment, layer").fetchall()
-    fig, panels = _model_panels(plt, rows)
+    fig, panels = _query_panels(con, "SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment "
+                                "WHERE site = 'ff2_vjp' ORDER BY model, segment, layer")
     notes = []
     for ax, model, mrows in panels:
         positive = [r[3] for r in mrows if r[3] and r[3] > 0]
@@ -215,7 +126,7 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
         if logy:
             ax.set_yscale("log")
         ax.set_title(f"{model}: mean ‖δᵢ‖ of FF2 VJPs by token segment (Figure 5)", fontsize=10)
-        ax.set_xlabel("layer")
+        _layer_axis(ax)
         ax.set_ylabel("mean VJP norm" + (" (log scale)" if logy else ""))
         ax.legend(frameon=False, fontsize=8)
         # which segment carries the most norm, averaged over layers
@@ -231,41 +142,83 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
     caption = ("Mean L2 norm of the FF2 VJP δᵢ (how strongly each token contributes to the FF2 gradient) by "
                "layer, for subject tokens, the last token and all other tokens. The paper finds the gradient "
                "concentrated on the subject and the last token. " + "; ".join(notes) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
+    return _figure(path, caption, "Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
+
+
+POSITION_KINDS = (("last", SEGMENT_COLORS["last"], "last token"), ("not_last", SEGMENT_COLORS["other"], "other tokens"))
+
+
+def _rank_panel(ax, rows: list[dict], target: str, vocab: int, model: str) -> None:
+    """Median rank of one target by layer with its interquartile band, last vs other tokens, and V−1."""
+    for kind, color, label in POSITION_KINDS:
+        pts = [r for r in rows if r["position_kind"] == kind]
+        if not pts:
+            continue
+        layers = [r["layer"] for r in pts]
+        ax.fill_between(layers, [r[f"q25_{target}_rank"] for r in pts], [r[f"q75_{target}_rank"] for r in pts],
+                        color=color, alpha=0.18, linewidth=0)
+        ax.plot(layers, [r[f"median_{target}_rank"] for r in pts], marker="o", markersize=3, color=color,
+                label=f"{label}: median, quartiles")
+    ax.axhline(vocab - 1, color="black", linestyle="--", linewidth=1, label=f"V−1 = {vocab - 1:,} (least probable)")
+    ax.set_ylim(0, vocab * 1.06)
+    ax.set_title(f"{model} · rank of {target}", fontsize=10)
+    _layer_axis(ax)
+    ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}")
+    ax.legend(frameon=False, fontsize=7.5, loc="lower left")
 
 
 def fig_target_rank(con, path: Path) -> Figure:
+    """Figure 6 per model (one row each): target_new's rank, target_true's beside it as the control, and the
+    bottom-k shares; medians with interquartile bands, V−1 drawn, so "at the bottom" can be seen."""
     plt = _plt()
-    rows = con.sql("SELECT model, layer, position_kind, median_target_new_rank, target_new_in_bottom_k "
-                   "FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer").fetchall()
-    fig, panels = _model_panels(plt, rows)
+    cur = con.execute("SELECT * FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer")
+    cols = [d[0] for d in cur.description]
+    rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.7 * len(models) + 0.3), squeeze=False)
     notes = []
-    for ax, model, mrows in panels:
-        for kind, color, label in (("last", SEGMENT_COLORS["last"], "last token"),
-                                   ("not_last", SEGMENT_COLORS["other"], "all other tokens")):
-            pts = [(r[1], r[3]) for r in mrows if r[2] == kind]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, color=color, label=label)
-        ax.set_title(f"{model}: rank of target_new in the FF2 VJP lens (Figure 6)", fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("median rank of target_new (0 = most probable)")
-        ax.legend(frameon=False, fontsize=8)
-        ax.ticklabel_format(axis="y", style="plain")
-        last = [r for r in mrows if r[2] == "last"]
+    for (ax_new, ax_true, ax_k), model in zip(axes, models):
+        mrows = [r for r in rows if r["model"] == model]
+        vocab = int(max(r["vocab_size"] for r in mrows))
+        _rank_panel(ax_new, mrows, "target_new", vocab, model)
+        _rank_panel(ax_true, mrows, "target_true", vocab, model)
+        ax_new.set_ylabel("rank (0 = most probable)")
+        for kind, color, label in POSITION_KINDS:
+            pts = [r for r in mrows if r["position_kind"] == kind]
+            layers = [r["layer"] for r in pts]
+            ax_k.plot(layers, [100 * r["target_new_in_bottom_k"] for r in pts], marker="o", markersize=3,
+                      color=color, label=f"target_new, {label}")
+            ax_k.plot(layers, [100 * r["target_true_in_bottom_k"] for r in pts], linestyle=":", color=color,
+                      label=f"target_true, {label}")
+        ax_k.set_ylim(-3, 103)
+        ax_k.set_title(f"{model} · in the bottom-k tokens (share of prompts)", fontsize=10)
+        _layer_axis(ax_k)
+        ax_k.set_ylabel("%")
+        ax_k.legend(frameon=False, fontsize=7.5, loc="upper left")
+        last = [r for r in mrows if r["position_kind"] == "last"]
         if last:
-            upper = [r for r in last if r[1] >= (max(r[1] for r in last) + 1) / 2]
-            share = sum(r[4] for r in upper) / len(upper)
-            notes.append(f"{model}: in the upper half of the layers target_new is among the bottom-k tokens of the "
-                         f"last token's VJP for {100 * share:.0f}% of prompts")
+            top = max(r["layer"] for r in last)
+            upper = [r for r in last if r["layer"] >= (top + 1) / 2]
+            share = sum(r["target_new_in_bottom_k"] for r in upper) / len(upper)
+            share_true = sum(r["target_true_in_bottom_k"] for r in upper) / len(upper)
+            best = max(last, key=lambda r: r["median_target_new_rank"])
+            notes.append(f"{model} (V = {vocab:,}, {last[0]['n']} prompts): at the last token the median rank of "
+                         f"target_new peaks at "
+                         f"{best['median_target_new_rank']:,.0f} (layer {best['layer']}); in the upper half of the "
+                         f"layers it is among the bottom-k tokens for {100 * share:.0f}% of prompts, target_true "
+                         f"for {100 * share_true:.0f}%")
+    fig.tight_layout()
     _save(fig, path)
-    caption = ("Median rank of the new target's first token among all vocabulary tokens when the FF2 VJP δᵢ is "
-               "projected through the logit lens, at the last token versus all other tokens (0 = most probable, "
-               "V−1 = least probable). A high rank means target_new is among the LEAST probable tokens of δᵢ, so a "
-               "gradient step (which subtracts δᵢ) writes it into the model — the paper's 'shift'. "
-               + "; ".join(notes) + ".")
+    caption = ("Rank of the new target's first token (left) and, as a control, of the true object's (middle) among "
+               "all V vocabulary tokens when the FF2 VJP δᵢ is projected through the logit lens, at the last token "
+               "versus all other tokens: median line, interquartile band (25th to 75th percentile over prompts), "
+               "and the dashed V−1 line, the least probable token. Right: share of prompts whose bottom-k tokens "
+               "contain target_new (solid) or target_true (dotted). A rank at V−1 means target_new is the LEAST "
+               "probable token of δᵢ, so a gradient step (which subtracts δᵢ) writes it into the model: the "
+               "paper's 'shift'. " + "; ".join(notes) + ".")
     return Figure(file=f"figures/{path.name}", caption=caption,
-                  alt="Line chart: median rank of target_new in FF2 VJP projections by layer, last vs other tokens")
+                  alt="Line charts: median and interquartile rank of target_new and target_true in FF2 VJP "
+                      "projections by layer, with the V−1 line, and their bottom-k shares")
 
 
 def fig_edit_metrics(con, path: Path) -> Figure:
@@ -296,7 +249,7 @@ def fig_edit_metrics(con, path: Path) -> Figure:
     caption = ("Mean editing outcome per method (successful edits only): efficacy = target_new is the top-1 "
                "prediction on the edit prompt; generalization = the same on rephrased prompts; locality = "
                "neighbourhood prompts keep their answer. Efficacy / generalization / locality: " + "; ".join(parts) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption, alt="Bar chart of editing metrics by method")
+    return _figure(path, caption, "Bar chart of editing metrics by method")
 
 
 def fig_edit_cosine(con, path: Path) -> Figure | None:
@@ -327,4 +280,4 @@ def fig_edit_cosine(con, path: Path) -> Figure | None:
     caption = ("Distribution of the cosine between each edit's weight update and the single-step gradient of the "
                "same loss (edit_results.update_grad_cosine). Values near ±1 mean the method's update is (a "
                "multiple of) the gradient, i.e. it writes the same low-rank imprint/shift. " + "; ".join(notes) + ".")
-    return Figure(file=f"figures/{path.name}", caption=caption, alt="Histogram of update-gradient cosine by method")
+    return _figure(path, caption, "Histogram of update-gradient cosine by method")

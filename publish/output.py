@@ -9,9 +9,14 @@ import uuid
 from pathlib import Path
 
 
-def output_dir_problem(out: Path, marker: str, command: str) -> str | None:
+def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os.PathLike | None = None) -> str | None:
     """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
-    that command (recognised by ``marker``); None if it may."""
+    that command (recognised by ``marker``), and never inside the warehouse it reads; None if it may."""
+    if warehouse is not None and "://" not in str(warehouse) and not str(warehouse).startswith("postgres:"):
+        wh = Path(warehouse).resolve()
+        target = Path(out).resolve()
+        if target == wh or wh in target.parents or target in wh.parents:
+            return f"--out {str(out)!r} overlaps the warehouse {str(warehouse)!r}; choose a directory outside it"
     if out.exists() and not out.is_dir():
         return f"--out {str(out)!r} exists and is not a directory"
     if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():

@@ -1,7 +1,9 @@
 """A static HTML report of the warehouse with the paper's figures.
 
 ``build_report(warehouse, out)`` writes ``out/index.html`` (from the Jinja2 template
-``templates/report.html.j2``, autoescaped) and ``out/figures/*.png`` (``figures.py``). The page opens
+``templates/report.html.j2``, autoescaped) and ``out/figures/*.png`` (``figures.py``); the logit-lens tables
+of single prompts are HTML tables in the page (``tokens.case_grid``, ``templates/grid.html.j2``), the same
+ones a notebook shows (:func:`render_grid`). The page opens
 from disk (no server; images are referenced relatively) and carries a tiny script that, once the page
 has loaded, marks on ``<body>`` whether every figure decoded (``data-images-ok``) and shows a banner if
 one did not; the tests read that back from headless Chromium. Every number comes from the DuckDB
@@ -21,7 +23,7 @@ from blens.store.connect import connect
 
 from . import figures as F
 from .output import output_dir_problem, replace_directory
-from .tokens import _plain
+from .tokens import _plain, case_grid, grid_caption
 
 DEFAULT_N_CASES = 2
 
@@ -47,7 +49,7 @@ class ReportResult:
 
     @property
     def figure_files(self) -> list[Path]:
-        return [self.out / f.file for s in self.sections for f in s.figures]
+        return [self.out / f.file for s in self.sections for f in s.figures if f.file]
 
 
 @dataclass
@@ -85,39 +87,74 @@ def resolve_cases(con, cases: list[int] | None) -> list[tuple[int, str, str]]:
     return out
 
 
-def render_html(title: str, runs: list[tuple], sections: list[Section], generated: str) -> str:
-    """The page, from the Jinja2 template; every value is autoescaped."""
+def _templates():
+    """The Jinja2 environment of the report and the notebook view: every value autoescaped."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     env = Environment(loader=PackageLoader("blens.publish", "templates"), autoescape=select_autoescape(["j2"]))
     env.filters["token"] = _plain
-    return env.get_template("report.html.j2").render(title=title, runs=runs, sections=sections, generated=generated)
+    return env
 
 
-def _case_section(con, chosen: list[tuple[int, str, str]], figs: Path) -> Section:
+def render_html(title: str, runs: list[tuple], sections: list[Section], generated: str) -> str:
+    """The page, from the Jinja2 template; every value is autoescaped."""
+    return _templates().get_template("report.html.j2").render(title=title, runs=runs, sections=sections,
+                                                               generated=generated)
+
+
+def render_grid(grid, case: Case, loss: float, caption: str) -> str:
+    """One prompt's lens table as a self-contained HTML fragment (its own styles): a notebook's view of a
+    result (``blens.api.Result._repr_html_``), from the same template as the report's tables."""
+    return _templates().get_template("notebook.html.j2").render(g=grid, case=case, loss=loss, caption=caption)
+
+
+def _dicts(cur) -> list[dict]:
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+# Columns the figures read that earlier versions of queries/10_figures.sql did not define. Views are stored
+# in the warehouse's catalog and re-created by the next writer, so a read-only reader can meet old ones.
+NEWEST_VIEW_COLUMNS = {"target_rank_by_layer": ("q25_target_new_rank", "target_true_in_bottom_k", "vocab_size")}
+
+
+def _stale_views(con) -> str:
+    """'view: missing columns' for each view the figures need that lacks them; '' when all are current."""
+    missing = []
+    for view, need in NEWEST_VIEW_COLUMNS.items():
+        have = {r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()}
+        if set(need) - have:
+            missing.append(f"{view} has no {', '.join(c for c in need if c not in have)}")
+    return "; ".join(missing)
+
+
+def _case_section(con, chosen: list[tuple[int, str, str]]) -> Section:
     section = Section("cases", "2. Logit lens of single prompts",
                       "Per prompt: the gradient's spanning vectors at every token and layer, projected to the "
-                      "vocabulary. Top: FF2 VJPs δᵢ with their least probable token; bottom: FF1 inputs xᵢ with "
-                      "their most probable token. Wide tables scroll sideways.")
+                      "vocabulary. First: FF2 VJPs δᵢ with their least probable token (the shift, where the new "
+                      "target appears); then: FF1 inputs xᵢ with their most probable token (the imprint).")
     for case_id, run_id, model in chosen:
-        prompt = con.execute("SELECT prompt, subject, target_new, target_true FROM prompts "
-                             "WHERE run_id = ? AND case_id = ?", [run_id, case_id]).fetchone()
+        prompt = con.execute("SELECT prompt, subject, target_new, target_true, target_new_id, target_true_id "
+                             "FROM prompts WHERE run_id = ? AND case_id = ?", [run_id, case_id]).fetchone()
         tokens = con.execute("SELECT position, token, segment FROM tokens WHERE run_id = ? AND case_id = ? "
                              "ORDER BY position", [run_id, case_id]).fetchall()
-        case = Case(case_id, model, *prompt, tokens=tokens)
-        base = f"case-{case_id}-{F._safe_name(run_id)}"
+        rows = _dicts(con.execute("SELECT * FROM projections WHERE run_id = ? AND case_id = ?", [run_id, case_id]))
+        vocab = con.execute("SELECT max(vocab_size) FROM models WHERE model = ?", [model]).fetchone()[0]
+        case = Case(case_id, model, *prompt[:4], tokens=tokens)
         for site in ("ff2_vjp", "ff1_input"):
-            fig = F.fig_case_table(con, run_id, case_id, site, figs / f"{base}-{site}.png", tokens)
-            if fig is not None:
-                fig.case = case if site == "ff2_vjp" else None
-                section.figures.append(fig)
+            grid = case_grid(rows, tokens, site, prompt[4], prompt[5], vocab)
+            if grid is not None:
+                caption = grid_caption(grid, case_id, model, case.target_new, case.target_true)
+                alt = f"Lens table of case {case_id}: {grid.side} probable token by prompt token and layer"
+                section.figures.append(F.Figure(file=None, caption=caption, alt=alt, grid=grid,
+                                                case=case if site == "ff2_vjp" else None))
     return section
 
 
 def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:
     """Render every figure and index.html into ``out`` (replacing an earlier report there)."""
     out = Path(out)
-    problem = output_dir_problem(out, "index.html", "blens report")
+    problem = output_dir_problem(out, "index.html", "blens report", warehouse)
     if problem:
         raise ReportError(problem)
     try:
@@ -128,6 +165,11 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
     if not n_prompts:
         con.close()
         raise ReportError(f"warehouse {str(warehouse)!r} has no committed prompts; run `blens extract` first")
+    stale = _stale_views(con)
+    if stale:
+        con.close()
+        raise ReportError(f"warehouse {str(warehouse)!r} has views older than this blens ({stale}); rerun its "
+                          "`blens extract` command once (it computes nothing again and updates the views)")
     chosen = resolve_cases(con, cases)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +180,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
         sections = [
             Section("rank", "1. Gradient rank equals prompt length", "",
                     [F.fig_rank_equals_length(con, figs / "rank_equals_length.png")]),
-            _case_section(con, chosen, figs),
+            _case_section(con, chosen),
             Section("norms", "3. Where the gradient is: VJP norm by token segment", "",
                     [F.fig_norm_by_segment(con, figs / "vjp_norm_by_segment.png")]),
             Section("target-rank", "4. target_new in the FF2 VJP projections", "",

@@ -1,26 +1,37 @@
--- Analysis views: the paper's figures as SQL. Depend only on the base views in 00_base.sql.
+-- Analysis views: the paper's figures as SQL, stored in the warehouse's catalog (they work from any
+-- DuckDB session that attached the warehouse; see `blens init-sql`). The tables themselves (prompts,
+-- tokens, gradient_ranks, projections, vectors, errors, runs, models, edit_results) hold each result
+-- key once, so these views need no de-duplication. layer_frac = layer / (n_layers - 1) puts models of
+-- different depth on one axis (0 = first block, 1 = last).
 
 -- Figure 3: share of prompts whose gradient rank equals the prompt length, per layer and matrix.
 -- rate = 1.0 means every prompt's gradient is full rank n (the spanning set is independent);
 -- the last layer's rate is ~0 because only the last position's VJP is non-zero there (rank 1).
 CREATE OR REPLACE VIEW rank_equals_length AS
-WITH depth AS (SELECT model, max(layer) + 1 AS n_layers FROM gradient_ranks JOIN prompts USING (run_id, case_id) GROUP BY model)
-SELECT p.model, g.layer, g.matrix,
+WITH depth AS (SELECT model, max(layer) + 1 AS n_layers FROM gradient_ranks GROUP BY model)
+SELECT g.model, g.layer, g.matrix,
        count(*) AS n,
        avg(CASE WHEN g.rank = g.n_tokens THEN 1.0 ELSE 0.0 END) AS rate,
        avg(g.rank) AS mean_rank,
        avg(g.n_tokens) AS mean_n_tokens,
        g.layer / greatest(d.n_layers - 1, 1) AS layer_frac
 FROM gradient_ranks AS g
-JOIN prompts AS p USING (run_id, case_id)
-JOIN depth AS d ON d.model = p.model
-GROUP BY p.model, g.layer, g.matrix, d.n_layers;
+JOIN depth AS d ON d.model = g.model
+GROUP BY g.model, g.layer, g.matrix, d.n_layers;
 
 -- Figure 6: where target_new lands in the logit lens of each site, by layer, at the last position
 -- versus all other positions. For ff2_vjp the paper finds target_new among the LEAST probable tokens
--- (rank near vocab_size - 1) at the last position of the upper layers.
+-- (rank near vocab_size - 1) at the last position of the upper layers. Zero vectors (a position that
+-- cannot affect the loss) have no direction to rank and are left out.
+-- Spread: q25_/q75_ are the quartiles of each rank over prompts (the median is the middle one);
+-- target_true_in_bottom_k is the same share as target_new_in_bottom_k for the true object (the control);
+-- vocab_size is V (ranks run 0..V-1): from the models table, else the largest rank seen + 1 (a lower bound).
 CREATE OR REPLACE VIEW target_rank_by_layer AS
-SELECT p.model, x.site, x.layer,
+WITH depth AS (SELECT model, max(layer) + 1 AS n_layers,
+                      max(greatest(target_new_rank, target_true_rank)) + 1 AS ranks_seen
+               FROM projections GROUP BY model),
+     vocab AS (SELECT model, max(vocab_size) AS vocab_size FROM models GROUP BY model)
+SELECT x.model, x.site, x.layer,
        CASE WHEN x.segment = 'last' THEN 'last' ELSE 'not_last' END AS position_kind,
        count(*) AS n,
        avg(x.target_new_rank) AS mean_target_new_rank,
@@ -28,19 +39,30 @@ SELECT p.model, x.site, x.layer,
        avg(x.target_true_rank) AS mean_target_true_rank,
        median(x.target_true_rank) AS median_target_true_rank,
        avg(CASE WHEN list_contains(x.bottom_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_bottom_k,
-       avg(CASE WHEN list_contains(x.top_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_top_k
+       avg(CASE WHEN list_contains(x.top_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_top_k,
+       any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac,
+       quantile_cont(x.target_new_rank, 0.25) AS q25_target_new_rank,
+       quantile_cont(x.target_new_rank, 0.75) AS q75_target_new_rank,
+       quantile_cont(x.target_true_rank, 0.25) AS q25_target_true_rank,
+       quantile_cont(x.target_true_rank, 0.75) AS q75_target_true_rank,
+       avg(CASE WHEN list_contains(x.bottom_ids, p.target_true_id) THEN 1.0 ELSE 0.0 END) AS target_true_in_bottom_k,
+       any_value(coalesce(v.vocab_size, d.ranks_seen)) AS vocab_size
 FROM projections AS x
-JOIN prompts AS p USING (run_id, case_id)
-WHERE x.norm > 0  -- a zero VJP (a position that cannot affect the loss) has no direction to rank
-GROUP BY ALL;
+JOIN prompts AS p USING (key)
+JOIN depth AS d ON d.model = x.model
+LEFT JOIN vocab AS v ON v.model = x.model
+WHERE NOT x.zero_vector
+GROUP BY x.model, x.site, x.layer, position_kind;
 
 -- Figure 5: mean L2 norm of the spanning vectors by layer and token segment. For ff2_vjp the norm
 -- concentrates on the subject tokens and the last token.
 CREATE OR REPLACE VIEW vjp_norm_by_segment AS
-SELECT p.model, x.site, x.layer, x.segment,
+WITH depth AS (SELECT model, max(layer) + 1 AS n_layers FROM projections GROUP BY model)
+SELECT x.model, x.site, x.layer, x.segment,
        count(*) AS n,
        avg(x.norm) AS mean_norm,
-       median(x.norm) AS median_norm
+       median(x.norm) AS median_norm,
+       any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac
 FROM projections AS x
-JOIN prompts AS p USING (run_id, case_id)
-GROUP BY ALL;
+JOIN depth AS d ON d.model = x.model
+GROUP BY x.model, x.site, x.layer, x.segment;

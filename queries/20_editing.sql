@@ -1,5 +1,5 @@
 -- Knowledge editing (paper Section 7, "editing with a forward pass"): per-configuration means of the
--- per-edit rows written by `blens edit` and `blens sweep`. Depends only on 00_base.sql.
+-- per-edit rows written by `blens edit` and `blens sweep` (table edit_results).
 
 -- One row per (run, method, model, layer, lr): means over the edits that ran without error, in [0, 1].
 -- method: 'none' = unedited model; 'shift' = the paper's forward-pass edit W += lr * x_n^T E[t] on FF2

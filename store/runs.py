@@ -11,7 +11,7 @@ import json
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Protocol
 
 import pyarrow as pa
 
@@ -52,11 +52,20 @@ def code_version() -> str:
         return "unknown"
 
 
-def errors_table(run_id: str, errors: Iterable[ErrorLike], stage: str) -> pa.Table:
-    """``errors`` rows for one stage (load, prepare, extract, edit)."""
+def error_key(stage: str, error: ErrorLike) -> str:
+    """The key of an error that belongs to no result (a record rejected before it had one): its content."""
+    blob = json.dumps([stage, error.case_id, error.field, error.message, error.source], ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def errors_table(run_id: str, errors: Iterable[ErrorLike], stage: str, keys: Iterable[str] | None = None) -> pa.Table:
+    """``errors`` rows for one stage (load, prepare, extract, edit). ``keys``: the result key of each
+    error's record where it has one (then a later success of that key clears the error)."""
     errors = list(errors)
+    keys = list(keys) if keys is not None else [error_key(stage, e) for e in errors]
     # Explicit types: an empty list would infer type null and break concat with a non-empty table.
     return pa.table({
+        "key": pa.array(keys, pa.string()),
         "run_id": pa.array([run_id] * len(errors), pa.string()),
         "case_id": pa.array([e.case_id for e in errors], pa.int64()),
         "stage": pa.array([stage] * len(errors), pa.string()),
@@ -66,9 +75,21 @@ def errors_table(run_id: str, errors: Iterable[ErrorLike], stage: str) -> pa.Tab
     })
 
 
+def models_table(facts: dict) -> pa.Table:
+    """One ``models`` row from a model's facts (name, revision, family, shape, source file and sha256)."""
+    return pa.table({
+        "model": [facts["name"]], "model_revision": [facts["revision"]], "family": [facts["family"]],
+        "n_layers": pa.array([facts["n_layers"]], pa.int32()), "d_model": pa.array([facts["d_model"]], pa.int32()),
+        "vocab_size": pa.array([facts["vocab_size"]], pa.int32()),
+        "source_file": pa.array([facts.get("source_file")], pa.string()),
+        "source_sha256": pa.array([facts.get("source_sha256")], pa.string()),
+        "registered_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+    })
+
+
 def register_run(root: str | Path, run_id: str, *, model: str, revision: str, dataset: str, fingerprint: str,
-                 config: dict | str, kind: str, errors: Mapping[str, Iterable[ErrorLike]] = {}) -> None:
-    """Commit a run's row together with the records it rejected before any work (stage -> errors)."""
+                 config: dict | str, kind: str, errors: Iterable[pa.Table] = (), model_facts: dict | None = None) -> None:
+    """Commit a run's row, its model's row and the records it rejected before any work, in one transaction."""
     run_row = pa.table({
         "run_id": [run_id], "model": [model], "model_revision": [revision], "dataset": [str(dataset)],
         "dataset_fingerprint": [fingerprint],
@@ -77,6 +98,6 @@ def register_run(root: str | Path, run_id: str, *, model: str, revision: str, da
         "code_version": [code_version()], "schema_version": pa.array([SCHEMA_VERSION], pa.int32()),
         "kind": [kind],
     })
-    error_tables = [errors_table(run_id, errs, stage) for stage, errs in errors.items()]
-    commit_batch(root, run_id, {"runs": run_row,
-                                "errors": pa.concat_tables(error_tables) if error_tables else None})
+    errors = [t for t in errors if t.num_rows]
+    commit_batch(root, {"runs": run_row, "errors": pa.concat_tables(errors) if errors else None,
+                        "models": models_table(model_facts) if model_facts else None}, kind="meta")

@@ -1,23 +1,24 @@
-"""The warehouse schema: every Parquet table, declared once, versioned.
+"""The warehouse schema: every table, declared once (Arrow types), versioned.
 
-Columns may be added (bump :data:`SCHEMA_VERSION`), never renamed: the DuckDB views in ``queries/``
-and the published dataset are the public API built on these names.
+Columns may be added (bump :data:`SCHEMA_VERSION`), never renamed: the tables and views are the public
+API (``blens sql``, plain DuckDB, the published dataset).
 
-Every table carries ``batch_id``, the unit of commit. A batch's files become visible only once its
-row in ``_commits`` exists (written last), so a writer killed mid-batch leaves nothing the views show.
+Identity is by content (``blens.extract.identity``): every result row carries ``key`` (model + revision +
+result settings + record content) and the store keeps each key once. ``run_id`` and ``batch_id`` are
+provenance: which run, and which commit, produced the row.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _str = pa.string()
-_i16 = pa.int16()
 _i32 = pa.int32()
 _i64 = pa.int64()
 _f32 = pa.float32()
+_bool = pa.bool_()
 _ts = pa.timestamp("us", tz="UTC")
 
 
@@ -35,49 +36,57 @@ def _opt(name: str, dtype: pa.DataType) -> tuple[str, pa.DataType, bool]:
     return (name, dtype, True)
 
 
+_KEYS = (_req("key", _str), _req("run_id", _str), _req("case_id", _i64))
+
 TABLES: dict[str, pa.Schema] = {
+    "models": _schema(
+        _req("model", _str), _req("model_revision", _str), _req("family", _str), _req("n_layers", _i32),
+        _req("d_model", _i32), _req("vocab_size", _i32), _opt("source_file", _str), _opt("source_sha256", _str),
+        _req("registered_at", _ts),
+        doc="One row per model + revision: its family and shape, and the file it came from (with its sha256).",
+    ),
     "runs": _schema(
         _req("run_id", _str), _req("model", _str), _req("model_revision", _str), _req("dataset", _str),
         _req("dataset_fingerprint", _str), _req("config_json", _str), _req("created_at", _ts),
         _req("code_version", _str), _req("schema_version", _i32), _req("kind", _str),
-        doc="One row per run: its identity (model+revision, dataset fingerprint, settings) and provenance.",
+        doc="One row per run: provenance (which command, data, settings and code produced rows).",
     ),
     "prompts": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("model", _str), _req("prompt", _str),
+        *_KEYS, _req("slot", _str), _req("model", _str), _req("model_revision", _str), _req("prompt", _str),
         _req("subject", _str), _req("target_new", _str), _req("target_true", _str),
         _req("target_new_id", _i32), _req("target_true_id", _i32), _req("n_tokens", _i32), _req("loss", _f32),
+        _req("vectors", _str),
         doc="One row per extracted prompt; loss = NLL of target_new's first token at the last position.",
     ),
     "tokens": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("position", _i32), _req("token_id", _i32),
-        _req("token", _str), _req("segment", _str),
+        *_KEYS, _req("position", _i32), _req("token_id", _i32), _req("token", _str), _req("segment", _str),
         doc="Prompt tokens with their segment: subject (overlaps the subject string), last, other.",
     ),
     "gradient_ranks": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("layer", _i32), _req("matrix", _str),
-        _req("rank", _i32), _req("n_tokens", _i32),
+        *_KEYS, _req("model", _str), _req("layer", _i32), _req("matrix", _str), _req("rank", _i32),
+        _req("n_tokens", _i32),
         doc="Exact rank of dL/dW per MLP matrix, from the spanning sets (Lemma 4.1: rank <= n_tokens).",
     ),
     "projections": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("layer", _i32), _req("site", _str),
-        _req("position", _i32), _req("segment", _str), _req("norm", _f32),
+        *_KEYS, _req("model", _str), _req("layer", _i32), _req("site", _str), _req("position", _i32),
+        _req("segment", _str), _req("norm", _f32), _req("zero_vector", _bool),
         _req("top_ids", pa.list_(_i32)), _req("top_tokens", pa.list_(_str)), _req("top_logits", pa.list_(_f32)),
         _req("bottom_ids", pa.list_(_i32)), _req("bottom_tokens", pa.list_(_str)),
         _req("bottom_logits", pa.list_(_f32)), _req("target_new_rank", _i32), _req("target_true_rank", _i32),
-        doc="Logit-lens projections of spanning vectors (ff1_input = imprint, ff2_vjp = shift); rank 0 = most probable.",
+        doc="Logit-lens projections of spanning vectors (ff1_input = imprint, ff2_vjp = shift); rank 0 = most "
+            "probable. zero_vector: the vector is exactly 0, so its lens tokens and ranks carry no meaning.",
     ),
     "vectors": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("layer", _i32), _req("site", _str),
-        _req("position", _i32), _req("vector", pa.list_(_f32)),
+        *_KEYS, _req("layer", _i32), _req("site", _str), _req("position", _i32), _req("vector", pa.list_(_f32)),
         doc="Raw spanning vectors: dL/dW of a matrix = sum over positions of outer(input, vjp).",
     ),
     "errors": _schema(
-        _req("run_id", _str), _opt("case_id", _i64), _req("stage", _str), _req("field", _str),
+        _req("key", _str), _req("run_id", _str), _opt("case_id", _i64), _req("stage", _str), _req("field", _str),
         _req("message", _str), _req("source", _str),
         doc="Records skipped or failed, with the offending field; a run never stops for one bad record.",
     ),
     "edit_results": _schema(
-        _req("run_id", _str), _req("case_id", _i64), _req("model", _str), _req("method", _str),
+        *_KEYS, _req("model", _str), _req("method", _str),
         _opt("layer", _i32), _opt("lr", _f32),
         _opt("efficacy", _f32), _opt("generalization", _f32), _opt("locality", _f32),
         _opt("locality_unchanged", _f32), _opt("target_new_prob", _f32), _opt("target_true_prob", _f32),
@@ -85,13 +94,36 @@ TABLES: dict[str, pa.Schema] = {
         _opt("update_grad_cosine", _f32), _opt("update_norm", _f32), _opt("error", _str),
         doc="One row per edit: top-1 efficacy/generalization/locality after editing, ROME-style probability tests.",
     ),
-    "_commits": _schema(
-        _req("run_id", _str), _req("n_prompts", _i32), _req("created_at", _ts), _req("writer", _str),
-        doc="Commit markers: a batch's rows are visible only once its commit row exists.",
+    "supersessions": _schema(
+        _req("slot", _str), _req("old_key", _str), _req("new_key", _str), _req("superseded_at", _ts),
+        doc="A changed record's new result replaced the old one (same model, settings and case_id); the old rows "
+            "stay readable by time travel until snapshots are expired.",
+    ),
+    "commits": _schema(
+        _req("writer", _str), _req("kind", _str), _req("n_keys", _i32), _req("n_skipped", _i32),
+        _req("n_superseded", _i32), _req("tries", _i32), _req("committed_at", _ts),
+        doc="One row per committed batch: who wrote it and how many keys it added, skipped and superseded.",
     ),
 }
 
-PUBLIC_TABLES = [t for t in TABLES if not t.startswith("_")]
+# The table whose key column decides what a batch adds, and the tables that hang off its keys.
+RESULT_TABLES = ("prompts", "tokens", "gradient_ranks", "projections", "vectors")
+PUBLIC_TABLES = [t for t in TABLES if t not in ("commits",)]
+
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
+              pa.bool_(): "BOOLEAN", _ts: "TIMESTAMP WITH TIME ZONE"}
+
+
+def sql_type(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return sql_type(t.value_type) + "[]"
+    return _SQL_TYPES[t]
+
+
+def ddl(name: str) -> str:
+    """Column list of a table for CREATE TABLE (DuckLake has no constraints: types only)."""
+    return ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in TABLES[name])
+
 
 def empty_table(name: str) -> pa.Table:
     return TABLES[name].empty_table()

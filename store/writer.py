@@ -1,92 +1,247 @@
-"""Writing the warehouse: atomic Parquet files, committed batch by batch.
+"""Writing the warehouse: one DuckLake transaction per batch, over every table, exactly once per key.
 
-Layout (``<root>`` is the warehouse directory)::
+A batch (``commit_batch``) is one transaction: its rows in every table become visible together at
+COMMIT, or not at all (a writer killed mid-batch leaves at most unreferenced Parquet files, which no
+reader sees and ``blens compact`` deletes). Inside it:
 
-    <root>/<table>/_empty.parquet                 zero rows, the declared schema (views never hit an empty glob)
-    <root>/<table>/run=<run_id>/<batch_id>.parquet one file per table per batch
-    <root>/_commits/run=<run_id>/<batch_id>.parquet written last: the batch is now visible
-
-Every file is written to a dot-prefixed ``.tmp`` name in the same directory and renamed into place, so
-a reader never sees half a file, and a batch's rows appear only after its commit marker does. Writers
-never touch each other's files (batch ids are random), so any number of shards may share a directory.
+1. the batch's result keys already present are skipped (another writer, or an earlier run, made them);
+2. a new key whose ``slot`` (same model, settings and case_id) holds another key supersedes it: the old
+   key's rows are deleted (still readable by time travel) and the pair logged in ``supersessions``;
+3. the new keys' rows are inserted; ``errors`` rows of those keys are deleted (the record succeeded now),
+   and the batch's own error rows are added unless the same (key, stage, field) is already there;
+4. the single row of ``commit_lock`` is replaced. DuckLake does not treat two concurrent INSERTs as a
+   conflict, so an insert-if-absent alone would let two racing writers both add a key; two
+   transactions that both replace that row do conflict, so one of them fails, is retried, re-reads
+   the keys and skips the winner's. On a local (SQLite) catalog an flock queues the writers first, so
+   retries are rare; correctness never depends on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .schema import TABLES, conform, empty_table
+from blens.queries import view_sql
 
+from .lake import LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
+from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
 
-class WarehouseError(RuntimeError):
-    """The warehouse directory cannot be used (e.g. not writable); one line for the user."""
+__all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
+
+ANCHORS = {"extract": "prompts", "edit": "edit_results"}  # the table whose keys a batch of that kind adds
+_CONNECTIONS: dict[str, duckdb.DuckDBPyConnection] = {}
 
 
 def writer_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def new_batch_id() -> str:
-    return uuid.uuid4().hex
+def _location_key(location: str | os.PathLike) -> str:
+    return str(location) if is_remote(location) else str(Path(location).absolute())
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """temp file + fsync + rename: the final name holds a complete file or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+def _check_target(location: str | os.PathLike) -> None:
+    """Refuse to turn an unrelated, non-empty directory into a warehouse."""
+    if is_remote(location) or is_warehouse(location):
+        return
+    root = Path(location)
+    if root.exists() and not root.is_dir():
+        raise WarehouseError(f"warehouse {str(root)!r} exists and is not a directory")
+    if root.is_dir() and any(p.name != ".gitignore" and p.name != "README.md" for p in root.iterdir()):
+        raise WarehouseError(f"{str(root)!r} is not empty and is not a warehouse (no {root / 'catalog.sqlite'}); "
+                             "choose an empty or new directory")
+
+
+def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Tables and catalog views, created once; views are re-created when their SQL changed."""
+    # Names straight from the catalog's own tables: information_schema / duckdb_tables() also compute each
+    # table's storage stats, which, while other processes commit, tripped an internal DuckLake assertion
+    # (LoadStatsForSnapshot) in a concurrent-shards test.
+    have = {r[0] for r in con.execute(
+        f"SELECT table_name FROM __ducklake_metadata_{LAKE}.ducklake_table WHERE end_snapshot IS NULL "
+        f"UNION ALL SELECT view_name FROM __ducklake_metadata_{LAKE}.ducklake_view WHERE end_snapshot IS NULL"
+    ).fetchall()}
+    sql = view_sql()
+    stored = None
+    if "blens_meta" in have:
+        row = con.execute("SELECT value FROM blens_meta WHERE name = 'views'").fetchone()
+        stored = row[0] if row else None
+    missing = [t for t in TABLES if t not in have]
+    if not missing and stored == sql and "commit_lock" in have:
+        return  # an ordinary open writes no snapshot
+    con.execute("BEGIN")
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for t in missing:
+            con.execute(f"CREATE TABLE {t} ({ddl(t)})")
+        if "commit_lock" not in have:
+            con.execute("CREATE TABLE commit_lock (id INTEGER, batch_id VARCHAR)")
+        if "blens_meta" not in have:
+            con.execute("CREATE TABLE blens_meta (name VARCHAR, value VARCHAR)")
+        con.execute(sql)
+        con.execute("DELETE FROM blens_meta")
+        con.execute("INSERT INTO blens_meta VALUES ('views', ?), ('schema_version', ?)", [sql, str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+    if "commit_lock" not in have:
+        # Kept inline in the catalog (no Parquet file, no schema change per commit): replacing its one row
+        # is what makes two overlapping commits conflict. Not COMMENT ON (bumps the schema version, and
+        # compaction never merges files across schema versions) and not UPDATE (writes a file each time).
+        con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 10, table_name => 'commit_lock')")
+        con.execute("INSERT INTO commit_lock SELECT 0, 'init' WHERE NOT EXISTS (SELECT 1 FROM commit_lock)")
+
+
+def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """This process's read-write connection to a warehouse, created (and the schema ensured) once."""
+    loc = _location_key(location)
+    con = _CONNECTIONS.get(loc)
+    if con is None:
+        _check_target(location)
+        try:
+            con = attach(location, read_only=False)
+            RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
+        except OSError as exc:
+            raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
+        _CONNECTIONS[loc] = con
+    return con
+
+
+def init_warehouse(location: str | os.PathLike) -> str | os.PathLike:
+    """Create the warehouse (or check it) and its schema; fail with one clear line if it cannot be used."""
+    writer_connection(location)
+    return location
+
+
+@contextlib.contextmanager
+def _local_queue(location: str | os.PathLike):
+    """An flock around a commit on a local catalog: local writers queue instead of spending retries."""
+    if is_remote(location):
+        yield
+        return
+    with open(Path(location) / "commit.lock", "a+") as fd:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@dataclass
+class CommitResult:
+    batch_id: str
+    added: list[str]
+    skipped: list[str]
+    superseded: list[tuple[str, str]]  # (old_key, new_key)
+    tries: int
+
+
+def _insert(con, table: str, t: pa.Table, batch_id: str, where: str = "") -> None:
+    t = conform(table, t.append_column("batch_id", pa.array([batch_id] * t.num_rows, pa.string()))
+                if "batch_id" not in t.column_names else t)
+    con.register("_rows", t)
+    try:
+        con.execute(f"INSERT INTO {table} SELECT * FROM _rows {where}")
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        con.unregister("_rows")
 
 
-def init_warehouse(root: str | os.PathLike) -> Path:
-    """Create the directory tree and the schema files; fail with one clear line if not writable."""
-    root = Path(root)
+def _commit_once(con, tables: dict[str, pa.Table], kind: str, batch_id: str, tries: int,
+                 replace: set[str]) -> CommitResult:
+    anchor = ANCHORS.get(kind)
+    con.execute("BEGIN")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        for name in TABLES:
-            empty = root / name / "_empty.parquet"
-            if not empty.exists() or pq.read_schema(empty) != TABLES[name]:
-                write_parquet_atomic(empty_table(name), empty)
-    except OSError as exc:
-        raise WarehouseError(f"warehouse {str(root)!r} is not writable: {exc.strerror or exc}") from None
-    return root
+        added: list[str] = []
+        skipped: list[str] = []
+        sup: list[tuple[str, str]] = []
+        if anchor and tables.get(anchor) is not None and tables[anchor].num_rows:
+            batch = tables[anchor]
+            keys = list(dict.fromkeys(batch.column("key").to_pylist()))
+            con.register("_batch_keys", pa.table({"key": pa.array(keys, pa.string())}))
+            have = {r[0] for r in con.execute(f"SELECT DISTINCT key FROM {anchor} WHERE key IN "
+                                              "(SELECT key FROM _batch_keys)").fetchall()}
+            renew = sorted(have & replace)
+            if renew:  # recomputed on purpose (--force, more vectors): the new rows replace the old ones
+                con.register("_renew", pa.table({"key": pa.array(renew, pa.string())}))
+                for t in (RESULT_TABLES if anchor == "prompts" else (anchor,)):
+                    con.execute(f"DELETE FROM {t} WHERE key IN (SELECT key FROM _renew)")
+                con.unregister("_renew")
+                have -= replace
+            added = [k for k in keys if k not in have]
+            skipped = [k for k in keys if k in have]
+            con.register("_new", pa.table({"key": pa.array(added, pa.string())}))
+            if anchor == "prompts" and added:
+                con.register("_slots", batch.select(["key", "slot"]))
+                sup = con.execute("SELECT p.key, s.key FROM prompts p JOIN _slots s USING (slot) "
+                                  "WHERE s.key IN (SELECT key FROM _new) AND p.key <> s.key").fetchall()
+                con.unregister("_slots")
+                if sup:
+                    con.register("_sup", pa.table({"old_key": [o for o, _ in sup]}))
+                    for t in RESULT_TABLES:
+                        con.execute(f"DELETE FROM {t} WHERE key IN (SELECT old_key FROM _sup)")
+                    con.unregister("_sup")
+                    slots = dict(zip(batch.column("key").to_pylist(), batch.column("slot").to_pylist()))
+                    now = datetime.now(timezone.utc)
+                    _insert(con, "supersessions", pa.table({
+                        "slot": pa.array([slots[n] for _, n in sup], pa.string()),
+                        "old_key": pa.array([o for o, _ in sup], pa.string()),
+                        "new_key": pa.array([n for _, n in sup], pa.string()),
+                        "superseded_at": pa.array([now] * len(sup), pa.timestamp("us", tz="UTC"))}), batch_id)
+            if added:
+                for name in (RESULT_TABLES if anchor == "prompts" else (anchor,)):
+                    t = tables.get(name)
+                    if t is not None and t.num_rows:
+                        _insert(con, name, t, batch_id, "WHERE key IN (SELECT key FROM _new)")
+                con.execute("DELETE FROM errors WHERE key IN (SELECT key FROM _new) AND stage <> 'load'")
+            con.unregister("_new")
+            con.unregister("_batch_keys")
+        errs = tables.get("errors")
+        if errs is not None and errs.num_rows:
+            _insert(con, "errors", errs, batch_id, "WHERE NOT EXISTS (SELECT 1 FROM errors e WHERE e.key = _rows.key "
+                    "AND e.stage = _rows.stage AND e.field = _rows.field)")
+        for name, ident in (("runs", "run_id"), ("models", "model, model_revision")):
+            t = tables.get(name)
+            if t is not None and t.num_rows:
+                cols = [c.strip() for c in ident.split(",")]
+                match = " AND ".join(f"x.{c} = _rows.{c}" for c in cols)
+                _insert(con, name, t, batch_id, f"WHERE NOT EXISTS (SELECT 1 FROM {name} x WHERE {match})")
+        con.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, now(), ?)",
+                    [writer_id(), kind, len(added), len(skipped), len(sup), tries, batch_id])
+        con.execute("DELETE FROM commit_lock")
+        con.execute("INSERT INTO commit_lock VALUES (0, ?)", [batch_id])
+        con.execute("COMMIT")
+        return CommitResult(batch_id, added, skipped, sup, tries)
+    except BaseException:
+        rollback(con)
+        raise
 
 
-def table_file(root: Path, table: str, run_id: str, batch_id: str) -> Path:
-    return root / table / f"run={run_id}" / f"{batch_id}.parquet"
+def commit_batch(location: str | os.PathLike, tables: dict[str, pa.Table | None], *, kind: str = "extract",
+                 replace: set[str] = frozenset(), policy: RetryPolicy | None = None) -> CommitResult:
+    """Commit one batch atomically over all its tables, exactly once per key, retrying lost races.
 
+    ``kind`` 'extract': ``tables['prompts']`` (with key, slot) decides which keys are new; the other
+    result tables follow it. 'edit': ``tables['edit_results']`` does. 'meta': runs/models/errors only.
+    ``replace``: keys whose stored rows this batch replaces instead of skipping (a deliberate recompute).
+    """
+    con = writer_connection(location)
+    policy = policy or RetryPolicy()
+    tables = {k: v for k, v in tables.items() if v is not None}
+    batch_id = uuid.uuid4().hex
+    with _local_queue(location):
+        attempt = {"n": 0}
 
-def commit_batch(root: str | os.PathLike, run_id: str, tables: dict[str, pa.Table], *, batch_id: str | None = None,
-                 n_prompts: int = 0) -> str:
-    """Write one batch of rows (any subset of tables) and then its commit marker. Returns the batch id."""
-    root = Path(root)
-    batch_id = batch_id or new_batch_id()
-    for name, table in tables.items():
-        if table is None or table.num_rows == 0:
-            continue
-        table = table.append_column("batch_id", pa.array([batch_id] * table.num_rows, pa.string())) \
-            if "batch_id" not in table.column_names else table
-        write_parquet_atomic(conform(name, table), table_file(root, name, run_id, batch_id))
-    marker = pa.table({
-        "run_id": [run_id], "n_prompts": pa.array([n_prompts], pa.int32()),
-        "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
-        "writer": [writer_id()], "batch_id": [batch_id],
-    })
-    write_parquet_atomic(conform("_commits", marker), table_file(root, "_commits", run_id, batch_id))
-    return batch_id
+        def once() -> CommitResult:
+            attempt["n"] += 1
+            return _commit_once(con, tables, kind, batch_id, attempt["n"], set(replace))
+
+        return policy.run(once)

@@ -18,17 +18,24 @@ DATA = SHARED / "data/counterfact/counterfact-edit-1k.json"
 # A prompt whose text needs escaping everywhere it is shown (HTML report, Markdown card).
 TRICKY = dict(case_id=900001, prompt='The "<b>native</b>" language & tongue of Danielle Darrieux is',
               subject="Danielle Darrieux", target_new="English", target_true="French")
+# A prompt with a token that draws nothing unless the report makes it visible: a no-break space (U+00A0).
+NBSP = dict(case_id=900002, prompt="The capital of\u00a0France is", subject="France", target_new="Rome",
+            target_true="Paris")
 
 
-def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny") -> Path:
-    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt, vectors on."""
+def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str = "run-tiny", n_layer: int = 4,
+                   model_name: str = "tiny-gpt2", extra: tuple[dict, ...] = ()) -> Path:
+    """A real warehouse from a tiny random GPT-2: n CounterFact prompts + one tricky prompt (+ ``extra``
+    records), vectors on. Called again on the same root with another ``model_name`` and ``run_id``, it adds
+    a second model to the warehouse."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     from blens.extract.models import wrap_model
     from blens.extract.tables import extract_batch
     from blens.extract.prepare import prepare
-    from blens.extract.records import EditRecord, load_records
+    from blens.extract.records import EditRecord
+    from blens.extract.sources import load_records
     from blens.store.writer import commit_batch, init_warehouse
 
     if not TOKENIZER.exists() or not DATA.exists():
@@ -36,22 +43,25 @@ def make_warehouse(root: Path, *, edits: bool = False, n: int = 3, run_id: str =
     tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER))
     tok.pad_token = tok.eos_token = "<|endoftext|>"
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
-    lm = wrap_model(model, tok, name="tiny-gpt2")
+    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64))
+    lm = wrap_model(model, tok, name=model_name)
     res = load_records(DATA, limit=n)
-    records = res.records + [EditRecord(**TRICKY, source="test")]
+    records = res.records + [EditRecord(**TRICKY, source="test")] + [EditRecord(**r, source="test") for r in extra]
     prompts = [prepare(r, tok, 64) for r in records]
     tables = extract_batch(lm, prompts, run_id, top_k=10, vectors="spanning")
     init_warehouse(root)
-    commit_batch(root, run_id, tables, n_prompts=len(prompts))
+    commit_batch(root, tables, kind="extract")
     runs = pa.table({
-        "run_id": [run_id], "model": ["tiny-gpt2"], "model_revision": ["random-init"], "dataset": [str(DATA)],
+        "run_id": [run_id], "model": [model_name], "model_revision": ["random-init"], "dataset": [str(DATA)],
         "dataset_fingerprint": [res.fingerprint],
         "config_json": [json.dumps({"top_k": 10, "vectors": "spanning", "limit": n})],
         "created_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
         "code_version": ["test"], "schema_version": pa.array([1], pa.int32()), "kind": ["extract"],
     })
-    commit_batch(root, run_id, {"runs": runs})
+    from blens.extract.models import model_facts
+    from blens.store.runs import models_table
+
+    commit_batch(root, {"runs": runs, "models": models_table(model_facts(lm))}, kind="meta")
     if edits:
         add_edits(root, [p.record.case_id for p in prompts], run_id=run_id)
     return root
@@ -64,10 +74,50 @@ def add_edits(root: Path, case_ids: list[int], *, run_id: str = "run-tiny") -> N
     rows = []
     for i, c in enumerate(case_ids):
         for method, cos in (("ft", 0.95 - 0.1 * i), ("rome", 0.2 + 0.05 * i)):
-            rows.append({"run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
+            rows.append({"key": f"{run_id}-{c}-{method}", "run_id": run_id, "case_id": c, "model": "tiny-gpt2", "method": method, "layer": 2,
                          "lr": 0.01 if method == "ft" else None, "efficacy": 1.0, "generalization": 0.5 + 0.1 * (i % 5),
                          "locality": 0.9, "locality_unchanged": 0.9, "target_new_prob": 0.6,
                          "target_true_prob": 0.1, "new_gt_true": 1.0, "rephrase_new_gt_true": 0.5,
                          "update_grad_cosine": cos, "update_norm": 1.5, "error": None})
     schema = pa.schema([f for f in TABLES["edit_results"] if f.name != "batch_id"])
-    commit_batch(root, run_id, {"edit_results": pa.Table.from_pylist(rows, schema=schema)})
+    commit_batch(root, {"edit_results": pa.Table.from_pylist(rows, schema=schema)}, kind="edit")
+
+
+def autograd_weight_grads(lm, prompt):
+    """Reference: the slow, obvious way. Params require grad, full forward, loss.backward()."""
+    import torch
+
+    view = lm.view
+    weights = {(l, m): view.matrix(l, m).weight for l in range(view.n_layers) for m in view.matrix_names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        logits = lm.model(torch.tensor([prompt.input_ids])).logits[0, -1]
+        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.target_new_id]))
+        grads = torch.autograd.grad(loss, list(weights.values()))
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    # as (d_in, d_out), the orientation of sum_i x_i^T delta_i
+    return {k: (g if view.family.weight_is_in_by_out else g.T) for k, g in zip(weights, grads)}, loss.item()
+
+
+def assert_spanning_sets_rebuild_gradients(lm, prepared) -> dict:
+    """capture() on a right-padded batch rebuilds autograd's dL/dW of every MLP matrix of each prompt alone
+    (relative error <= 1e-5); returns prompt index -> autograd's gradients, for further checks."""
+    from blens.extract.capture import capture
+
+    spans = capture(lm.view, prepared, lm.tokenizer.pad_token_id)
+    refs, n_checked = {}, 0
+    for b, p in enumerate(prepared):
+        ref, loss = autograd_weight_grads(lm, p)
+        refs[b] = ref
+        assert spans.loss[b].item() == pytest.approx(loss, rel=1e-5)
+        for key, g in ref.items():
+            rebuilt = spans.gradient(*key, row=b)
+            assert rebuilt.shape == g.shape
+            rel = ((rebuilt - g).norm() / g.norm()).item()
+            assert rel <= 1e-5, f"{lm.name} prompt {b} {key}: relative error {rel:.2e}"
+            n_checked += 1
+    assert n_checked == len(prepared) * lm.view.n_layers * len(lm.view.matrix_names)
+    return {"spans": spans, "refs": refs}

@@ -206,7 +206,8 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
     facts = [{"case_id": c, "prompt": p, "subject": s, "target_new": t, "ground_truth": g,
               "rephrase_prompt": p + " the", "locality_prompt": FACTS[(c + 1) % 5][1],
               "locality_ground_truth": FACTS[(c + 1) % 5][4]} for c, p, s, t, g in FACTS]
-    facts.append({**facts[0], "case_id": 10, "prompt": " ".join(["word"] * 80)})  # too long: an edit error
+    facts.append({**facts[0], "case_id": 10,  # too long for the model's context: an edit error
+                  "prompt": " ".join(["word"] * 80) + " " + facts[0]["prompt"]})
     facts.append({"case_id": 11, "prompt": "x is", "subject": "x", "ground_truth": "y"})  # no target: load error
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(facts))
@@ -253,3 +254,21 @@ def test_cli_defaults_resolve_to_the_sweep_choice():
     assert resolve_spec("shift", "fixed", None, None, "smollm2-135m") == EditSpec("shift", *d["shift"])
     assert resolve_spec("sgd", None, None, None, "smollm2-135m") == EditSpec("sgd", *d["sgd"])
     assert resolve_spec("none", None, None, None, "x") == EditSpec("none")
+
+
+def test_rerun_of_an_edit_says_what_was_done_and_skips_it(tiny_model_dir, records_file, tmp_path):
+    """Issue 13: after a kill (or a finished run) the same `blens edit` skips the stored edits and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = [sys.executable, "-m", "blens.cli", "edit", "--method", "shift", "--layer", "1", "--lr", "0.5",
+            "--model", str(tiny_model_dir), "--data", str(records_file), "--warehouse", str(tmp_path / "wh")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert "5 record(s) already in the warehouse (skipped), 0 to go" in second.stderr

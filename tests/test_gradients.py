@@ -14,24 +14,8 @@ from blens.extract.lens import LogitLens
 from blens.extract.prepare import prepare
 from blens.extract.ranks import gradient_ranks, ranks_for_batch
 
+from builders import assert_spanning_sets_rebuild_gradients, autograd_weight_grads
 from conftest import records
-
-
-def autograd_weight_grads(lm, prompt):
-    """Reference: the slow, obvious way. Params require grad, full forward, loss.backward()."""
-    view = lm.view
-    weights = {(l, m): view.matrix(l, m).weight for l in range(view.n_layers) for m in view.matrix_names}
-    for w in weights.values():
-        w.requires_grad_(True)
-    try:
-        logits = lm.model(torch.tensor([prompt.input_ids])).logits[0, -1]
-        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([prompt.target_new_id]))
-        grads = torch.autograd.grad(loss, list(weights.values()))
-    finally:
-        for w in weights.values():
-            w.requires_grad_(False)
-    # as (d_in, d_out), the orientation of sum_i x_i^T delta_i
-    return {k: (g if view.family.weight_is_in_by_out else g.T) for k, g in zip(weights, grads)}, loss.item()
 
 
 @pytest.fixture
@@ -40,18 +24,7 @@ def prepared(tiny_lm):
 
 
 def test_spanning_sets_rebuild_every_mlp_gradient(tiny_lm, prepared):
-    spans = capture(tiny_lm.view, prepared, tiny_lm.tokenizer.pad_token_id)
-    n_checked = 0
-    for b, p in enumerate(prepared):
-        ref, loss = autograd_weight_grads(tiny_lm, p)
-        assert spans.loss[b].item() == pytest.approx(loss, rel=1e-5)
-        for key, g in ref.items():
-            rebuilt = spans.gradient(*key, row=b)
-            assert rebuilt.shape == g.shape
-            rel = ((rebuilt - g).norm() / g.norm()).item()
-            assert rel <= 1e-5, f"{tiny_lm.name} prompt {b} {key}: relative error {rel:.2e}"
-            n_checked += 1
-    assert n_checked == len(prepared) * tiny_lm.view.n_layers * len(tiny_lm.view.matrix_names)
+    assert_spanning_sets_rebuild_gradients(tiny_lm, prepared)
 
 
 def test_pad_positions_carry_nothing(tiny_lm, prepared):

@@ -17,9 +17,9 @@ from blens.extract.records import (
     EditRecord,
     RecordError,
     fingerprint_records,
-    load_records,
     record_from_dict,
 )
+from blens.extract.sources import load_records
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/counterfact"
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import markupsafe
 import pytest
 
-from builders import TRICKY, add_edits, make_warehouse
+from builders import NBSP, TRICKY, add_edits, make_warehouse
 
 CHROMIUM = next((p for p in (os.environ.get("BLENS_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium",
                              shutil.which("chromium-browser"), shutil.which("google-chrome"))
                  if p and Path(p).exists()), None)
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not installed (run scripts/install_chromium.sh)")
+    CHROMIUM is None, reason="headless Chromium not installed (run scripts/install_test_services.sh)")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def warehouses(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(plain, with_edits)
     from blens.store.connect import connect
 
-    add_edits(with_edits, [r[0] for r in connect(with_edits).sql("SELECT case_id FROM prompts").fetchall()])
+    con = connect(with_edits)
+    add_edits(with_edits, [r[0] for r in con.sql("SELECT case_id FROM prompts").fetchall()])
+    con.close()
     return {"plain": plain, "edits": with_edits}
 
 
@@ -63,13 +65,15 @@ def test_page_has_every_figure_with_caption(report):
     assert len(secs) == 5  # rank, cases, norms, target rank, edits
     for sec in secs:
         imgs = re.findall(r'<img src="([^"]+)"', sec)
-        assert imgs, sec[:200]
-        assert len(re.findall(r"<figcaption>[^<]{60,}</figcaption>", sec)) == len(imgs)
+        grids = re.findall(r'<div class="blens-grid"', sec)
+        assert imgs or grids, sec[:200]
+        assert len(re.findall(r"<figcaption>[^<]{60,}</figcaption>", sec)) == len(imgs) + len(grids)
         for src in imgs:
             assert not src.startswith(("/", "http", "file:")), src  # relative: opens from disk
             w, h = png_size(report.out / src)
             assert w > 300 and h > 150 and (report.out / src).stat().st_size > 8000, src
-    assert len(report.figure_files) == 1 + 2 + 1 + 1 + 2
+    assert len(re.findall(r'<div class="blens-grid"', sections(page)[1])) == 2  # the case's shift and imprint
+    assert len(report.figure_files) == 1 + 1 + 1 + 2
     assert all(p.exists() for p in report.figure_files)
     assert "efficacy" in page and "update_grad_cosine" in page
 
@@ -81,13 +85,15 @@ def test_without_edits_four_sections_and_default_cases(warehouses, tmp_path):
     res = build_report(warehouses["plain"], tmp_path / "r")
     page = res.index.read_text()
     assert len(sections(page)) == 4
-    first_two = [r[0] for r in connect(warehouses["plain"]).sql(
+    con = connect(warehouses["plain"])
+    first_two = [r[0] for r in con.sql(
         "SELECT DISTINCT case_id FROM prompts ORDER BY 1 LIMIT 2").fetchall()]
     assert res.cases == first_two
     for c in first_two:
         assert f"Case {c} " in page
-        assert (tmp_path / "r" / "figures" / f"case-{c}-run-tiny-ff2_vjp.png").exists()
-        assert (tmp_path / "r" / "figures" / f"case-{c}-run-tiny-ff1_input.png").exists()
+        assert f"Case {c} · tiny-gpt2: the logit lens of the FF2 VJPs" in page
+        assert f"Case {c} · tiny-gpt2: the logit lens of the FF1 inputs" in page
+    assert page.count('data-site="ff2_vjp"') == page.count('data-site="ff1_input"') == 2
 
 
 def test_case_table_shows_prompt_tokens_escaped(report, warehouses):
@@ -95,7 +101,8 @@ def test_case_table_shows_prompt_tokens_escaped(report, warehouses):
     from blens.publish.tokens import _plain
 
     page = report.index.read_text()
-    tokens = [r[0] for r in connect(warehouses["edits"]).execute(
+    con = connect(warehouses["edits"])
+    tokens = [r[0] for r in con.execute(
         "SELECT token FROM tokens WHERE case_id = ? ORDER BY position", [TRICKY["case_id"]]).fetchall()]
     assert len(tokens) > 5
     strip = re.search(r'<ol class="tokens".*?</ol>', page, flags=re.S).group(0)
@@ -116,8 +123,28 @@ def test_display_token():
     assert display_token("") == "∅"
     assert display_token(" internationalisation") == "␣interna.."
     assert len(display_token("x" * 50)) == 10
-    assert display_token("漢字") == "□□"  # not in DejaVu Sans: a visible box, not a missing-glyph warning
-    assert display_token("漢字", font_safe=False) == "漢字"
+    assert display_token("漢字") == "漢字"  # shown in HTML only: the browser has the glyphs
+    # nothing that draws nothing: every space is visible, and a no-break space is not an ordinary one
+    assert display_token("\u00a0") == "⍽" and display_token("\u00a0Paris") == "⍽Paris"
+    assert display_token("   ") == "␣␣␣" and display_token("a b ") == "a␣b␣"
+    assert display_token("\u3000\u202f") == "⍽⍽"
+    assert display_token("\u200b") == display_token("\u00ad") == display_token("\ufeff") == "·"
+    assert display_token("\u2028") == "↵"
+
+
+def test_views_older_than_the_report_are_one_clear_error(warehouses, tmp_path):
+    """A warehouse last written by an earlier blens keeps its views until a writer opens it: say so, and how."""
+    from blens.publish.report import ReportError, build_report
+    from blens.store.writer import writer_connection
+
+    old = tmp_path / "old"
+    shutil.copytree(warehouses["plain"], old)
+    writer_connection(old).execute("CREATE OR REPLACE VIEW target_rank_by_layer AS "
+                                   "SELECT model, site, layer FROM projections")
+    with pytest.raises(ReportError, match=r"target_rank_by_layer has no q25_target_new_rank, target_true_in_bottom"
+                                          r".*rerun its `blens extract` command once"):
+        build_report(old, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_case_is_one_clear_error(warehouses, tmp_path):
@@ -126,6 +153,96 @@ def test_unknown_case_is_one_clear_error(warehouses, tmp_path):
     with pytest.raises(ReportError, match=r"--case 424242: not in the warehouse"):
         build_report(warehouses["plain"], tmp_path / "r", cases=[424242])
     assert not (tmp_path / "r").exists()
+
+
+def synthetic_rows(n_layers: int = 30, new_id: int = 7, true_id: int = 8) -> list[dict]:
+    """Lens rows of a 3-token prompt where target_new (id 7) is the least probable token of the shift from
+    layer 21 on, among the bottom-k at layer 20, and target_true (id 8) the least probable at layer 5."""
+    rows = []
+    for layer in range(n_layers):
+        for pos in range(3):
+            bottom = [100 + i for i in range(10)]
+            if layer >= 21:
+                bottom[0] = new_id
+            elif layer == 20:
+                bottom[3] = new_id
+            elif layer == 5:
+                bottom[0] = true_id
+            zero = layer == n_layers - 1 and pos < 2
+            rows.append({"site": "ff2_vjp", "layer": layer, "position": pos, "zero_vector": zero,
+                         "norm": 0.0 if zero else 10.0 ** (layer / 10), "bottom_ids": bottom, "top_ids": list(range(10)),
+                         "bottom_tokens": ["\u00a0" if layer == 3 else "<b>x</b>"] + ["y"] * 9,
+                         "top_tokens": ["z"] * 10, "target_new_rank": 3, "target_true_rank": 4})
+    return rows
+
+
+def test_case_grid_folds_layers_marks_targets_and_shows_spaces():
+    from blens.publish.report import Case, render_grid
+    from blens.publish.tokens import case_grid, grid_caption
+
+    tokens = [(0, "\u00a0", "subject"), (1, " Paris", "other"), (2, " is", "last")]
+    grid = case_grid(synthetic_rows(), tokens, "ff2_vjp", 7, 8, vocab_size=50)
+    assert [b.layers for b in grid.blocks] == [list(range(15)), list(range(15, 30))]  # two stacked halves
+    assert [r.label for r in grid.blocks[0].rows] == ["⍽", "␣Paris", "␣is"]
+    assert [r.segment for r in grid.blocks[1].rows] == ["subject", "other", "last"]
+    assert grid.marks == {"mark-new": 3 * 8 + 1, "mark-new-k": 3, "mark-true": 3}  # layer 29: one non-zero cell
+    cells = {(layer, r.position): c for b in grid.blocks for r in b.rows for layer, c in zip(b.layers, r.cells)}
+    assert cells[(21, 2)].classes == "mark-new" and cells[(20, 0)].classes == "mark-new-k"
+    assert cells[(5, 1)].classes == "mark-true" and cells[(4, 1)].classes == ""
+    assert cells[(29, 0)].classes == "zero" and cells[(29, 0)].text == "" and "zero vector" in cells[(29, 0)].title
+    assert cells[(3, 0)].text == "⍽"  # a no-break-space token is a visible cell, not an empty one
+    assert "rank of target_new 3 of 50" in cells[(10, 1)].title
+    assert grid.scale == "log scale" and grid.ticks[0][1] == "1" and grid.ticks[-1][1] == "7.9e+02"
+    assert cells[(0, 0)].style != cells[(28, 0)].style  # coloured by norm
+    caption = grid_caption(grid, 1, "m", "Rome", "Paris")
+    assert "target_new “Rome” (25 cells)" in caption and "k least probable tokens (3)" in caption
+    assert "target_true “Paris” (3)" in caption
+    page = render_grid(grid, Case(1, "m<i>", "p", "s", "Rome", "Paris", tokens), 1.5, caption)
+    assert page.count('class="mark-new"') == grid.marks["mark-new"]
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page and "m&lt;i&gt;" in page
+    assert case_grid(synthetic_rows(), tokens, "ff1_input", 7, 8) is None  # no rows of that site
+    small = case_grid(synthetic_rows(n_layers=4), tokens, "ff2_vjp", 7, 8)
+    assert [b.layers for b in small.blocks] == [[0, 1, 2, 3]] and small.scale == "linear scale"
+
+
+def test_case_table_cells_are_the_warehouse_tokens(report, warehouses):
+    """Every row of the lens table is a prompt token, every cell the least probable token stored for it."""
+    from blens.publish.tokens import display_token
+    from blens.store.connect import connect
+
+    con = connect(warehouses["edits"])
+    page = report.index.read_text()
+    grid = re.search(r'<div class="blens-grid" data-site="ff2_vjp"[^>]*>.*?</table>', page, flags=re.S).group(0)
+    labels = [html.unescape(t) for t in re.findall(r'<th scope="row"[^>]*>(.*?)<small>', grid)]
+    tokens = [r[0] for r in con.execute("SELECT token FROM tokens WHERE case_id = ? ORDER BY position",
+                                        [TRICKY["case_id"]]).fetchall()]
+    assert labels == [display_token(t, max_chars=14) for t in tokens]
+    first_row = re.search(r"<tbody>\s*<tr.*?</tr>", grid, flags=re.S).group(0)
+    cells = [html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", first_row)]
+    stored = [r[0] for r in con.execute(
+        "SELECT CASE WHEN NOT zero_vector THEN bottom_tokens[1] END FROM projections "
+        "WHERE case_id = ? AND site = 'ff2_vjp' AND position = 0 ORDER BY layer", [TRICKY["case_id"]]).fetchall()]
+    assert None in stored  # the last layer's VJP is zero at every position but the last: a blank cell
+    assert cells == [display_token(t, max_chars=8) for t in stored]
+
+
+def test_target_rank_view_has_quartiles_vocab_and_controls(warehouses):
+    from blens.store.connect import connect
+
+    con = connect(warehouses["plain"])
+    rows = con.sql("SELECT q25_target_new_rank, median_target_new_rank, q75_target_new_rank, q25_target_true_rank, "
+                   "median_target_true_rank, q75_target_true_rank, target_true_in_bottom_k, vocab_size "
+                   "FROM target_rank_by_layer").fetchall()
+    vocab = con.sql("SELECT vocab_size FROM models").fetchone()[0]
+    assert rows and vocab == 50257
+    for q25n, medn, q75n, q25t, medt, q75t, share, v in rows:
+        assert q25n <= medn <= q75n and q25t <= medt <= q75t and 0 <= share <= 1 and v == vocab
+        assert q75n < v and q75t < v
+    # the quartiles are the quartiles of the stored ranks
+    layer0 = con.sql("SELECT quantile_cont(target_new_rank, [0.25, 0.75]) FROM projections "
+                     "WHERE site = 'ff2_vjp' AND layer = 0 AND segment = 'last' AND NOT zero_vector").fetchone()[0]
+    assert layer0 == list(con.sql("SELECT q25_target_new_rank, q75_target_new_rank FROM target_rank_by_layer "
+                                  "WHERE site = 'ff2_vjp' AND layer = 0 AND position_kind = 'last'").fetchone())
 
 
 # ------------------------------------------------------------------------------ headless Chromium
@@ -247,6 +364,7 @@ class Browser:
 CHECK = ("JSON.stringify({ok: document.body.dataset.imagesOk, total: document.images.length,"
          " widths: Array.from(document.images).map(i => i.naturalWidth),"
          " figures: document.querySelectorAll('section.report-figure').length,"
+         " grids: document.querySelectorAll('.blens-grid').length,"
          " captions: document.querySelectorAll('figcaption').length})")
 
 
@@ -261,7 +379,8 @@ def test_page_renders_in_chromium(report, tmp_path):
         errors = browser.console_errors()
     finally:
         browser.close()
-    assert state["total"] == len(report.figure_files) == state["captions"]
+    assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"]
+    assert state["grids"] == 2
     assert all(w > 0 for w in state["widths"]), state
     assert state["ok"] == "true" and state["figures"] == 5
     assert errors == []
@@ -287,3 +406,59 @@ def test_chromium_check_catches_broken_pages(report):
     assert "figures/missing.png" in banner
     assert any("deliberate" in e for e in errors)
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in errors), errors
+
+
+@pytest.fixture(scope="module")
+def deep_report(tmp_path_factory):
+    """Two models in one warehouse, one of them 30 layers deep (SmolLM2's depth), and the no-break-space prompt."""
+    from blens.publish.report import build_report
+
+    root = tmp_path_factory.mktemp("deep") / "wh"
+    make_warehouse(root, n=2, n_layer=30, model_name="tiny-gpt2-30", run_id="run-deep", extra=(NBSP,))
+    make_warehouse(root, n=2, n_layer=4, model_name="tiny-gpt2-4", run_id="run-shallow", extra=(NBSP,))
+    return build_report(root, tmp_path_factory.mktemp("rep") / "deep", cases=[NBSP["case_id"]])
+
+
+VISIBLE = ("(() => { const vw = window.innerWidth; const all = s => Array.from(document.querySelectorAll(s));"
+           " const out = el => { const r = el.getBoundingClientRect();"
+           "                     return r.width === 0 || r.left < 0 || r.right > vw; };"
+           " const grids = all('.blens-grid');"
+           " return JSON.stringify({vw, page: document.documentElement.scrollWidth, grids: grids.length,"
+           "  layers: grids.map(g => new Set(Array.from(g.querySelectorAll('thead th[scope=col]:not(.corner)'))"
+           "                                .map(h => h.textContent)).size),"
+           "  off_screen: all('.blens-grid th, .blens-grid td, .cbar-bar, img').filter(out).length,"
+           "  scrolled: all('.blens-grid .block').filter(b => b.scrollWidth > b.clientWidth).length,"
+           "  colour_bars: all('.cbar-bar').filter(c => !out(c)).length,"
+           "  blank: all('.blens-grid td:not(.zero), .blens-grid tbody th').filter(c => c.innerText.trim() === '').length,"
+           "  nbsp_rows: all('.blens-grid tbody th').filter(t => t.innerText.startsWith('⍽')).length,"
+           "  models: all('figure h3').map(h => h.textContent)}); })()")
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [1280, 1920])
+def test_lens_tables_fit_the_page_at_reading_width(deep_report, width, tmp_path):
+    """At 1280 and 1920 px every layer of every table, every colour bar and figure is on screen: no sideways
+    scroll anywhere; no cell or token label is blank; both models are in the report."""
+    browser = Browser(CHROMIUM)
+    try:
+        session = browser.open(deep_report.index.resolve().as_uri(), width=width, height=2000)
+        state = json.loads(browser.evaluate(session, VISIBLE))
+        errors = browser.console_errors()
+    finally:
+        browser.close()
+    assert errors == []
+    assert state["page"] <= state["vw"] == width, state
+    assert state["grids"] == 4 and state["layers"] == [30, 30, 4, 4], state  # 2 models x (shift, imprint)
+    assert state["off_screen"] == 0 and state["scrolled"] == 0, state
+    assert state["colour_bars"] == 4 and state["blank"] == 0, state
+    assert state["nbsp_rows"] == 2 + 2 + 1 + 1, state  # a visible row label in every block of every table
+    assert state["models"] == [f"Case {NBSP['case_id']} · tiny-gpt2-30", f"Case {NBSP['case_id']} · tiny-gpt2-4"]
+
+
+def test_figure6_has_a_row_per_model(deep_report):
+    fig6 = next(f for s in deep_report.sections for f in s.figures if f.file and "target_rank" in f.file)
+    w, h = png_size(deep_report.out / fig6.file)
+    assert h > 0.5 * w  # two rows of three panels (one row is ~0.3 w)
+    for model in ("tiny-gpt2-30", "tiny-gpt2-4"):
+        assert f"{model} (V = 50,257, 4 prompts)" in fig6.caption
+    assert "interquartile" in fig6.caption and "V−1" in fig6.caption and "target_true" in fig6.caption

@@ -108,16 +108,16 @@ def reference(tmp_path_factory, tiny_model_dir, data12):
 
 # --- subprocess helpers ---------------------------------------------------------------------------
 
-# A `blens extract` whose every warehouse file write is followed by a pause: it widens the window in which
-# a batch's table files exist but its commit marker does not, so a kill -9 can land there.
+# A `blens extract` whose every table insert inside a commit is followed by a pause: it widens the window in
+# which a batch's Parquet files exist but its transaction has not committed, so a kill -9 can land there.
 SLOW_WRITES = """
 import sys, time
 import blens.store.writer as writer
-_write = writer.write_parquet_atomic
+_insert = writer._insert
 def _slow(*args, **kwargs):
-    _write(*args, **kwargs)
+    _insert(*args, **kwargs)
     time.sleep({pause})
-writer.write_parquet_atomic = _slow
+writer._insert = _slow
 from blens.cli import app
 sys.argv[0] = "blens"
 app()
@@ -153,13 +153,33 @@ def wait_for(pred, proc, timeout=180.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def commit_ids(wh: Path) -> set[str]:
-    return {p.stem for p in (wh / "_commits").glob("run=*/*.parquet")}
+def n_committed(wh: Path) -> int:
+    """Prompts visible in the warehouse right now (read-only attach beside a running writer)."""
+    if not (wh / "catalog.sqlite").exists():
+        return 0
+    try:
+        con = connect(wh)
+    except Exception:  # noqa: BLE001 - the writer is still creating the lake
+        return 0
+    try:
+        return con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+    except Exception:  # noqa: BLE001 - tables not created yet
+        return 0
+    finally:
+        con.close()
 
 
-def uncommitted_prompt_files(wh: Path) -> list[Path]:
-    done = commit_ids(wh)
-    return [p for p in (wh / "prompts").glob("run=*/*.parquet") if p.stem not in done]
+def unlisted_prompt_files(wh: Path) -> list[Path]:
+    """Parquet files of the prompts table on disk that no snapshot of the catalog lists."""
+    on_disk = sorted((wh / "data" / "main" / "prompts").glob("*.parquet"))
+    if not on_disk:
+        return []
+    con = connect(wh)
+    try:
+        listed = {r[0] for r in con.execute("SELECT path FROM __ducklake_metadata_lake.ducklake_data_file").fetchall()}
+    finally:
+        con.close()
+    return [p for p in on_disk if p.name not in listed and str(p) not in listed]
 
 
 # --- kill -9 and resume ---------------------------------------------------------------------------
@@ -169,32 +189,26 @@ def test_kill9_anywhere_then_resume_gives_one_clean_run(tmp_path, tiny_model_dir
     args = ["--model", str(tiny_model_dir), "--data", str(data12), "--warehouse", str(wh), "--batch-size", "1",
             "--top-k", "5", "--lens-dtype", "fp32", "--threads", "1"]
 
-    # 1) killed right after a few batches committed (the plan's own commit is the first marker).
+    # 1) killed right after a few batches committed.
     proc = start_cli(*args)
-    wait_for(lambda: len(commit_ids(wh)) >= 3, proc, what="two committed batches")
+    wait_for(lambda: n_committed(wh) >= 2, proc, what="two committed batches")
     kill9(proc)
     n1 = assert_complete(wh)
     assert 1 <= n1 < 12
 
-    # 2) resumed, then killed mid-batch: table files written, commit marker not yet.
+    # 2) resumed, then killed mid-commit: the batch's Parquet files written, its transaction not committed.
     proc = start_cli(*args, slow_writes=1.5)
-    wait_for(lambda: uncommitted_prompt_files(wh), proc, what="a half-written batch")
+    wait_for(lambda: unlisted_prompt_files(wh), proc, what="a half-committed batch")
     kill9(proc)
-    orphans = uncommitted_prompt_files(wh)
-    assert orphans, "the kill should have left an uncommitted batch behind"
-    n2 = assert_complete(wh)
+    assert unlisted_prompt_files(wh), "the kill should have left an uncommitted batch's files behind"
+    n2 = assert_complete(wh)  # ... which no table shows
     assert n1 <= n2 < 12
-    con = connect(wh)
-    orphan_ids = [p.stem for p in orphans]
-    assert con.execute("SELECT count(*) FROM _prompt_rows WHERE batch_id IN (SELECT unnest(?))",
-                       [orphan_ids]).fetchone()[0] == 0
-    con.close()
 
     # 3) the same command again finishes the job: every prompt exactly once, equal to a clean run.
     r = subprocess.run([sys.executable, "-m", "blens.cli", "extract", *args], cwd=ROOT, capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"{n2} prompts already done, {12 - n2} to go" in r.stderr
+    assert f"{n2} record(s) already in the warehouse (skipped), {12 - n2} to go" in r.stderr
     assert assert_complete(wh) == 12
     assert snapshot(wh) == reference
     con = connect(wh)
@@ -224,26 +238,23 @@ def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, refer
 
     assert assert_complete(wh) == 12
     assert snapshot(wh) == reference
-    # No duplicate rows on disk either (not only in the deduplicating views), and no stray temp files.
+    # Every key once in the table itself (no view de-duplicates), each shard's batches committed.
     con = connect(wh)
-    raw = con.execute("SELECT count(*), count(DISTINCT case_id) FROM read_parquet(? || '/prompts/run=*/*.parquet')",
-                      [str(wh)]).fetchone()
-    assert raw == (12, 12)
-    assert list(wh.rglob("*.tmp")) == []
-    # One run id for all shards; each shard wrote its own runs row whose config says which shard.
-    runs = con.execute("SELECT run_id, config_json FROM read_parquet(? || '/runs/run=*/*.parquet')",
-                       [str(wh)]).fetchall()
-    assert len(runs) == n and len({r[0] for r in runs}) == 1
-    assert sorted(json.loads(r[1])["shard"] for r in runs) == [f"{i}/{n}" for i in range(n)]
-    assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    assert con.execute("SELECT count(*), count(DISTINCT key), count(DISTINCT case_id) FROM prompts").fetchone() == (
+        12, 12, 12)
+    assert con.execute("SELECT count(DISTINCT writer) FROM commits WHERE kind = 'extract' AND n_keys > 0"
+                       ).fetchone()[0] == n
+    # One run id for all shards: the run row is registered once (the first shard's).
+    runs = con.execute("SELECT run_id, config_json FROM runs").fetchall()
+    assert len(runs) == 1 and json.loads(runs[0][1])["shard"] in [f"{i}/{n}" for i in range(n)]
     con.close()
 
 
 def test_shard_is_not_part_of_run_identity(tiny_model_dir, data12):
     a = cfg_for(tiny_model_dir, data12, "wh", shard="0/3", batch_size=7, threads=None, device="cpu")
     b = cfg_for(tiny_model_dir, data12, "wh")
-    assert a.identity_settings() == b.identity_settings()
-    assert "shard" not in json.dumps(a.identity_settings())
+    assert a.result_settings() == b.result_settings()
+    assert "shard" not in json.dumps(a.result_settings())
 
 
 # --- scale-out on Dask ------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ def test_dask_two_workers_equal_single_process(tmp_path, tiny_model_dir, data12,
     assert summary.n_extracted == 12 and summary.n_failed == 0
     assert snapshot(wh) == reference
     con = connect(wh)
-    writers = con.execute("SELECT DISTINCT writer FROM _commits WHERE n_prompts > 0").fetchall()
+    writers = con.execute("SELECT DISTINCT writer FROM commits WHERE kind = 'extract' AND n_keys > 0").fetchall()
     con.close()
     assert len(writers) == 2, f"both Dask worker processes should have written batches: {writers}"
 
@@ -272,9 +283,8 @@ def test_deployment_has_cron_parameters_and_name(tmp_path):
     assert dep.name == DEPLOYMENT_NAME and dep.flow_name == "blens-scheduled-extract"
     assert [s.schedule.cron for s in dep.schedules] == ["0 * * * *"]
     params = dep.parameters["cfg"]
-    assert {k: params[k] for k in ("data", "model", "warehouse", "batch_size", "incremental")} == {
-        "data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"), "batch_size": 4,
-        "incremental": True}
+    assert {k: params[k] for k in ("data", "model", "warehouse", "batch_size")} == {
+        "data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"), "batch_size": 4}
     assert dep.entrypoint == "flows/serve.py:scheduled_extract"
     assert dep.concurrency_limit == 1  # a slow tick never overlaps the next one
 
@@ -301,20 +311,22 @@ def test_scheduled_run_over_grown_dataset_extracts_only_new_records(tmp_path, ti
     write_records(data, make_records(7))  # the file grew by 3 records
     second = scheduled_extract(**params)
     assert (second["n_extracted"], second["n_done_before"]) == (3, 4)
-    assert second["run_id"] == first["run_id"]  # one growing run, not one run per tick
+    # each tick is a run of its own (provenance); what it adds is decided by content, not by the run
 
     third = scheduled_extract(**params)  # nothing new: nothing extracted
     assert (third["n_extracted"], third["n_done_before"]) == (0, 7)
 
     recs = make_records(7)
-    recs[2]["target_new"] = "Moscow"  # an edited record is re-extracted; the latest commit wins
+    recs[2]["target_new"] = "Moscow"  # an edited record is re-extracted; its new result supersedes the old
     write_records(data, recs)
     fourth = scheduled_extract(**params)
     assert (fourth["n_extracted"], fourth["n_done_before"]) == (1, 6)
     assert assert_complete(wh) == 7
     con = connect(wh)
     assert con.execute("SELECT target_new FROM prompts WHERE case_id = 2").fetchall() == [("Moscow",)]
-    assert con.execute("SELECT count(*) FROM _commits WHERE n_prompts > 0").fetchone()[0] == 2 + 2 + 1
+    assert con.execute("SELECT count(*) FROM commits WHERE kind = 'extract' AND n_keys > 0").fetchone()[0] == 2 + 2 + 1
+    assert con.execute("SELECT count(*) FROM supersessions").fetchone()[0] == 1
+    assert con.execute("SELECT count(DISTINCT run_id) FROM prompts").fetchone()[0] == 3  # three ticks added rows
     con.close()
 
 
@@ -327,13 +339,13 @@ def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir,
     calls = {"n": 0, "failed": 0}
     real = job.commit_batch
 
-    def flaky(root, run_id, tables, **kw):
-        if kw.get("n_prompts"):
+    def flaky(root, tables, **kw):
+        if kw.get("kind") == "extract":
             calls["n"] += 1
             if calls["n"] == 2:  # the second batch hits a transient I/O error once
                 calls["failed"] += 1
                 raise OSError(5, "transient I/O error (injected)")
-        return real(root, run_id, tables, **kw)
+        return real(root, tables, **kw)
 
     monkeypatch.setattr(job, "commit_batch", flaky)
     data = write_records(tmp_path / "cf.json", make_records(4))
@@ -369,28 +381,31 @@ def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, 
     assert assert_complete(tmp_path / "wh") == 4
 
 
-def test_batch_failing_after_all_retries_becomes_errors_rows(tmp_path, tiny_model_dir, monkeypatch):
+def test_environment_failing_after_all_retries_stops_the_run_and_records_nothing(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Issue 13: a full disk is not a bad record. Prefect retries the batch; then the run fails, and no
+    errors row says the record was skipped (so a rerun after recovery redoes it)."""
     import blens.extract.job as job
     from blens.flows.extract_flow import extract_flow
 
     real = job.commit_batch
     attempts = {"n": 0}
 
-    def broken_for_case_3(root, run_id, tables, **kw):
+    def broken_for_case_3(root, tables, **kw):
         prompts = tables.get("prompts")
         if prompts is not None and 3 in prompts.column("case_id").to_pylist():
             attempts["n"] += 1
             raise OSError(28, "No space left on device (injected)")
-        return real(root, run_id, tables, **kw)
+        return real(root, tables, **kw)
 
     monkeypatch.setattr(job, "commit_batch", broken_for_case_3)
     data = write_records(tmp_path / "cf.json", make_records(4))
-    summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=1))
+    with pytest.raises(OSError, match="No space left"):
+        extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=1))
     assert attempts["n"] == 3  # first try + retries=2
-    assert (summary.n_extracted, summary.n_failed) == (3, 1)
     con = connect(tmp_path / "wh")
-    errs = con.execute("SELECT case_id, stage, field, message FROM errors").fetchall()
-    assert len(errs) == 1 and errs[0][:3] == (3, "extract", "batch") and "No space left" in errs[0][3]
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    assert 3 not in [r[0] for r in con.execute("SELECT case_id FROM prompts").fetchall()]
     con.close()
 
 
@@ -404,7 +419,7 @@ def test_token_budget_batches_bound_every_batch_and_pack_greedily():
     import random
     from types import SimpleNamespace
 
-    from blens.extract.job import token_budget_batches
+    from blens.extract.batching import token_budget_batches
 
     rng = random.Random(0)
     prompts = sorted((SimpleNamespace(n_tokens=rng.choice([3, 4, 5, 6, 9, 14, 25, 60])) for _ in range(300)),

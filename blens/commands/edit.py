@@ -86,7 +86,7 @@ def edit(
     step: Optional[str] = typer.Option(None, "--step", help="shift step size: fixed (the paper's eta) | normalized "
                                        "| minimal. Default: minimal (the sweep's winner) unless --lr is given, "
                                        "then fixed."),
-    device: options.Device = "cpu",
+    device: options.Device = "auto",
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Edits per Prefect task (one commit each)."),
     threads: options.Threads = None,
 ) -> None:
@@ -133,6 +133,17 @@ def run_edit(settings: dict):
     from blens.flows.edit_flow import edit_flow
 
     cfg = EditConfig(**settings)
+    from blens.extract.sources import describe_source
+
+    try:  # a missing/truncated source (or one file of a directory) fails here: one line, no flow traceback
+        source = describe_source(cfg.data, limit=cfg.limit)
+    except DataSourceError as exc:
+        fail(str(exc))
+    if source.all_rejected:  # something was there, but not one usable record: the wrong file or layout
+        fail(source.message())
+    if source.empty:  # an empty source is not an error: say so and write nothing
+        err_console.print(source.message(), highlight=False, soft_wrap=True)
+        raise typer.Exit(0)
     try:
         with progress_bar(cfg.kind, "edits"):
             return edit_flow(cfg)

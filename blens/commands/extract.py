@@ -35,7 +35,8 @@ def extract(
 
     from blens.extract.config import ExtractConfig
     from blens.extract.models import ModelLoadError, cached_model
-    from blens.extract.records import DataSourceError, load_records
+    from blens.extract.records import DataSourceError
+    from blens.extract.sources import describe_source
     from blens.store.writer import WarehouseError, init_warehouse
 
     check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
@@ -48,9 +49,14 @@ def extract(
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
-        load_records(cfg.data, limit=1)
+        source = describe_source(cfg.data, limit=cfg.limit)
     except DataSourceError as exc:
         fail(str(exc))
+    if source.all_rejected:  # something was there but nothing usable: the wrong file or layout
+        fail(source.message())
+    if source.empty:
+        err_console.print(source.message(), highlight=False, soft_wrap=True)
+        return
     try:
         with err_console.status(f"loading model {cfg.model} ..."):
             cached_model(cfg.model, cfg.device)
@@ -60,11 +66,20 @@ def extract(
 
     from blens.flows.extract_flow import WorkersUnavailable, run_extract
 
+    import duckdb
+
     try:
         with progress_bar("extract", "prompts"):
             summary = run_extract(cfg)
-    except (DataSourceError, WorkersUnavailable) as exc:
+    except (DataSourceError, WorkersUnavailable, WarehouseError) as exc:
         fail(str(exc))
+    except OSError as exc:  # the environment, not a record: nothing was recorded as a bad record
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        fail(f"extraction stopped: {exc.strerror or exc}{where}; committed batches are kept, rerun the same "
+             "command after fixing this to finish", code=1)
+    except duckdb.Error as exc:
+        fail(f"extraction stopped: the warehouse could not be read or written: {' '.join(str(exc).split())[:400]}"
+             f" (`blens check --warehouse {cfg.warehouse}` finds damaged files, `--repair` fixes them)", code=1)
     print_summary(cfg, summary)
 
 

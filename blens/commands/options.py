@@ -21,7 +21,7 @@ Data = Annotated[str, typer.Option(
     "detected per record), or a Hugging Face dataset id (ID or ID:split) when a hub is reachable.")]
 Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N valid records.")]
 Warehouse = Annotated[Path, typer.Option("--warehouse", help="Warehouse directory (Parquet + views).")]
-Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Most prompts per backward pass and per "
@@ -37,6 +37,9 @@ Vectors = Annotated[str, typer.Option(
 LensDtype = Annotated[str, typer.Option(
     "--lens-dtype", help="fp32: one fp32 GEMM per block (default; exact). bf16: shortlist in bfloat16 and rescore "
     "in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
+MaxPromptTokens = Annotated[int, typer.Option(
+    "--max-prompt-tokens", min=1, help="Longest prompt extracted, in tokens: a memory bound (about 2 MB per token "
+    "on SmolLM2-135M); a longer prompt becomes an errors row instead of an out-of-memory kill.")]
 Workers = Annotated[int, typer.Option(
     "--workers", min=1, help="Run batches on N local Dask worker processes (prefect-dask, extra 'dask'); each "
     "loads the model and writes its own batch files.")]
@@ -51,10 +54,11 @@ EXTRACTION_OPTIONS = (
     ("batch_size", BatchSize, 32),
     ("batch_tokens", BatchTokens, 512),
     ("top_k", TopK, 10),
-    ("device", Device, "cpu"),
+    ("device", Device, "auto"),
     ("vectors", Vectors, "none"),
     ("lens_dtype", LensDtype, "fp32"),
     ("workers", Workers, 1),
+    ("max_prompt_tokens", MaxPromptTokens, 1024),
 )
 
 

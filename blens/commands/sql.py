@@ -1,57 +1,61 @@
-"""`blens sql`: read-only SQL over the warehouse views."""
+"""`blens sql`: SQL over the warehouse, read-only and sandboxed."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ._common import fail
+from . import options
+from ._common import check_choice, fail, print_table
 
-READ_ONLY_TYPES = ("SELECT", "EXPLAIN", "PRAGMA", "VARIABLE_SET")
-
-
-def check_read_only(con, query: str) -> None:
-    """Refuse anything but queries: `blens sql` never writes, attaches or copies."""
-    for stmt in con.extract_statements(query):
-        kind = str(stmt.type).split(".")[-1]
-        if kind not in READ_ONLY_TYPES:
-            raise ValueError(f"only read-only queries are allowed, not {kind}")
+FORMATS = ("table", "csv", "json", "markdown")
 
 
 def sql(
-    query: str = typer.Argument(..., help="SQL over the views: runs, prompts, tokens, gradient_ranks, projections, "
-                                "vectors, errors, edit_results, rank_equals_length, target_rank_by_layer, "
-                                "vjp_norm_by_segment, edit_summary."),
-    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Warehouse directory."),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json"),
-    max_rows: int = typer.Option(200, "--max-rows", help="Rows shown in table format (csv/json print all)."),
+    query: str = typer.Argument(..., help="SQL over the tables (runs, models, prompts, tokens, gradient_ranks, "
+                                "projections, vectors, errors, edit_results, supersessions) and views "
+                                "(rank_equals_length, target_rank_by_layer, vjp_norm_by_segment, edit_summary)."),
+    warehouse: options.Warehouse = Path("warehouse"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json | markdown. csv, json and markdown "
+                            "print every row; a table fits the terminal, folding long values."),
+    max_rows: int = typer.Option(200, "--max-rows", min=1, help="Rows shown in table format."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="Query the warehouse as it was at a snapshot: a "
+                                        "version number (`SELECT * FROM ducklake_snapshots('lake')` lists them) "
+                                        "or a timestamp such as '2026-11-26 12:00:00+00'."),
 ) -> None:
-    """Run a read-only SQL query over the warehouse's DuckDB views.
+    """Run a read-only SQL query over the warehouse.
 
-    Example: blens sql "SELECT * FROM rank_equals_length ORDER BY layer"
+    The session is locked down: it attaches the warehouse read-only, and no query can read files or URLs
+    outside the warehouse's own data, install or load extensions, or change settings. Example:
+    blens sql "SELECT * FROM rank_equals_length ORDER BY layer"
     """
     import duckdb
 
-    from blens.store.connect import connect
+    from blens.store.connect import QueryRefused, connect, run_query
+    from blens.store.lake import WarehouseError
 
-    if fmt not in ("table", "csv", "json"):
-        fail(f"--format must be table, csv or json (got {fmt!r})")
+    check_choice("--format", fmt, FORMATS)
+    if not query.strip():
+        fail("the query is empty; e.g. blens sql \"SELECT * FROM rank_equals_length ORDER BY layer\"")
     try:
-        con = connect(warehouse)
-    except FileNotFoundError as exc:
+        con = connect(warehouse, snapshot=as_of, sandbox=True)
+    except (FileNotFoundError, WarehouseError) as exc:
         fail(str(exc))
     try:
-        check_read_only(con, query)
-        rel = con.execute(query)
+        rel = run_query(con, query)
         cols = [d[0] for d in rel.description] if rel.description else []
-        rows = rel.fetchall()
-    except (duckdb.Error, ValueError) as exc:
-        fail(str(exc).splitlines()[0])
+        rows = rel.fetchall() if rel.description else []
+    except QueryRefused as exc:
+        fail(str(exc))
+    except duckdb.Error as exc:
+        fail(str(exc).strip())  # DuckDB's whole message: the hints (candidates, LINE n) are the useful part
+    finally:
+        con.close()
+    text = [["NULL" if v is None else str(v) for v in r] for r in rows]
     if fmt == "csv":
         import csv
         w = csv.writer(sys.stdout)
@@ -59,15 +63,17 @@ def sql(
         w.writerows(rows)
     elif fmt == "json":
         sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1) + "\n")
+    elif fmt == "markdown":
+        esc = lambda v: v.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(esc(v) for v in r) + " |" for r in text]
+        print("\n".join(lines))
     else:
-        t = Table(show_edge=False)
-        for c in cols:
-            t.add_column(c)
-        for r in rows[:max_rows]:
-            t.add_row(*("NULL" if v is None else str(v) for v in r))
-        Console().print(t)
+        print_table(f"{len(rows)} row(s)", cols, text[:max_rows])
         if len(rows) > max_rows:
-            Console(stderr=True).print(f"({len(rows)} rows, {max_rows} shown; --max-rows or --format csv for all)")
+            from ._common import err_console
+
+            err_console.print(f"({len(rows)} rows, {max_rows} shown; --max-rows or --format csv for all)")
 
 
 def register(app: typer.Typer) -> None:

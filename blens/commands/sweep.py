@@ -70,7 +70,7 @@ def sweep(
     min_efficacy: float = typer.Option(0.95, "--min-efficacy", help="Defaults: among configs reaching this "
                                        "efficacy the one leaving most neighbourhood predictions unchanged (else the "
                                        "most efficacious)."),
-    device: options.Device = "cpu",
+    device: options.Device = "auto",
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Edits per Prefect task."),
     threads: options.Threads = None,
 ) -> None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The device check: CPU vs CUDA equality and paper-sized throughput (bench/gpu_check.py; docs/gpu.md).
+#
+#   bash bench/gpu_check.sh          # on a CUDA machine: < 8 minutes
+#   bash bench/gpu_check.sh --cpu    # anywhere: the same checks on CPU with small shapes, < 10 minutes
+#
+# Needs only a Python with torch, transformers, pyarrow and numpy: $PYTHON if set, else the checkout's
+# .venv/bin/python if there is one, else python3. The project is not installed: blens.extract is mapped
+# onto extract/ (and bench/ onto bench/) through a temporary directory of symlinks (the package-dir layout
+# of pyproject.toml), which is the only path given to Python; the repository root is not on it (its blens/
+# is the CLI), so nothing outside the extraction core can be imported.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
+else PY=python3; fi
+T="$(mktemp -d)"
+trap 'rm -rf "$T"' EXIT
+mkdir -p "$T/blens"
+: > "$T/blens/__init__.py"
+ln -s "$REPO/extract" "$T/blens/extract"
+ln -s "$REPO/bench" "$T/bench"
+PYTHONPATH="$T${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$REPO/bench/gpu_check.py" "$@"

@@ -1,0 +1,45 @@
+"""Identity by content: which warehouse rows a result is, whatever run, file or schedule produced it.
+
+* ``key``  = hash(model, revision, result settings, the record's content). Two extractions of the same
+  record with the same model and settings are the same result: the store keeps one, so ``--limit``
+  growth, a moved file, a schedule or a rerun never add a second copy.
+* ``slot`` = hash(model, revision, result settings, case_id). The place a record's result fills: a
+  changed record (same case_id, new content) gets a new key in the same slot, and its result
+  supersedes the old one (which stays reachable through the store's time travel).
+
+Result settings are those that change the rows (:func:`result_settings`): top-k, the loss, the lens
+and its sites. Batching, device, sharding and whether raw vectors are stored do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .adapters import LENS_SITES
+from .records import EditRecord
+
+
+def result_settings(top_k: int) -> dict:
+    """The settings that change a result's rows: how many lens tokens are kept, the loss, the lens, the sites."""
+    return {"top_k": top_k, "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding",
+            "sites": [str(s) for s in LENS_SITES]}
+
+
+def _digest(payload: object) -> str:
+    text = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+def record_content(record: EditRecord) -> dict:
+    """The fields of a record that determine its extraction result."""
+    return {"case_id": record.case_id, "prompt": record.prompt, "subject": record.subject,
+            "target_new": record.target_new, "target_true": record.target_true}
+
+
+def result_key(model: str, revision: str, settings: dict, record: EditRecord) -> str:
+    return _digest({"model": model, "revision": revision, "settings": settings, "record": record_content(record)})
+
+
+def result_slot(model: str, revision: str, settings: dict, case_id: int) -> str:
+    return _digest({"model": model, "revision": revision, "settings": settings, "case_id": case_id})

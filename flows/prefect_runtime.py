@@ -1,0 +1,211 @@
+"""Prefect's process lifecycle in our processes: no process of ours outlives the command that started it,
+and an interrupted run ends with one line, not Prefect's crash reports.
+
+**The ephemeral API server.** Without ``PREFECT_API_URL``, Prefect 3.8 runs its API in a uvicorn
+subprocess (``prefect.server.api.server.SubprocessASGIServer``, ~225 MB), one per process, started by
+whichever client needs it first (``get_client``, the events and logs clients: all ask for the same
+port-less singleton) and stopped by an ``atexit`` hook. ``atexit`` never runs when the process is
+SIGKILLed (OOM killer, ``kill -9``), nor on a signal's default action, so every killed ``blens extract``
+left its server running, reparented to init. :func:`arm_ephemeral_server` registers that singleton
+before anything starts it, with one change: its child process gets ``PR_SET_PDEATHSIG = SIGKILL``
+between fork and exec (:func:`parent_death_preexec`), so the Linux kernel kills it the moment our
+process dies, however it dies, and kills only it (our own process group is never signalled). A normal
+exit still goes through Prefect's ``atexit`` ``stop()`` (SIGTERM, then SIGKILL after 5 s).
+
+Two facts this relies on: the death signal follows the *thread* that forked the child, so the server
+is started with it only from the main thread (which lives as long as the process; sync flows start it
+there, and :func:`ensure_local_api` does so explicitly); and SQLite, the ephemeral API's database, is
+safe against SIGKILL (atomic commits), so the hard kill costs no consistency.
+
+**SIGTERM during a flow.** Prefect's flow engine swaps in its own SIGTERM handler for the duration of a
+run (``prefect.utilities.engine.capture_sigterm``): it raises ``TerminationSignal``, logs the task and
+flow crashes at ERROR, restores the previous handler and re-sends the signal. :func:`quiet_sigterm_bridge`
+keeps that machinery (the run is still marked Crashed in the API) but switches logging off first, so the
+CLI's own handler (``blens.commands._common.run_guarded``) prints the one line.
+
+Both touch Prefect internals in exactly one place each, check that the names exist first, and are
+covered by ``tests/test_process_hygiene.py`` (kill -9 of the CLI alone; SIGTERM and SIGINT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import types
+from typing import Any, Callable, Iterator
+
+__all__ = ["api_for_child_processes", "arm_ephemeral_server", "ensure_local_api", "parent_death_preexec", "prepare_process",
+           "quiet_sigterm_bridge"]
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def parent_death_preexec(sig: int = signal.SIGKILL, own_group: bool = True) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child receives ``sig`` when the thread that started it
+    dies (Linux ``PR_SET_PDEATHSIG``; kept across exec). None where that does not exist.
+
+    If the parent is already gone when the child gets there, nothing would deliver the signal: the child
+    exits at once instead. ``own_group`` puts the child in a process group of its own, so that a signal
+    sent to our group (Ctrl-C at a terminal reaches the whole foreground group; ``kill -TERM -PGID``) reaches
+    only us: we shut down in order, reporting to a server that is still there, and then stop it. Otherwise
+    the server died first and Prefect's crash report retried a dead socket for over a minute, then raised.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: no locks, no imports
+        if own_group:
+            os.setpgid(0, 0)
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def _popen_with_preexec(module: types.ModuleType, preexec: Callable[[], None]) -> Iterator[None]:
+    """Within the block, ``module``'s ``subprocess.Popen`` calls get ``preexec``; nothing else changes."""
+    real = module.subprocess
+
+    class Popen(real.Popen):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("preexec_fn") is None:
+                kwargs["preexec_fn"] = preexec
+            super().__init__(*args, **kwargs)
+
+    shim = types.ModuleType("subprocess")
+    shim.__dict__.update(vars(real))
+    shim.Popen = Popen  # type: ignore[attr-defined]
+    module.subprocess = shim
+    try:
+        yield
+    finally:
+        module.subprocess = real
+
+
+def _api_url_set() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def arm_ephemeral_server() -> Any | None:
+    """Make sure the ephemeral API server, whenever it starts in this process, dies with the process.
+
+    Returns Prefect's server singleton (not started), or None when there is nothing of ours to start
+    (``PREFECT_API_URL`` names a server) or no way to arm it (not Linux; Prefect's internals changed).
+    Idempotent and cheap after the first call.
+    """
+    if _api_url_set():
+        return None
+    preexec = parent_death_preexec()
+    try:
+        from prefect.server.api import server as server_module
+
+        server = server_module.SubprocessASGIServer()  # the port-less singleton every Prefect client uses
+        start_child = type(server)._run_uvicorn_command
+        server_module.subprocess  # noqa: B018 - the module global we route Popen through
+    except (ImportError, AttributeError):
+        return None
+    if preexec is None or getattr(server, "_blens_armed", False):
+        return server
+
+    def run_uvicorn_command() -> Any:
+        # The death signal follows the forking thread: only the main thread lives as long as the process.
+        if threading.current_thread() is not threading.main_thread():
+            return start_child(server)
+        with _popen_with_preexec(server_module, preexec):
+            return start_child(server)
+
+    server._run_uvicorn_command = run_uvicorn_command  # also used for Prefect's restart on a taken port
+    server._blens_armed = True
+    return server
+
+
+def ensure_local_api() -> str | None:
+    """Start the (armed) ephemeral API server now, from the calling thread, and return its URL; None when
+    ``PREFECT_API_URL`` names a server. Call it from the main thread before a flow runs."""
+    server = arm_ephemeral_server()
+    if server is None:
+        return None
+    server.start()
+    return server.api_url
+
+
+@contextlib.contextmanager
+def api_for_child_processes() -> Iterator[str | None]:
+    """Within the block, child processes we start (Dask's worker processes for ``--workers N``) use this
+    process's API server, whose life is bound to ours, instead of each starting an ephemeral server of
+    its own: a worker dies with its parent (distributed watches a pipe and ``os._exit``s), which runs no
+    ``atexit``, and its server, started from a worker thread where no death signal can be set, outlived it.
+    Children copy the environment when they start, so it is set only for the block."""
+    url = ensure_local_api()
+    if url is None:
+        yield None
+        return
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+# Called with the signal number by Prefect's (wrapped) SIGTERM handler before it raises; the CLI registers
+# its exit watchdog here (an exception raised by a signal handler can be swallowed, see _common.py).
+termination_hooks: list[Callable[[int], None]] = []
+
+
+def quiet_sigterm_bridge() -> bool:
+    """Have Prefect's in-flow SIGTERM handler switch logging off before it raises ``TerminationSignal``,
+    so an interrupted run prints no crash reports (its state is still reported to the API). True if
+    installed."""
+    try:
+        from prefect.exceptions import TerminationSignal
+        from prefect.utilities import engine
+    except ImportError:
+        return False
+    original = getattr(engine, "_prefect_sigterm_handler", None)
+    if original is None:
+        return False
+    if getattr(original, "_blens_quiet", False):
+        return True
+
+    def handler(sig_num: int, *args: object) -> None:
+        logging.disable(logging.CRITICAL)
+        for hook in termination_hooks:
+            hook(sig_num)
+        raise TerminationSignal(signal=sig_num)
+
+    handler._blens_quiet = True  # type: ignore[attr-defined]
+    engine._prefect_sigterm_handler = handler  # read by capture_sigterm() at each call
+    return True
+
+
+def prepare_process() -> None:
+    """Everything above, for a process about to run flows (called when the flow modules are imported)."""
+    arm_ephemeral_server()
+    quiet_sigterm_bridge()

@@ -1,0 +1,194 @@
+"""The warehouse is a DuckLake: a catalog database plus Parquet files (see docs/warehouse.md for why).
+
+A local warehouse is a directory holding ``catalog.sqlite`` (the DuckLake catalog, SQLite in WAL mode:
+several writer processes on one machine) and ``data/`` (Parquet files the catalog lists). A shared one
+is a PostgreSQL catalog (``postgres:dbname=... host=...``) with its data on shared storage. Every
+connection attaches it under the alias ``lake`` and ``USE``\\ s it, so tables and the catalog's views
+resolve by their plain names, from our code and from a plain DuckDB session alike.
+
+The extensions come from the pip packages ``duckdb-ext-ducklake``/``-sqlite``/``-postgres`` (built for
+DuckDB 1.4.4): they are loaded from that directory, never downloaded, and autoloading is off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+LAKE = "lake"
+CATALOG_FILE = "catalog.sqlite"
+DATA_DIR = "data"
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be used (not writable, not a warehouse, corrupt); one line for the user."""
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    return str(location).startswith("postgres:")
+
+
+def extension_dir() -> str | None:
+    """Where the duckdb-ext-* wheels put the extensions (<dir>/v1.4.4/linux_amd64/*.duckdb_extension)."""
+    env = os.environ.get("BLENS_DUCKDB_EXTENSIONS")
+    if env:
+        return env
+    spec = importlib.util.find_spec("duckdb_ext")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / "extensions").is_dir():
+            return str(Path(loc) / "extensions")
+    return None
+
+
+def sql_str(s: str | os.PathLike) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def attach_sql(location: str | os.PathLike, *, read_only: bool = False, data_path: str | None = None,
+               snapshot: str | None = None, new: bool | None = None) -> str:
+    """The ATTACH statement for a warehouse directory or a ``postgres:...`` catalog.
+
+    ``snapshot``: an integer snapshot version or a timestamp: the whole warehouse as it was then.
+    """
+    opts = []
+    if is_remote(location):
+        target = "ducklake:" + str(location)
+        data_path = data_path or os.environ.get("BLENS_DATA_PATH")  # where a new shared lake keeps its files
+        if data_path:
+            opts.append(f"DATA_PATH {sql_str(data_path.rstrip('/') + '/')}")
+    else:
+        root = Path(location).absolute()
+        target = f"ducklake:sqlite:{root / CATALOG_FILE}"
+        # The data always sits beside the catalog; the catalog stores file paths relative to it, so a
+        # warehouse directory can be moved or copied (OVERRIDE_DATA_PATH: use where it is now).
+        opts.append(f"DATA_PATH {sql_str(str(data_path or root / DATA_DIR) + '/')}")
+        if not (new if new is not None else not (root / CATALOG_FILE).exists()):
+            opts.append("OVERRIDE_DATA_PATH true")
+    if snapshot is not None:
+        opts.append(f"SNAPSHOT_VERSION {int(snapshot)}" if str(snapshot).isdigit()
+                    else f"SNAPSHOT_TIME {sql_str(snapshot)}")
+    if read_only:
+        opts.append("READ_ONLY")
+    return f"ATTACH {sql_str(target)} AS {LAKE}" + (f" ({', '.join(opts)})" if opts else "")
+
+
+def load_extensions(con: duckdb.DuckDBPyConnection, remote: bool) -> None:
+    ext = extension_dir()
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    if ext:
+        con.execute(f"SET extension_directory = {sql_str(ext)}")
+    for name in ("ducklake", "postgres" if remote else "sqlite"):
+        try:
+            con.execute(f"LOAD {name}")
+        except duckdb.Error as exc:
+            raise WarehouseError(f"cannot load the DuckDB extension {name!r} (install duckdb-ext-{name} for DuckDB "
+                                 f"{duckdb.__version__}): {str(exc).splitlines()[0]}") from None
+
+
+def _create_wal_sqlite(path: Path) -> None:
+    """An empty SQLite catalog in WAL mode (kept in the file): readers never block the committing writer."""
+    import sqlite3
+
+    c = sqlite3.connect(path)
+    try:
+        c.execute("PRAGMA journal_mode=WAL")
+    finally:
+        c.close()
+
+
+# ------------------------------------------------------------------------------------------- retry
+
+_RETRYABLE = re.compile(r"conflict|Failed to commit|database is locked|busy|could not serialize|deadlock", re.I)
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter: sleep U(0, min(cap, base * 2**attempt)) between tries.
+
+    Concurrent writers on one catalog fail some commits ("Failed to commit DuckLake transaction",
+    "database is locked", a transaction conflict); retried, they go through. Other errors are not retried.
+    """
+
+    max_tries: int = 30
+    base_s: float = 0.05
+    cap_s: float = 3.0
+    log: list = field(default_factory=list)  # (attempt, error text) per failed try
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * 2 ** attempt))
+
+    def run(self, fn):
+        for attempt in range(self.max_tries):
+            try:
+                return fn()
+            except duckdb.Error as e:
+                if not retryable(e) or attempt == self.max_tries - 1:
+                    raise
+                self.log.append((attempt, " | ".join(str(e).splitlines())[:400]))
+                time.sleep(self.delay(attempt))
+
+
+def retryable(e: BaseException) -> bool:
+    return isinstance(e, duckdb.Error) and bool(_RETRYABLE.search(str(e)))
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+# -------------------------------------------------------------------------------------------- open
+
+def is_warehouse(location: str | os.PathLike) -> bool:
+    return is_remote(location) or (Path(location) / CATALOG_FILE).is_file()
+
+
+def attach(location: str | os.PathLike, *, read_only: bool, snapshot: str | None = None,
+           threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the warehouse attached as ``lake`` and in use."""
+    new = None
+    if not read_only and not is_remote(location):
+        root = Path(location)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / DATA_DIR).mkdir(exist_ok=True)
+        new = not (root / CATALOG_FILE).exists()
+        if new:
+            _create_wal_sqlite(root / CATALOG_FILE)
+    con = duckdb.connect(":memory:", config={"threads": threads} if threads else {})
+    con.execute("SET enable_progress_bar = false")  # our commands print their own progress
+    try:
+        load_extensions(con, is_remote(location))
+        statement = attach_sql(location, read_only=read_only, snapshot=snapshot, new=new)
+        RetryPolicy(max_tries=8).run(lambda: con.execute(statement))
+        con.execute(f"USE {LAKE}")
+    except duckdb.Error as exc:
+        con.close()
+        raise WarehouseError(f"cannot open the warehouse {str(location)!r}: {' '.join(str(exc).split())[:300]}") from None
+    return con
+
+
+def init_sql(location: str | os.PathLike, *, read_only: bool = True) -> str:
+    """SQL that a plain DuckDB session (CLI ``duckdb -init FILE`` or Python, no project code) runs to attach
+    the warehouse and query every table and view; the views live in the catalog, so nothing else is needed."""
+    remote = is_remote(location)
+    ext = extension_dir()
+    lines = [f"-- Backward Lens warehouse {location} (DuckLake; DuckDB {duckdb.__version__} with the ducklake "
+             "extension)."]
+    if ext:
+        lines.append(f"SET extension_directory = {sql_str(ext)};  -- the duckdb-ext-* pip packages")
+    else:
+        lines += ["INSTALL ducklake;", f"INSTALL {'postgres' if remote else 'sqlite'};"]
+    lines += ["LOAD ducklake;", f"LOAD {'postgres' if remote else 'sqlite'};",
+              attach_sql(location if remote else Path(location).absolute(), read_only=read_only) + ";",
+              f"USE {LAKE};", ""]
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""Store faults (issue 13), with real processes and files: a truncated, junk or hand-deleted data file gives a
+clear error naming the file, `blens check` finds it, `--repair` quarantines it and the next extract
+recomputes exactly the lost prompts; a full disk fails the run (non-zero, one line) and is never recorded
+as bad records; a non-empty foreign directory is refused as a warehouse."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from blens.store.connect import connect
+
+RECS = [{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": "Rome", "ground_truth": "Oslo"}
+        for i, s in enumerate(["Paris", "Berlin", "Madrid", "Vienna"])]
+
+
+def blens(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})), timeout=600)
+
+
+@pytest.fixture
+def warehouse(tmp_path, tiny_model_dir):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(RECS))
+    wh = tmp_path / "wh"
+    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
+            "--threads", "1", "--batch-size", "2"]
+    r = blens(*args)
+    assert r.returncode == 0, r.stderr
+    return wh, args
+
+
+def n_prompts(wh) -> int:
+    con = connect(wh)
+    try:
+        return con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "junk", "delete"])
+def test_damaged_file_is_named_checked_repaired_and_recomputed(warehouse, damage):
+    wh, args = warehouse
+    victim = sorted((wh / "data" / "main" / "projections").glob("*.parquet"))[0]
+    if damage == "truncate":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "junk":
+        victim.write_bytes(b"not a parquet file at all" * 100)
+    else:
+        victim.unlink()
+    r = blens("sql", "SELECT count(*) FROM projections", "--warehouse", str(wh))
+    assert r.returncode != 0 and victim.name in r.stderr and "Traceback" not in r.stderr
+    r = blens("check", "--warehouse", str(wh))
+    assert r.returncode == 1 and victim.name in r.stdout and "--repair" in r.stdout
+    r = blens("check", "--repair", "--warehouse", str(wh))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rerun the extraction command" in r.stdout
+    lost = 4 - n_prompts(wh)
+    assert lost > 0
+    if damage != "delete":
+        assert (wh / "quarantine" / victim.name).exists()
+    r = blens(*args)  # the same command recomputes exactly the lost prompts
+    assert r.returncode == 0, r.stderr
+    assert f"{4 - lost} record(s) already in the warehouse (skipped), {lost} to go" in r.stderr
+    assert blens("check", "--warehouse", str(wh)).returncode == 0
+    con = connect(wh)
+    assert con.execute("SELECT count(*), count(DISTINCT key) FROM prompts").fetchone() == (4, 4)
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    con.close()
+
+
+FULL_DISK = """
+import errno, sys
+import blens.store.writer as writer
+_insert = writer._insert
+def _full(con, table, *a, **k):
+    if table == "projections":
+        raise OSError(errno.ENOSPC, "No space left on device", "/wh/data/main/projections")
+    return _insert(con, table, *a, **k)
+writer._insert = _full
+from blens.cli import app
+sys.argv[0] = "blens"
+app()
+"""
+
+
+def test_full_disk_fails_the_run_and_records_no_bad_records(tmp_path, tiny_model_dir):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(RECS))
+    wh = tmp_path / "wh"
+    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
+            "--threads", "1"]
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    assert "skipped" not in r.stderr
+    con = connect(wh)
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM prompts").fetchone()[0] == 0
+    con.close()
+    r = blens(*args)  # after recovery the same command completes, with no stale error rows or orphans
+    assert r.returncode == 0, r.stderr
+    assert n_prompts(wh) == 4
+    assert blens("check", "--warehouse", str(wh)).returncode == 0
+
+
+def test_foreign_directory_is_refused_as_a_warehouse(tmp_path, tiny_model_dir):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"\xff\xd8")
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(RECS))
+    r = blens("extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(foreign))
+    assert r.returncode == 2 and "is not empty and is not a warehouse" in r.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize("command, marker", [("publish", "dataset_dict.json"), ("report", "index.html")])
+def test_product_output_inside_the_warehouse_is_refused(warehouse, command, marker):
+    wh, _ = warehouse
+    for out in (wh / "published", wh, wh.parent):
+        r = blens(command, "--warehouse", str(wh), "--out", str(out))
+        assert r.returncode != 0 and "overlaps the warehouse" in r.stderr, (out, r.stderr)
+    assert not (wh / "published").exists() and not (wh / marker).exists()
+    assert blens("check", "--warehouse", str(wh)).returncode == 0
