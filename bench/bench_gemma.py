@@ -35,7 +35,7 @@ from blens.extract.lens import LogitLens  # noqa: E402
 from blens.extract.models import load_model  # noqa: E402
 from blens.extract.prepare import prepare  # noqa: E402
 from blens.extract.ranks import ranks_for_batch  # noqa: E402
-from blens.extract.records import load_records  # noqa: E402
+from blens.extract.sources import load_records  # noqa: E402
 
 DATA = "/work/shared/data/counterfact/counterfact-edit-1k.json"
 
