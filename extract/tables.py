@@ -161,8 +161,8 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     """The device stage of one batch: capture, lens, ranks, then one copy of everything to the host.
 
     Everything the device needs from the host (ids, mask, row index, target ids) is copied before the
-    capture starts; after that nothing is read back until :func:`to_host` (gradient ranks excepted:
-    ``ranks.py`` returns CPU tensors). ``mark(stage)``, if given, is called after each stage
+    capture starts; after that nothing is read back until :func:`to_host` (the gradient ranks too: they
+    stay on the device until that copy). ``mark(stage)``, if given, is called after each stage
     ("capture", "lens", "ranks", "copy"); a timing harness can synchronise the device there.
     ``host_pack``: passed to :func:`to_host` (``True`` runs the packed copy on CPU too, for tests).
     """
@@ -195,7 +195,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
         note("lens")
         ranks = ranks_for_batch(spans, view.matrix_names, L)
         rank_keys = list(ranks)
-        rank_vals = torch.stack([ranks[k] for k in rank_keys], dim=1)  # (B, K), CPU
+        rank_vals = torch.stack([ranks[k] for k in rank_keys], dim=1).int()  # (B, K), on the device
         note("ranks")
     host = to_host([spans.loss.float(), norms.float(), res.top_ids.int(), res.top_logits.float(), res.bottom_ids.int(),
                     res.bottom_logits.float(), res.target_ranks.int(), rank_vals, *(v.float() for v in vecs.values())],
