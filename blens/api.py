@@ -9,7 +9,7 @@
     lens.run_many(records)                     # batched, with a progress bar
 
 Why there is no second implementation: a batch goes through exactly the functions a ``blens extract``
-batch task calls (``records.record_from_dict``, ``prepare.prepare``, ``job.token_budget_batches``,
+batch task calls (``records.record_from_dict``, ``prepare.prepare``, ``batching.token_budget_batches``,
 ``tables.compute_batch`` then ``tables.build_tables``, which together are ``tables.extract_batch``), with the
 model from ``models.cached_model`` and the lens from ``job.make_lens``. So a result's rows are the
 warehouse's rows for the same record and settings, ``key`` included; only ``run_id`` differs
@@ -42,7 +42,8 @@ import torch
 from blens.extract.adapters import Site
 from blens.extract.config import ExtractConfig
 from blens.extract.identity import result_key
-from blens.extract.job import make_lens, token_budget_batches
+from blens.extract.batching import batch_limits, token_budget_batches
+from blens.extract.job import make_lens
 from blens.extract.models import EMBEDDED_NAME, LoadedModel, cached_model, resolve_device
 from blens.extract.prepare import DEFAULT_MAX_PROMPT_TOKENS, PreparedPrompt, prepare
 from blens.extract.records import EditRecord, RecordError, record_from_dict
@@ -239,7 +240,7 @@ class Lens:
         todo = list({k: p for k, p in zip(keys, prepared) if p is not None}.values())
         todo.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # plan_run's order: the same records batch alike
         done: dict[str, Result] = {}
-        batches = token_budget_batches(todo, self.cfg.batch_size, self.cfg.batch_tokens)
+        batches = token_budget_batches(todo, *batch_limits(self.lm, self.cfg.batch_size, self.cfg.batch_tokens))
         with _progress(progress and len(todo) > 1, len(todo), self.lm.name) as advance:
             for batch in batches:
                 done.update(self._batch(batch, vectors))
@@ -287,8 +288,8 @@ def _progress(enabled: bool, total: int, model: str):
 
 
 def load(model: str = EMBEDDED_NAME, device: str = "auto", *, top_k: int = 10, lens_dtype: str = "fp32",
-         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, batch_size: int = 32,
-         batch_tokens: int = 512) -> Lens:
+         max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, batch_size: int | None = None,
+         batch_tokens: int | None = None) -> Lens:
     """A model ready to run records: an embedded name (``smollm2-135m``, ``gemma3-270m``), a local directory
     or a hub name of a supported family; ``device`` "auto" (CUDA when present), "cpu" or "cuda".
 

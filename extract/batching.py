@@ -30,3 +30,24 @@ def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
     if current:
         batches.append(current)
     return batches
+
+
+CPU_BATCH_SIZE = 32  # prompts per batch on CPU: 32 x 16 tokens = the 512-token CPU budget
+CUDA_BATCH_SIZE = 256  # on a GPU: enough rows that the lens GEMMs and the capture fill the device
+
+
+def batch_limits(lm, batch_size: int | None, batch_tokens: int | None) -> tuple[int, int]:
+    """(batch_size, batch_tokens) for this loaded model, a ``None`` meaning "for its device".
+
+    On CPU 32 prompts and 512 padded tokens (the budget that keeps peak RSS flat); on CUDA 256 prompts and
+    a token budget from the device's free memory (:func:`blens.extract.capture.auto_batch_tokens`, a small
+    probe pass), so one command line suits both without tuning. Explicit values are kept as given.
+    """
+    from .capture import auto_batch_tokens
+
+    on_gpu = lm.device.type == "cuda"
+    if batch_size is None:
+        batch_size = CUDA_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+    if batch_tokens is None:
+        batch_tokens = auto_batch_tokens(lm.view, lm.device)
+    return batch_size, batch_tokens

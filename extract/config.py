@@ -19,10 +19,12 @@ class ExtractConfig(BaseModel):
     data: str
     limit: int | None = Field(default=None, ge=1)
     warehouse: str = "warehouse"
-    batch_size: int = Field(default=32, ge=1)
+    # None: for the device (batching.batch_limits): 32 prompts on CPU, 256 on CUDA.
+    batch_size: int | None = Field(default=None, ge=1)
     # prompts x padded length per batch: bounds a batch's memory (see batching.token_budget_batches).
-    # 512 = 32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's tokenizer.
-    batch_tokens: int = Field(default=512, ge=1)
+    # None: 512 on CPU (32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's
+    # tokenizer); on CUDA from the device's free memory.
+    batch_tokens: int | None = Field(default=None, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)
     device: str = "auto"  # a GPU when one is present (cuda), else the CPU
     vectors: Literal["none", "spanning", "all"] = "none"
@@ -32,6 +34,10 @@ class ExtractConfig(BaseModel):
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
     # Per-prompt memory bound: a longer prompt becomes an errors row instead of an out-of-memory kill.
     max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, ge=1)
+    # Commit batch k (Arrow building, Parquet writing) while the device computes batch k+1. None: on for
+    # CUDA, off on CPU, where the host stage is 3 % of a batch and the overlap measured within noise
+    # (bench/results.md, "Overlap on CPU"). Never with workers > 1 (each worker commits its own batches).
+    overlap: bool | None = None
     force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
 
     @field_validator("shard")

@@ -5,7 +5,8 @@ Thin on purpose: every task calls a plain function from ``blens.extract.job``, a
 name), never the model object, and have caching off, so Prefect never tries to hash or pickle 500 MB
 of weights. The ephemeral local Prefect API is used unless PREFECT_API_URL points at a server.
 
-Scale-out: with the default task runner batches run one after another in this process. With
+Scale-out: with the default task runner batches run one after another in this process (on CUDA the
+commit of each batch overlaps the next batch's device work: ``ExtractConfig.overlap``). With
 ``workers > 1`` (prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes) batch tasks are
 ``.submit()``ted and fan out; every worker loads the model by name and writes its own batch files
 (each commit is its own transaction). A batch that still fails after its retries for a reason of its
@@ -28,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from blens.extract.config import ExtractConfig
 from blens.extract.failures import describe, is_record_failure
-from blens.extract.job import BatchResult, RunPlan, plan_run, process_batch
+from blens.extract.job import BatchResult, RunPlan, background_commits, plan_run, process_batch
 from blens.extract.models import cached_model
 from blens.extract.prepare import PreparedPrompt
 from blens.extract.records import RecordError
@@ -103,8 +104,11 @@ def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
         for fut in as_completed(list(futures)):
             account(futures[fut], fut.result)
     else:
-        for batch in plan.batches:
-            account(batch, lambda batch=batch: batch_task(cfg, plan.run_id, batch))
+        # On CUDA batch k is committed in a background thread while the device computes batch k+1; leaving
+        # the block waits for the last commit and raises the first failed one (blens.extract.job).
+        with background_commits(plan.run_id, plan.overlap):
+            for batch in plan.batches:
+                account(batch, lambda batch=batch: batch_task(cfg, plan.run_id, batch))
     return ExtractSummary(run_id=plan.run_id, n_records=plan.n_records, n_done_before=plan.n_skipped_done,
                           n_extracted=extracted, n_failed=failed, n_skipped=len(plan.errors),
                           seconds=time.perf_counter() - t0)

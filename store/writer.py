@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +40,9 @@ __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "
 
 ANCHORS = {"extract": "prompts", "edit": "edit_results"}  # the table whose keys a batch of that kind adds
 _CONNECTIONS: dict[str, duckdb.DuckDBPyConnection] = {}
+_OWNER: dict[str, int] = {}  # the thread that attached it; other threads use their own cursors
+_CONNECTIONS_LOCK = threading.Lock()
+_THREAD = threading.local()
 
 
 def writer_id() -> str:
@@ -102,18 +106,34 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
-    """This process's read-write connection to a warehouse, created (and the schema ensured) once."""
+    """This process's read-write connection to a warehouse, created (and the schema ensured) once.
+
+    One DuckDB connection must not run statements from two threads at once (they would share one
+    transaction), and the extraction commits from a background thread while its main thread asks which
+    keys are stored (``blens.extract.job.background_commits``). So each thread gets its own cursor on the
+    process's one attached database: same catalog, own transaction.
+    """
     loc = _location_key(location)
-    con = _CONNECTIONS.get(loc)
-    if con is None:
-        _check_target(location)
-        try:
-            con = attach(location, read_only=False)
-            RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
-        except OSError as exc:
-            raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
-        _CONNECTIONS[loc] = con
-    return con
+    with _CONNECTIONS_LOCK:
+        con = _CONNECTIONS.get(loc)
+        if con is None:
+            _check_target(location)
+            try:
+                con = attach(location, read_only=False)
+                RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
+            except OSError as exc:
+                raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
+            _CONNECTIONS[loc] = con
+            _OWNER[loc] = threading.get_ident()
+    if _OWNER[loc] == threading.get_ident():
+        return con
+    cursors = _THREAD.__dict__.setdefault("cursors", {})
+    cur = cursors.get(loc)
+    if cur is None:
+        cur = cursors[loc] = con.cursor()
+        cur.execute("SET enable_progress_bar = false")
+        cur.execute(f"USE {LAKE}")
+    return cur
 
 
 def init_warehouse(location: str | os.PathLike) -> str | os.PathLike:

@@ -455,3 +455,47 @@ def test_plan_run_cuts_long_prompts_into_smaller_batches(tiny_model_dir, tmp_pat
     assert len(long) == 10 and all(len(b) == 1 for b in long)
     assert max(p.n_tokens for b in plan.batches for p in b if p.n_tokens <= 32) <= 16
     assert [len(b) for b in plan.batches if b[-1].n_tokens <= 16] == [4] * 7 + [2]  # short ones fill batches
+
+
+# --- the background committer (on by default on CUDA; forced on here) ---------------------------------
+
+def test_background_commits_give_the_same_warehouse(tmp_path, tiny_model_dir, data12, reference):
+    """Issue 16: committing batch k while batch k+1 computes changes no row."""
+    from blens.flows.extract_flow import extract_flow
+
+    summary = extract_flow(cfg_for(tiny_model_dir, data12, tmp_path / "wh", overlap=True))
+    assert (summary.n_extracted, summary.n_failed) == (12, 0)
+    assert assert_complete(tmp_path / "wh") == 12
+    assert snapshot(tmp_path / "wh") == reference
+
+
+def test_failed_background_commit_stops_the_run_and_nothing_after_it_is_committed(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    import blens.extract.job as job
+    from blens.flows.extract_flow import extract_flow
+
+    monkeypatch.setattr(job, "COMMIT_RETRY_DELAY_S", 0.0)
+    real = job.commit_batch
+    calls: list[tuple[int, ...]] = []
+
+    def broken_for_case_3(root, tables, **kw):
+        prompts = tables.get("prompts")
+        ids = tuple(prompts.column("case_id").to_pylist()) if prompts is not None else ()
+        calls.append(ids)
+        if 3 in ids:
+            raise OSError(28, "No space left on device (injected)")
+        return real(root, tables, **kw)
+
+    monkeypatch.setattr(job, "commit_batch", broken_for_case_3)
+    data = write_records(tmp_path / "cf.json", make_records(6))
+    with pytest.raises(OSError, match="No space left"):
+        extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", overlap=True))
+    first_bad = calls.index((3,))
+    assert calls[first_bad:] == [(3,)] * (job.COMMIT_RETRIES + 1)  # retried, then nothing after it was tried
+    con = connect(tmp_path / "wh")
+    committed = sorted(r[0] for r in con.execute("SELECT case_id FROM prompts").fetchall())
+    assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+    con.close()
+    assert committed == sorted(ids[0] for ids in calls[:first_bad])
+    assert assert_complete(tmp_path / "wh") == len(committed)
+

@@ -24,11 +24,13 @@ Warehouse = Annotated[Path, typer.Option("--warehouse", help="Warehouse director
 Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Most prompts per backward pass and per "
-                                        "Prefect task.")]
-BatchTokens = Annotated[int, typer.Option(
-    "--batch-tokens", min=1, help="Most padded tokens per batch (prompts x longest prompt; a longer prompt runs "
-    "alone). Bounds a batch's memory, so peak RSS is set by this and not by the number of prompts.")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", min=1, show_default="32 on CPU, 256 on CUDA",
+    help="Most prompts per backward pass and per Prefect task.")]
+BatchTokens = Annotated[Optional[int], typer.Option(
+    "--batch-tokens", min=1, show_default="512 on CPU, from free memory on CUDA",
+    help="Most padded tokens per batch (prompts x longest prompt; a longer prompt runs alone). Bounds a batch's "
+    "memory, so peak RSS is set by this and not by the number of prompts.")]
 TopK = Annotated[int, typer.Option("--top-k", min=1, max=1000,
                                    help="Tokens kept at each end of every logit-lens projection.")]
 Vectors = Annotated[str, typer.Option(
@@ -51,8 +53,8 @@ LENS_DTYPES = ("fp32", "bf16")
 EXTRACTION_OPTIONS = (
     ("model", Model, "smollm2-135m"),
     ("warehouse", Warehouse, Path("warehouse")),
-    ("batch_size", BatchSize, 32),
-    ("batch_tokens", BatchTokens, 512),
+    ("batch_size", BatchSize, None),
+    ("batch_tokens", BatchTokens, None),
     ("top_k", TopK, 10),
     ("device", Device, "auto"),
     ("vectors", Vectors, "none"),
