@@ -6,17 +6,22 @@ import importlib
 
 import typer
 
+from blens.commands import _help
 
 
 class _Blens(typer.Typer):
     """The app, called through one guard (``run_guarded``): user errors print one line and exit 2, SIGINT /
     SIGTERM exit cleanly in one line; only bugs show a traceback. A subclass so that both entry points,
-    the ``blens`` script (``blens.cli:app``) and ``python -m blens.cli``, go through it."""
+    the ``blens`` script (``blens.cli:app``) and ``python -m blens.cli``, go through it. Every command it
+    registers renders its help through :mod:`blens.commands._help`."""
 
     def __call__(self, *args, **kwargs):
         from blens.commands._common import run_guarded
 
         return run_guarded(super().__call__, *args, **kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _help.Command, **kwargs)
 
 
 app = _Blens(
@@ -25,10 +30,27 @@ app = _Blens(
         "Backward Lens warehouse: extract gradient spanning sets (inputs x_i and VJPs delta_i of every MLP "
         "matrix) for CounterFact prompts, project them through the logit lens, and query the result with SQL."
     ),
+    cls=_help.Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import blens
+
+        print(f"blens {blens.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version of blens and exit."),
+) -> None:
+    pass
 
 COMMANDS = ("extract", "sql", "warehouse", "edit", "sweep", "publish", "report", "serve")
 

@@ -187,11 +187,6 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             sys.unraisablehook = previous_unraisable
 
 
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        fail(f"{option} must be {', '.join(choices[:-1])} or {choices[-1]} (got {value!r})")
-
-
 def quiet_prefect() -> None:
     """Keep Prefect's logs off the terminal: the progress bar says what they say, and a failure is reported by
     the command in one line (Prefect would add its traceback). PREFECT_LOGGING_LEVEL=INFO shows them again."""

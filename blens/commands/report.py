@@ -7,20 +7,26 @@ from typing import List, Optional
 
 import typer
 
+from . import options
 from ._common import err_console, fail
 
 
 def report(
-    warehouse: Path = typer.Option(Path("warehouse"), "--warehouse", help="Warehouse directory."),
-    out: Path = typer.Option(Path("report"), "--out", help="Output directory for index.html and figures/."),
+    warehouse: options.Warehouse = Path("warehouse"),
+    out: Path = typer.Option(Path("report"), "--out", metavar="DIR",
+                             help="Output directory for index.html and figures/."),
     case: Optional[List[int]] = typer.Option(None, "--case", metavar="CASE_ID",
                                              help="Prompt(s) to show as logit-lens tables (repeatable; "
                                                   "default: the first 2 case ids)."),
 ) -> None:
-    """Render the paper's figures (rank = length, logit-lens tables, VJP norms, target_new rank, editing)
-    as PNGs and a static OUT/index.html that opens from disk.
+    """Write OUT/index.html, a static page that opens from disk, with the paper's figures recomputed from the
+    warehouse.
 
-    Example: blens report --warehouse warehouse --out report --case 0 --case 7
+    Plots (PNG, in OUT/figures/): rank = prompt length by layer, VJP norm by segment, target_new's rank in
+    the FF2 VJP lens, editing results. The logit lens of each --case prompt: token x layer HTML tables in
+    the page.
+
+    Example: blens report --warehouse warehouse --out report --case 177 --case 5443
     """
     from blens.publish.report import ReportError, build_report
 

@@ -10,30 +10,31 @@ from typing import Optional
 import typer
 
 from . import options
-from ._common import check_choice, err_console, fail, quiet_prefect
+from ._common import err_console, fail, quiet_prefect
 
 
 @options.with_extraction_options
 def serve(
-    data: str = typer.Option(..., "--data", help="CounterFact records (file/directory) re-read on every run: "
+    data: str = typer.Option(..., "--data", metavar="PATH",
+                             help="CounterFact records (file/directory) re-read on every run: "
                              "only records not yet in the warehouse are extracted."),
-    cron: str = typer.Option("0 * * * *", "--cron", help="Cron schedule, e.g. '0 * * * *' (hourly)."),
-    name: str = typer.Option("blens-extract-scheduled", "--name", help="Deployment name."),
-    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA timezone of the cron (default UTC)."),
+    cron: str = typer.Option("0 * * * *", "--cron", metavar="CRON", help="Cron schedule, e.g. '0 * * * *' (hourly)."),
+    name: str = typer.Option("blens-extract-scheduled", "--name", metavar="NAME", help="Deployment name."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", metavar="TZ",
+                                           help="IANA timezone of the cron (default UTC)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) "
                                  "as JSON and exit without serving."),
     **settings,
 ) -> None:
     """Serve a Prefect deployment that runs incremental extraction on a cron schedule.
 
-    Needs a Prefect server for its scheduler: `prefect server start`, then
+Needs a Prefect server for its scheduler: `prefect server start`, then
     `PREFECT_API_URL=http://127.0.0.1:4200/api blens serve --cron "0 * * * *" --data cf.json`.
+
     Runs until stopped (Ctrl-C); a run can also be started by hand with
     `prefect deployment run 'blens-scheduled-extract/blens-extract-scheduled'`.
     """
     quiet_prefect()
-    check_choice("--vectors", settings["vectors"], options.VECTOR_CHOICES)
-    check_choice("--lens-dtype", settings["lens_dtype"], options.LENS_DTYPES)
     try:
         from prefect.client.schemas.schedules import CronSchedule
 

@@ -5,40 +5,43 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from . import options
-from ._common import check_choice, fail, print_table
+from ._common import fail, print_table
 
-FORMATS = ("table", "csv", "json", "markdown")
+Format = Literal["table", "csv", "json", "markdown"]
 
 
 def sql(
-    query: str = typer.Argument(..., help="SQL over the tables (runs, models, prompts, tokens, gradient_ranks, "
-                                "projections, vectors, errors, edit_results, supersessions) and views "
-                                "(rank_equals_length, target_rank_by_layer, vjp_norm_by_segment, edit_summary)."),
+    query: str = typer.Argument(..., metavar="QUERY", help="SQL over the tables (runs, models, prompts, tokens, "
+                                "gradient_ranks, projections, vectors, errors, edit_results, supersessions) and "
+                                "views (rank_equals_length, target_rank_by_layer, vjp_norm_by_segment, "
+                                "edit_summary)."),
     warehouse: options.Warehouse = Path("warehouse"),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json | markdown. csv, json and markdown "
-                            "print every row; a table fits the terminal, folding long values."),
-    max_rows: int = typer.Option(200, "--max-rows", min=1, help="Rows shown in table format."),
-    as_of: Optional[str] = typer.Option(None, "--as-of", help="Query the warehouse as it was at a snapshot: a "
-                                        "version number (`SELECT * FROM ducklake_snapshots('lake')` lists them) "
-                                        "or a timestamp such as '2026-11-26 12:00:00+00'."),
+    fmt: Format = typer.Option("table", "--format", metavar=options.choices(Format),
+                               help="table: fits the terminal, folding long values (plain aligned text, every value "
+                               "whole, when stdout is not a terminal). csv, json and markdown print every row."),
+    max_rows: int = typer.Option(200, "--max-rows", min=1, metavar="N", help="Rows shown in table format."),
+    as_of: Optional[str] = typer.Option(None, "--as-of", metavar="SNAPSHOT",
+                                        help="Query the warehouse as it was at a snapshot: a version number "
+                                        "(`SELECT * FROM ducklake_snapshots('lake')` lists them) or a timestamp "
+                                        "such as '2026-11-26 12:00:00+00'."),
 ) -> None:
     """Run a read-only SQL query over the warehouse.
 
     The session is locked down: it attaches the warehouse read-only, and no query can read files or URLs
-    outside the warehouse's own data, install or load extensions, or change settings. Example:
-    blens sql "SELECT * FROM rank_equals_length ORDER BY layer"
+    outside the warehouse's own data, install or load extensions, or change settings.
+
+    Example: blens sql "SELECT * FROM rank_equals_length ORDER BY layer"
     """
     import duckdb
 
     from blens.store.connect import QueryRefused, connect, run_query
     from blens.store.lake import WarehouseError
 
-    check_choice("--format", fmt, FORMATS)
     if not query.strip():
         fail("the query is empty; e.g. blens sql \"SELECT * FROM rank_equals_length ORDER BY layer\"")
     try:

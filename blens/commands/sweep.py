@@ -11,7 +11,9 @@ from ._common import err_console, fail, print_table, quiet_prefect
 from . import options
 from .edit import GEMMA3, SMOLLM2, print_summary, run_edit, set_threads
 
-TRAIN = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "counterfact" / "counterfact-train.json")
+# Relative to the current directory, as every data path in the README: run from the repository root with the
+# data beside it in ../shared. A default taken from where blens is installed would change with the install.
+TRAIN = "../shared/data/counterfact/counterfact-train.json"
 
 
 # Default grid per model (any option given on the command line wins); other models get SmolLM2's grid.
@@ -45,33 +47,43 @@ def _ints(text: str, option: str) -> list[int]:
 
 
 def sweep(
-    data: str = typer.Option(TRAIN, "--data", help="Tuning records: CounterFact train split (never the split you "
-                             "report on)."),
+    data: str = typer.Option(TRAIN, "--data", metavar="PATH",
+                             help="Tuning records: the CounterFact train split, never the split you report on. The "
+                             "default is relative to the current directory (the repository root in the README)."),
     model: options.Model = SMOLLM2,
-    limit: Optional[int] = typer.Option(100, "--limit", min=1, help="Train edits to use."),
+    limit: Optional[int] = typer.Option(100, "--limit", min=1, metavar="N", help="Train edits to use."),
     warehouse: options.Warehouse = Path("warehouse"),
-    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to try (comma-separated). Default: per "
+    layers: Optional[str] = typer.Option(None, "--layers", metavar="N,N,...",
+                                         help="Layers to try (comma-separated). Default: per "
                                          "model (SmolLM2 8,12,16,20,24,28; Gemma 3 270M 6,9,12,15)."),
-    shift_lrs: Optional[str] = typer.Option(None, "--shift-lrs", help="eta values for the paper's shift "
+    shift_lrs: Optional[str] = typer.Option(None, "--shift-lrs", metavar="X,X,...",
+                                            help="eta values for the paper's shift "
                                             "(default 0.12,0.24,0.5)."),
-    sgd_layers: Optional[str] = typer.Option(None, "--sgd-layers", help="Layers for the one-step sgd baseline "
+    sgd_layers: Optional[str] = typer.Option(None, "--sgd-layers", metavar="N,N,...",
+                                             help="Layers for the one-step sgd baseline "
                                              "(default: per model)."),
-    sgd_lrs: Optional[str] = typer.Option(None, "--sgd-lrs", help="Learning rates for the one-step sgd baseline "
+    sgd_lrs: Optional[str] = typer.Option(None, "--sgd-lrs", metavar="X,X,...",
+                                          help="Learning rates for the one-step sgd baseline "
                                           "(default: per model)."),
-    normalized: Optional[str] = typer.Option(None, "--normalized", help="c values for --step normalized ('' = "
+    normalized: Optional[str] = typer.Option(None, "--normalized", metavar="X,X,...",
+                                             help="c values for --step normalized ('' = "
                                              "skip; default: per model)."),
-    normalized_layers: Optional[str] = typer.Option(None, "--normalized-layers", help="Layers for --step "
+    normalized_layers: Optional[str] = typer.Option(None, "--normalized-layers", metavar="N,N,...",
+                                                    help="Layers for --step "
                                                     "normalized (default: per model)."),
-    minimal: Optional[str] = typer.Option(None, "--minimal", help="Margins for --step minimal ('' = skip; "
+    minimal: Optional[str] = typer.Option(None, "--minimal", metavar="X,X,...",
+                                          help="Margins for --step minimal ('' = skip; "
                                           "default 1.25)."),
-    minimal_layers: Optional[str] = typer.Option(None, "--minimal-layers", help="Layers for --step minimal (each "
+    minimal_layers: Optional[str] = typer.Option(None, "--minimal-layers", metavar="N,N,...",
+                                                 help="Layers for --step minimal (each "
                                                  "probe costs ~7 extra forward passes of the edit prompt; default: "
                                                  "per model)."),
-    min_efficacy: float = typer.Option(0.95, "--min-efficacy", help="Defaults: among configs reaching this "
+    min_efficacy: float = typer.Option(0.95, "--min-efficacy", metavar="FRACTION",
+                                       help="Defaults: among configs reaching this "
                                        "efficacy the one leaving most neighbourhood predictions unchanged (else the "
                                        "most efficacious)."),
     device: options.Device = "auto",
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Edits per Prefect task."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Edits per Prefect task."),
     threads: options.Threads = None,
 ) -> None:
     """Grid over layers x step sizes for shift and sgd (+ shift step variants) on the train split; writes every
@@ -104,7 +116,8 @@ def sweep(
     specs += [EditSpec("shift", layer, m, "minimal") for layer in min_lay for m in mini]
     vlay = sgd_lay + norm_lay + min_lay
     if not Path(data).exists() and data.endswith((".json", ".jsonl")):
-        fail(f"data path not found: {data}")
+        where = "" if Path(data).is_absolute() else f" (relative to the current directory {Path.cwd()})"
+        fail(f"data path not found: {data}{where}; pass --data PATH to the CounterFact train split")
     try:
         with err_console.status(f"loading model {model} ..."):
             lm = cached_model(model, device)
