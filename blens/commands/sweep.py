@@ -95,6 +95,7 @@ def sweep(
     """
     quiet_prefect()
     from blens.edit.spec import EditSpec, check_layer
+    from blens.extract.hub import check_hub_model
     from blens.extract.models import ModelLoadError, cached_model
     from blens.store.writer import WarehouseError, init_warehouse
 
@@ -119,6 +120,7 @@ def sweep(
         where = "" if Path(data).is_absolute() else f" (relative to the current directory {Path.cwd()})"
         fail(f"data path not found: {data}{where}; pass --data PATH to the CounterFact train split")
     try:
+        check_hub_model(model)  # offline, a hub name fails now, not after the hub client's retries
         with err_console.status(f"loading model {model} ..."):
             lm = cached_model(model, device)
         for layer in sorted(set(lay) | set(vlay)):
