@@ -9,7 +9,6 @@ file only costs its new records. Runs are provenance: (model + revision, dataset
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from blens.store.reads import VECTOR_LEVELS, existing_results, runs_holding
+from blens.store.reads import existing_results
 from blens.store.runs import errors_table, register_run, run_id_for
 from blens.store.writer import commit_batch, init_warehouse
 
@@ -30,6 +29,7 @@ from .batching import batch_limits, token_budget_batches
 from .overlap import BackgroundWriter
 from .prepare import PreparedPrompt, prepare
 from .records import RecordError
+from .resume import in_shard, needs_work, overlap_notes
 from .sources import load_records
 from .tables import build_tables, compute_batch, extract_batch
 
@@ -51,22 +51,10 @@ class RunPlan:
         return sum(len(b) for b in self.batches)
 
 
-def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
-    i, n = shard
-    return case_id % n == i
-
-
 def _identity(cfg: ExtractConfig, lm: LoadedModel, record) -> tuple[str, str]:
     settings = cfg.result_settings()
     return (result_key(lm.name, lm.revision, settings, record),
             result_slot(lm.name, lm.revision, settings, record.case_id))
-
-
-def _needs_work(cfg: ExtractConfig, stored: dict[str, str], key: str) -> bool:
-    """A key is done when stored with at least the vectors this run asks for (and not --force)."""
-    if cfg.force or key not in stored:
-        return True
-    return VECTOR_LEVELS[stored[key]] < VECTOR_LEVELS[cfg.vectors]
 
 
 def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
@@ -80,7 +68,7 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
     keys = {r.case_id: _identity(cfg, lm, r)[0] for r in records}
     stored = existing_results(root, list(keys.values()))
-    todo = [r for r in records if _needs_work(cfg, stored, keys[r.case_id])]
+    todo = [r for r in records if needs_work(cfg, stored, keys[r.case_id])]
     max_tokens = lm.view.max_positions
     prepared: list[PreparedPrompt] = []
     prep_errors: list[RecordError] = []
@@ -95,29 +83,9 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
                          errors_table(run_id, prep_errors, "prepare", [keys[e.case_id] for e in prep_errors])])
     return RunPlan(run_id=run_id, model_name=lm.name, batches=batches, n_records=len(records),
                    n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors,
-                   notes=_overlap_notes(cfg, root, run_id, [keys[c] for c in keys.keys() - {r.case_id for r in todo}]),
+                   notes=overlap_notes(cfg, root, run_id, [keys[c] for c in keys.keys() - {r.case_id for r in todo}]),
                    device=str(lm.device),
                    overlap=cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda")
-
-
-def _overlap_notes(cfg: ExtractConfig, root, run_id: str, skipped: list[str]) -> list[str]:
-    """Say when this shard's records were already extracted by a run with another shard or limit: they are
-    skipped (each result is stored once), so this run alone is not the whole of that shard."""
-    if cfg.shard is None or not skipped:
-        return []
-    notes = []
-    for other, config, n in runs_holding(root, skipped):
-        if other == run_id:
-            continue
-        try:
-            theirs = json.loads(config or "{}")
-        except ValueError:
-            theirs = {}
-        if (theirs.get("shard"), theirs.get("limit")) != (cfg.shard, cfg.limit):
-            notes.append(f"warning: {n} of shard {cfg.shard}'s records were already extracted by run {other} "
-                         f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
-                         "recomputed (each result is stored once)")
-    return notes
 
 
 @dataclass
@@ -222,7 +190,7 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
         torch.set_num_threads(cfg.threads)
     identity = [_identity(cfg, lm, p.record) for p in prompts]
     stored = existing_results(cfg.warehouse, [k for k, _ in identity])
-    todo = [(p, ident) for p, ident in zip(prompts, identity) if _needs_work(cfg, stored, ident[0])]
+    todo = [(p, ident) for p, ident in zip(prompts, identity) if needs_work(cfg, stored, ident[0])]
     if not todo:  # another writer (a racing shard) committed them meanwhile
         return BatchResult(0, 0, time.perf_counter() - t0)
     prompts, identity = [p for p, _ in todo], [i for _, i in todo]

@@ -251,6 +251,10 @@ def describe_source(source: str | os.PathLike[str], *, limit: int | None = None,
     and validation pass over the records (no tokenizer): ~1 s for the 20,000 CounterFact records.
     With ``limit`` it stops where ``load_records`` would, so the numbers are those of the run.
     """
-    loaded = load_records(source, limit=limit)
+    return summarize(load_records(source, limit=limit), n_first)
+
+
+def summarize(loaded: LoadResult, n_first: int = 3) -> SourceSummary:
+    """:func:`describe_source` of records already loaded (the CLI loads them once for several checks)."""
     return SourceSummary(source=loaded.source, n_records=len(loaded.records), n_errors=len(loaded.errors),
                          first_errors=tuple(loaded.errors[:n_first]))

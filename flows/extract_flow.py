@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from prefect import flow, task
@@ -33,6 +32,7 @@ from blens.extract.job import BatchResult, RunPlan, background_commits, plan_run
 from blens.extract.models import cached_model
 from blens.extract.prepare import PreparedPrompt
 from blens.extract.records import RecordError
+from blens.extract.resume import ExtractSummary
 from blens.store.runs import errors_table
 from blens.store.writer import commit_batch
 
@@ -41,21 +41,6 @@ from .progress import emit
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_runtime.prepare_process()
-
-
-@dataclass
-class ExtractSummary:
-    run_id: str
-    n_records: int
-    n_done_before: int
-    n_extracted: int
-    n_failed: int
-    n_skipped: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.n_extracted / self.seconds if self.seconds else 0.0
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)

@@ -28,16 +28,18 @@ def extract(
     layer and MLP matrix the inputs x_i and VJPs delta_i at every position; the exact gradient rank from
     them; logit-lens top/bottom-k and target ranks for ff1_input ("imprint") and ff2_vjp ("shift").
 
-    Resumes by default: rerunning the same command skips prompts already committed. Then query with
+    Resumes by default: rerunning the same command skips prompts already committed, and one with nothing
+    left to do answers in about a second (no model load, no Prefect). Then query with
     `blens sql "SELECT * FROM rank_equals_length ORDER BY layer"`.
     """
     quiet_prefect()
     from pydantic import ValidationError
 
     from blens.extract.config import ExtractConfig
-    from blens.extract.models import ModelLoadError, cached_model
+    from blens.extract.hub import check_hub_model
     from blens.extract.records import DataSourceError
-    from blens.extract.sources import describe_source
+    from blens.extract.registry import ModelLoadError
+    from blens.extract.sources import load_records, summarize
     from blens.store.writer import WarehouseError, init_warehouse
 
     if not Path(data).exists() and (data.endswith((".json", ".jsonl")) or "/" in data and Path(data).parent.exists()):
@@ -48,15 +50,21 @@ def extract(
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
-        source = describe_source(cfg.data, limit=cfg.limit)
+        loaded = load_records(cfg.data, limit=cfg.limit)
     except DataSourceError as exc:
         fail(str(exc))
+    source = summarize(loaded)
     if source.all_rejected:  # something was there but nothing usable: the wrong file or layout
         fail(source.message())
     if source.empty:
         err_console.print(source.message(), highlight=False, soft_wrap=True)
         return
+    if answered_without_work(cfg, loaded):
+        return
     try:
+        check_hub_model(cfg.model)  # offline, a hub name fails now, not after the hub client's retries
+        from blens.extract.models import cached_model
+
         with err_console.status(f"loading model {cfg.model} ..."):
             cached_model(cfg.model, cfg.device)
         init_warehouse(cfg.warehouse)  # after the model: a failed load leaves no warehouse behind
@@ -82,8 +90,32 @@ def extract(
     print_summary(cfg, summary)
 
 
+def answered_without_work(cfg, loaded) -> bool:
+    """A rerun with nothing left to do (``blens.extract.resume.nothing_to_do``): say so as the flow would, without
+    loading the model or starting Prefect. False when that cannot be decided; the normal path then runs (and
+    reports a damaged warehouse in its own words)."""
+    import duckdb
+
+    from blens.extract.resume import nothing_to_do
+    from blens.store.lake import WarehouseError
+
+    try:
+        finished = nothing_to_do(cfg, loaded)
+    except (WarehouseError, duckdb.Error):
+        return False
+    if finished is None:
+        return False
+    summary, notes = finished
+    for note in notes:
+        err_console.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
+    err_console.print(f"{summary.n_done_before} record(s) already in the warehouse (skipped), 0 to go")
+    print_summary(cfg, summary)
+    return True
+
+
 def print_summary(cfg, summary) -> None:
     from blens.store.connect import connect
+    from blens.store.lake import sql_str
 
     print_table(f"run {summary.run_id}  ({cfg.model}, {cfg.data})",
                 ["records", "done before", "extracted", "failed", "skipped (errors)", "seconds", "prompts/s"],
@@ -92,8 +124,8 @@ def print_summary(cfg, summary) -> None:
     con = connect(cfg.warehouse)
     rows = con.execute("""
         SELECT layer, matrix, n, round(rate, 3) AS rate FROM rank_equals_length
-        WHERE model = ? AND (layer % 5 = 0 OR layer = (SELECT max(layer) FROM gradient_ranks))
-        ORDER BY layer, matrix""", [cfg.model]).fetchall()
+        WHERE model = {model} AND (layer % 5 = 0 OR layer = (SELECT max(layer) FROM gradient_ranks))
+        ORDER BY layer, matrix""".format(model=sql_str(cfg.model))).fetchall()  # bound parameters import pandas
     if rows:
         print_table("rank_equals_length (share of prompts whose gradient rank = prompt length)",
                     ["layer", "matrix", "n", "rate"], [[str(v) for v in row] for row in rows])

@@ -1,0 +1,108 @@
+"""Resuming a run: which results are done, and whether a rerun has anything left to do at all.
+
+Results are identified by content (``identity.py``), so "done" is a lookup of keys in the warehouse. The
+plan of a run (``job.plan_run``) asks it per record; :func:`nothing_to_do` asks it for a whole run before
+anything expensive happens: when the model's revision is known from its files
+(``registry.revision_without_loading``), every record of the source (in this shard) has its result
+stored with at least the vectors asked for, the run is registered and its rejected records are recorded,
+then the plan would be empty and the flow would only register what is already there. The CLI then answers
+from here, without importing torch, loading the model or starting Prefect (issue 15: 12-15 s -> ~1 s).
+
+Anything it cannot decide exactly (a hub model name, a model not yet converted, ``--force``, a changed
+record, a changed model file, a new rejected record) returns None, and the normal path runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from blens.store.lake import is_warehouse
+from blens.store.reads import VECTOR_LEVELS, existing_results, run_registered, runs_holding
+from blens.store.runs import error_key, run_id_for
+from blens.store.writer import init_warehouse
+
+from .config import ExtractConfig
+from .identity import result_key
+from .registry import revision_without_loading
+from .sources import LoadResult
+
+
+@dataclass
+class ExtractSummary:
+    run_id: str
+    n_records: int
+    n_done_before: int
+    n_extracted: int
+    n_failed: int
+    n_skipped: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.n_extracted / self.seconds if self.seconds else 0.0
+
+
+def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
+    i, n = shard
+    return case_id % n == i
+
+
+def needs_work(cfg: ExtractConfig, stored: dict[str, str], key: str) -> bool:
+    """A key is done when stored with at least the vectors this run asks for (and not --force)."""
+    if cfg.force or key not in stored:
+        return True
+    return VECTOR_LEVELS[stored[key]] < VECTOR_LEVELS[cfg.vectors]
+
+
+def overlap_notes(cfg: ExtractConfig, root: str | os.PathLike, run_id: str, skipped: list[str]) -> list[str]:
+    """Say when this shard's records were already extracted by a run with another shard or limit: they are
+    skipped (each result is stored once), so this run alone is not the whole of that shard."""
+    if cfg.shard is None or not skipped:
+        return []
+    notes = []
+    for other, config, n in runs_holding(root, skipped):
+        if other == run_id:
+            continue
+        try:
+            theirs = json.loads(config or "{}")
+        except ValueError:
+            theirs = {}
+        if (theirs.get("shard"), theirs.get("limit")) != (cfg.shard, cfg.limit):
+            notes.append(f"warning: {n} of shard {cfg.shard}'s records were already extracted by run {other} "
+                         f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
+                         "recomputed (each result is stored once)")
+    return notes
+
+
+def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummary, list[str]] | None:
+    """The summary (and notes) of a run of ``cfg`` over ``loaded`` that would extract nothing, as the flow
+    would report it; None when that cannot be decided from the files and the warehouse alone."""
+    t0 = time.perf_counter()
+    if cfg.force or not is_warehouse(cfg.warehouse):
+        return None
+    revision = revision_without_loading(cfg.model)
+    if revision is None:
+        return None
+    shard = cfg.shard_index()
+    records = [r for r in loaded.records if in_shard(r.case_id, shard)]
+    load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
+    if not records:
+        return None
+    settings = cfg.result_settings()
+    keys = [result_key(cfg.model, revision, settings, r) for r in records]
+    run_id = run_id_for(cfg.model, revision, loaded.fingerprint, {**settings, "vectors": cfg.vectors})
+    init_warehouse(cfg.warehouse)
+    if not run_registered(cfg.warehouse, run_id):
+        return None
+    stored = existing_results(cfg.warehouse, keys)
+    if any(needs_work(cfg, stored, k) for k in keys):
+        return None
+    error_keys = [error_key("load", e) for e in load_errors]
+    if error_keys and len(existing_results(cfg.warehouse, error_keys, table="errors")) < len(set(error_keys)):
+        return None  # a rejected record the warehouse has not recorded yet: the run registers it
+    summary = ExtractSummary(run_id=run_id, n_records=len(records), n_done_before=len(records), n_extracted=0,
+                             n_failed=0, n_skipped=len(load_errors), seconds=time.perf_counter() - t0)
+    return summary, overlap_notes(cfg, cfg.warehouse, run_id, keys)
