@@ -239,26 +239,6 @@ def progress_bar(kind: str, unit: str) -> Iterator[None]:
         yield
 
 
-def print_table(title: str, columns: list[str], rows: list[list[str]], *, console: Console | None = None) -> None:
-    """A table that never cuts a value: on a terminal, rich columns that fold long values onto further lines;
-    elsewhere (a pipe, a file, CI logs) plain aligned text with every value whole."""
-    out = console or Console(emoji=False)
-    if out.is_terminal:
-        from rich.table import Table
-
-        t = Table(title=title, show_edge=False)
-        for col in columns:
-            t.add_column(col, justify="right", overflow="fold")
-        for row in rows:
-            t.add_row(*row)
-        out.print(t)
-        return
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
-    lines = [title, "  ".join(c.rjust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    print("\n".join(lines))
-
-
 def report_errors(n: int, what: str, warehouse, run_id: str | None = None) -> None:
     """After a run: how many records it turned away, and the query that lists them."""
     if n:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from . import options
-from ._common import err_console, fail, print_table, progress_bar, quiet_prefect, report_errors
+from ._common import err_console, fail, progress_bar, quiet_prefect, report_errors
+from ._tables import print_table
 
 
 @options.with_extraction_options

@@ -10,7 +10,8 @@ from typing import Literal, Optional
 import typer
 
 from . import options
-from ._common import fail, print_table
+from ._common import fail
+from ._tables import print_table
 
 Format = Literal["table", "csv", "json", "markdown"]
 

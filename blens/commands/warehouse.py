@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from . import options
-from ._common import fail, print_table
+from ._common import fail
+from ._tables import print_table
 
 
 def init_sql(
