@@ -64,8 +64,10 @@ def extract(
         return
     try:
         check_hub_model(cfg.model)  # offline, a hub name fails now, not after the hub client's retries
+        from blens.extract.models import cached_model
+
         with err_console.status(f"loading model {cfg.model} ..."):
-            load_model_while_prefect_starts(cfg)
+            cached_model(cfg.model, cfg.device)
         init_warehouse(cfg.warehouse)  # after the model: a failed load leaves no warehouse behind
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
@@ -87,23 +89,6 @@ def extract(
         fail(f"extraction stopped: the warehouse could not be read or written: {' '.join(str(exc).split())[:400]}"
              f" (`blens check --warehouse {cfg.warehouse}` finds damaged files, `--repair` fixes them)", code=1)
     print_summary(cfg, summary)
-
-
-def load_model_while_prefect_starts(cfg) -> None:
-    """Load the model (into ``cached_model``, where the flow finds it) in a thread while this, the main
-    thread, imports Prefect and starts its API server: the two were 5-10 s each, one after the other, and
-    most of the server's start is another process. The server must be started from the main thread (its
-    death signal follows the thread that forked it: ``blens.flows.prefect_runtime``)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from blens.extract.models import cached_model
-
-    with ThreadPoolExecutor(1, thread_name_prefix="blens-model-load") as pool:
-        loading = pool.submit(cached_model, cfg.model, cfg.device)
-        from blens.flows import extract_flow, prefect_runtime  # noqa: F401 - imports Prefect meanwhile
-
-        prefect_runtime.ensure_local_api()
-        loading.result()
 
 
 def answered_without_work(cfg, loaded) -> bool:
