@@ -40,8 +40,8 @@ import threading
 import types
 from typing import Any, Callable, Iterator
 
-__all__ = ["api_for_child_processes", "arm_ephemeral_server", "ensure_local_api", "parent_death_preexec", "prepare_process",
-           "quiet_sigterm_bridge", "termination_kept"]
+__all__ = ["SERVE_PID_ENV", "api_for_child_processes", "arm_ephemeral_server", "bind_to_serving_process",
+           "ensure_local_api", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -224,6 +224,32 @@ def quiet_sigterm_bridge() -> bool:
 
     handler._blens_quiet = True  # type: ignore[attr-defined]
     engine._prefect_sigterm_handler = handler  # read by capture_sigterm() at each call
+    return True
+
+
+# Set by `blens serve` (blens.flows.serving) to its own pid; the flow-run processes its Runner starts inherit it.
+SERVE_PID_ENV = "BLENS_SERVE_PID"
+
+
+def bind_to_serving_process(sig: int = signal.SIGTERM) -> bool:
+    """In a flow-run process that ``blens serve`` started: die with it, and leave its process group.
+
+    The Runner starts each run as a child process; killed hard (kill -9, the OOM killer), ``blens serve``
+    could not stop it, and the run went on alone. With ``PR_SET_PDEATHSIG`` the kernel sends ``sig``
+    (SIGTERM: Prefect's engine reports the run Crashed, then exits) when the thread that started it dies.
+    A group of its own keeps a Ctrl-C at the terminal (sent to the whole foreground group) away from the
+    run: ``blens serve`` alone receives it and cancels the run in order. A no-op (False) in any other
+    process: the variable must name our parent."""
+    expected = os.environ.get(SERVE_PID_ENV, "")
+    if not expected.isdigit() or os.getppid() != int(expected):
+        return False
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != int(expected):  # it died before the death signal was armed
+        os.kill(os.getpid(), sig)
     return True
 
 
