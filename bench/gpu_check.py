@@ -65,6 +65,7 @@ SHAPES = {
     "smollm2-135m": ("llama", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048,
                                    tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)),
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
     "gpt2-xl": ("gpt2", dict(n_layer=48, n_embd=1600, n_head=25, vocab_size=50257, n_positions=1024)),
     "llama-3.2-1b": ("llama", dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
                                    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
@@ -249,6 +250,7 @@ def throughput_row(name: str, device: torch.device, n_prompts: int, batch_size: 
         torch.cuda.reset_peak_memory_stats(device)
 
     split = dict.fromkeys(["capture", "lens", "ranks", "copy", "build", "write"], 0.0)
+    stage_peak = dict.fromkeys(split, 0)  # CUDA: the most memory allocated during each stage (seq pass)
     clock = [0.0]
 
     def mark(stage: str) -> None:
@@ -256,6 +258,9 @@ def throughput_row(name: str, device: torch.device, n_prompts: int, batch_size: 
         now = time.perf_counter()
         split[stage] += now - clock[0]
         clock[0] = now
+        if device.type == "cuda":
+            stage_peak[stage] = max(stage_peak[stage], torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         sink = ParquetSink(Path(tmp) / "seq")
@@ -270,13 +275,20 @@ def throughput_row(name: str, device: torch.device, n_prompts: int, batch_size: 
         seq = n_prompts / (time.perf_counter() - t0)
 
         sink = ParquetSink(Path(tmp) / "overlap")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         run_overlapped(batches, compute=lambda b: compute_batch(lm, b, lens=lens),
                        commit=lambda h: sink(build_tables(lm, h, "check")), depth=1)
         ovl = n_prompts / (time.perf_counter() - t0)
         assert sink.n == len(batches)
-    peak = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB GPU" if device.type == "cuda"
-            else f"{vm_hwm_mb() / 1024:.1f} GiB RSS (process)")
+    if device.type == "cuda":
+        top = max(stage_peak, key=stage_peak.get)
+        overlap_peak = torch.cuda.max_memory_allocated(device)
+        peak = (f"{max(stage_peak[top], overlap_peak) / 2**30:.1f} GiB GPU (seq: {stage_peak[top] / 2**30:.1f} in "
+                f"{top}; overlap pass {overlap_peak / 2**30:.1f})")
+    else:
+        peak = f"{vm_hwm_mb() / 1024:.1f} GiB RSS (process)"
     d = lm.view.unembedding.shape[1]
     return {"check": "throughput", "model (L, d, V)": shape_label(name), "device": str(device),
             "result": f"{n_prompts} prompts, {len(batches)} batches", "prompts/s seq": f"{seq:.2f}",

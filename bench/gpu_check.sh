@@ -18,6 +18,11 @@ T="$(mktemp -d)"
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/blens"
 : > "$T/blens/__init__.py"
-ln -s "$REPO/extract" "$T/blens/extract"
+SCRIPT=gpu_check.py PACKAGES=extract
+if [ "${1:-}" = "--pipeline" ]; then  # bench/gpu_pipeline_check.sh: the real job, so the store too
+  SCRIPT=gpu_pipeline_check.py PACKAGES="extract store queries"
+  shift
+fi
+for pkg in $PACKAGES; do ln -s "$REPO/$pkg" "$T/blens/$pkg"; done
 ln -s "$REPO/bench" "$T/bench"
-PYTHONPATH="$T${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$REPO/bench/gpu_check.py" "$@"
+PYTHONPATH="$T${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$REPO/bench/$SCRIPT" "$@"

@@ -234,7 +234,7 @@ class Lens:
                 errors.append(p)
         if errors and not skip_invalid:
             raise RecordInvalid(errors[0], len(errors) - 1)
-        settings = self.cfg.result_settings()
+        settings = self.cfg.result_settings(self.lm.view.lens_sites)
         keys = [None if p is None else result_key(self.lm.name, self.lm.revision, settings, p.record)
                 for p in prepared]
         todo = list({k: p for k, p in zip(keys, prepared) if p is not None}.values())

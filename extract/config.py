@@ -5,7 +5,7 @@ Prefect builds a flow's parameter schema from this model, so a deployment stores
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -59,6 +59,7 @@ class ExtractConfig(BaseModel):
         i, n = (int(x) for x in self.shard.split("/"))
         return i, n
 
-    def result_settings(self) -> dict:
-        """Settings that change a result's rows (batching, device, sharding and stored vectors do not)."""
-        return result_settings(self.top_k)
+    def result_settings(self, sites: Sequence[str] | None = None) -> dict:
+        """Settings that change a result's rows (batching, device, sharding and stored vectors do not);
+        ``sites``: the loaded model's lens sites (``ModelView.lens_sites``), default the two every family has."""
+        return result_settings(self.top_k) if sites is None else result_settings(self.top_k, sites)

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Sequence
 
 from .sites import LENS_SITES
 from .records import EditRecord
 
 
-def result_settings(top_k: int) -> dict:
-    """The settings that change a result's rows: how many lens tokens are kept, the loss, the lens, the sites."""
+def result_settings(top_k: int, sites: Sequence[str] = LENS_SITES) -> dict:
+    """The settings that change a result's rows: how many lens tokens are kept, the loss, the lens, the sites.
+
+    ``sites``: the model's lens sites (``ModelView.lens_sites``); families with a post-MLP norm (Gemma 3) add
+    ``resid_post_vjp``, so their runs say so. The default is every family's two sites, which keeps the keys
+    of GPT-2 and Llama results what they always were."""
     return {"top_k": top_k, "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding",
-            "sites": [str(s) for s in LENS_SITES]}
+            "sites": [str(s) for s in sites]}
 
 
 def _digest(payload: object) -> str:

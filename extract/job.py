@@ -52,7 +52,7 @@ class RunPlan:
 
 
 def _identity(cfg: ExtractConfig, lm: LoadedModel, record) -> tuple[str, str]:
-    settings = cfg.result_settings()
+    settings = cfg.result_settings(lm.view.lens_sites)
     return (result_key(lm.name, lm.revision, settings, record),
             result_slot(lm.name, lm.revision, settings, record.case_id))
 
@@ -62,7 +62,7 @@ def plan_run(cfg: ExtractConfig, lm: LoadedModel) -> RunPlan:
     with its rejected records."""
     root = init_warehouse(cfg.warehouse)
     loaded = load_records(cfg.data, limit=cfg.limit)
-    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**cfg.result_settings(), "vectors": cfg.vectors})
+    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**cfg.result_settings(lm.view.lens_sites), "vectors": cfg.vectors})
     shard = cfg.shard_index()
     records = [r for r in loaded.records if in_shard(r.case_id, shard)]
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]

@@ -34,10 +34,23 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     return a @ a.transpose(-1, -2)
 
 
+# Matrices per eigen-solver call. cuSOLVER's batched solvers take workspace per matrix: one call over a
+# whole SmolLM2 batch (23,040 16 x 16 float64 cores) peaked ~10 GB above the rest of the batch on an H200
+# (bench/results.md); in chunks the workspace is bounded and the extra calls cost a few launches.
+EIGEN_CHUNK = 2048
+
+
 def _square_root_factor(gx: torch.Tensor) -> torch.Tensor:
     """S with S S^T = gx for a batch of PSD matrices (eigenvalues below zero are rounding: set to 0)."""
-    w, u = torch.linalg.eigh(gx)
-    return u * w.clamp_min(0).sqrt().unsqueeze(-2)
+    parts = []
+    for chunk in gx.split(EIGEN_CHUNK):
+        w, u = torch.linalg.eigh(chunk)
+        parts.append(u * w.clamp_min(0).sqrt().unsqueeze(-2))
+    return torch.cat(parts)
+
+
+def _eigvalsh(core: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.linalg.eigvalsh(chunk) for chunk in core.split(EIGEN_CHUNK)])
 
 
 def singular_values_from_grams(gx: torch.Tensor, gd: torch.Tensor) -> torch.Tensor:
@@ -45,7 +58,7 @@ def singular_values_from_grams(gx: torch.Tensor, gd: torch.Tensor) -> torch.Tens
     s = _square_root_factor(gx)
     core = s.transpose(-1, -2) @ gd @ s
     core = (core + core.transpose(-1, -2)) / 2  # exactly symmetric for eigvalsh
-    return torch.linalg.eigvalsh(core).clamp_min(0).sqrt().flip(-1)
+    return _eigvalsh(core).clamp_min(0).sqrt().flip(-1)
 
 
 def ranks_from_singular_values(sv: torch.Tensor, shape: tuple[int, int],
@@ -66,7 +79,7 @@ def ranks_for_batch(spans, matrix_names: list[str], n_layers: int) -> dict[tuple
     """Ranks of every (layer, matrix) gradient, as (B,) tensors on the spans' device.
 
     The Gram matrix of a shared input (ff1 / ff1_gate) is computed once; all square-root factors come
-    from one batched eigh, all cores from one batched eigvalsh (the matrices of one batch share n).
+    from batched eigh calls, all cores from batched eigvalsh calls (the matrices of one batch share n).
     """
     keys = [(layer, name) for layer in range(n_layers) for name in matrix_names]
     if not keys:
@@ -87,5 +100,5 @@ def ranks_for_batch(spans, matrix_names: list[str], n_layers: int) -> dict[tuple
     gd = torch.stack(gd_list)  # (K, B, n, n)
     core = s.transpose(-1, -2) @ gd @ s
     core = (core + core.transpose(-1, -2)) / 2
-    sv = torch.linalg.eigvalsh(core.flatten(0, 1)).clamp_min(0).sqrt().flip(-1).view(len(keys), B, -1)
+    sv = _eigvalsh(core.flatten(0, 1)).clamp_min(0).sqrt().flip(-1).view(len(keys), B, -1)
     return {key: ranks_from_singular_values(sv[i], shapes[i]) for i, key in enumerate(keys)}

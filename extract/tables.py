@@ -169,7 +169,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     view = lm.view
     device = view.unembedding.device
     if identity is None:
-        settings = result_settings(top_k)
+        settings = result_settings(top_k, view.lens_sites)
         identity = [(result_key(lm.name, lm.revision, settings, p.record),
                      result_slot(lm.name, lm.revision, settings, p.record.case_id)) for p in prompts]
     keys = [k for k, _ in identity]

@@ -43,14 +43,17 @@ from .progress import emit
 prefect_runtime.prepare_process()
 
 
+# termination_kept: a SIGTERM landing in a DuckDB query must end the run, not become a retried failure.
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_task(cfg: ExtractConfig) -> RunPlan:
-    return plan_run(cfg, cached_model(cfg.model, cfg.device))
+    with prefect_runtime.termination_kept():
+        return plan_run(cfg, cached_model(cfg.model, cfg.device))
 
 
 @task(name="extract-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def batch_task(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]) -> BatchResult:
-    return process_batch(cfg, run_id, prompts)
+    with prefect_runtime.termination_kept():
+        return process_batch(cfg, run_id, prompts)
 
 
 def _failed_batch(cfg: ExtractConfig, run_id: str, batch: list[PreparedPrompt], exc: BaseException) -> BatchResult:

@@ -21,7 +21,8 @@ safe against SIGKILL (atomic commits), so the hard kill costs no consistency.
 run (``prefect.utilities.engine.capture_sigterm``): it raises ``TerminationSignal``, logs the task and
 flow crashes at ERROR, restores the previous handler and re-sends the signal. :func:`quiet_sigterm_bridge`
 keeps that machinery (the run is still marked Crashed in the API) but switches logging off first, so the
-CLI's own handler (``blens.commands._common.run_guarded``) prints the one line.
+CLI's own handler (``blens.commands._common.run_guarded``) prints the one line. It also remembers the
+signal, so that :func:`termination_kept` can restore it where DuckDB turned it into an ordinary error.
 
 Both touch Prefect internals in exactly one place each, check that the names exist first, and are
 covered by ``tests/test_process_hygiene.py`` (kill -9 of the CLI alone; SIGTERM and SIGINT).
@@ -39,8 +40,8 @@ import threading
 import types
 from typing import Any, Callable, Iterator
 
-__all__ = ["api_for_child_processes", "arm_ephemeral_server", "ensure_local_api", "parent_death_preexec", "prepare_process",
-           "quiet_sigterm_bridge"]
+__all__ = ["SERVE_PID_ENV", "api_for_child_processes", "arm_ephemeral_server", "bind_to_serving_process",
+           "ensure_local_api", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -177,6 +178,26 @@ def api_for_child_processes() -> Iterator[str | None]:
 # Called with the signal number by Prefect's (wrapped) SIGTERM handler before it raises; the CLI registers
 # its exit watchdog here (an exception raised by a signal handler can be swallowed, see _common.py).
 termination_hooks: list[Callable[[int], None]] = []
+_terminating: list[int] = []  # the signals that handler received in this process
+
+
+@contextlib.contextmanager
+def termination_kept() -> Iterator[None]:
+    """Around a task's work: an ordinary exception escaping after a termination signal arrived becomes that
+    signal's ``TerminationSignal`` again.
+
+    DuckDB turns an exception raised by a signal handler during a query into ``RuntimeError("Query
+    interrupted")``. Raised in a task, Prefect took it for a failure and retried the batch, and the run went
+    on: a served run cancelled by SIGTERM kept extracting until the Runner killed it 30 s later (the CLI's
+    exit watchdog hid this for ``blens extract``). A ``TerminationSignal`` is a crash, never retried."""
+    try:
+        yield
+    except Exception:
+        if _terminating:
+            from prefect.exceptions import TerminationSignal
+
+            raise TerminationSignal(signal=_terminating[0])  # noqa: B904 - the exception it replaces stays as context
+        raise
 
 
 def quiet_sigterm_bridge() -> bool:
@@ -195,6 +216,7 @@ def quiet_sigterm_bridge() -> bool:
         return True
 
     def handler(sig_num: int, *args: object) -> None:
+        _terminating.append(sig_num)
         logging.disable(logging.CRITICAL)
         for hook in termination_hooks:
             hook(sig_num)
@@ -202,6 +224,32 @@ def quiet_sigterm_bridge() -> bool:
 
     handler._blens_quiet = True  # type: ignore[attr-defined]
     engine._prefect_sigterm_handler = handler  # read by capture_sigterm() at each call
+    return True
+
+
+# Set by `blens serve` (blens.flows.serving) to its own pid; the flow-run processes its Runner starts inherit it.
+SERVE_PID_ENV = "BLENS_SERVE_PID"
+
+
+def bind_to_serving_process(sig: int = signal.SIGTERM) -> bool:
+    """In a flow-run process that ``blens serve`` started: die with it, and leave its process group.
+
+    The Runner starts each run as a child process; killed hard (kill -9, the OOM killer), ``blens serve``
+    could not stop it, and the run went on alone. With ``PR_SET_PDEATHSIG`` the kernel sends ``sig``
+    (SIGTERM: Prefect's engine reports the run Crashed, then exits) when the thread that started it dies.
+    A group of its own keeps a Ctrl-C at the terminal (sent to the whole foreground group) away from the
+    run: ``blens serve`` alone receives it and cancels the run in order. A no-op (False) in any other
+    process: the variable must name our parent."""
+    expected = os.environ.get(SERVE_PID_ENV, "")
+    if not expected.isdigit() or os.getppid() != int(expected):
+        return False
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != int(expected):  # it died before the death signal was armed
+        os.kill(os.getpid(), sig)
     return True
 
 

@@ -1,7 +1,9 @@
 """Progress events from flows to whoever is watching (the CLI's progress bar, a notebook), without
 passing callbacks as flow parameters: a flow's parameters are its config, stored by Prefect as JSON.
 
-The flow body calls :func:`emit`; a caller that wants to watch wraps the run in ``with watching(fn):``.
+The flow body calls :func:`emit`; a caller that wants to watch wraps the run in ``with watching(fn):``
+(the CLI's progress bar), or in ``with logged(logger):`` where no terminal watches (a served deployment's
+runs: Prefect's run logger sends the lines to the server).
 Events are emitted from the flow's own process (batch results come back to it even under Dask), and
 watchers run synchronously and should be quick.
 """
@@ -9,6 +11,7 @@ watchers run synchronously and should be quick.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,3 +39,25 @@ def emit(kind: str, payload: Any, n: int = 0) -> None:
     event = Event(kind, payload, n)
     for w in list(_watchers):
         w(event)
+
+
+@contextlib.contextmanager
+def logged(logger: logging.Logger | logging.LoggerAdapter, unit: str = "prompts") -> Iterator[None]:
+    """Progress as log lines: what the run found to do, then one line per batch with the running rate."""
+    seen = {"n": 0, "total": 0, "seconds": 0.0}
+
+    def watch(event: Event) -> None:
+        if event.kind == "plan":
+            seen["total"] = event.n
+            for note in getattr(event.payload, "notes", ()):
+                logger.warning(note)
+            done_before = getattr(event.payload, "n_skipped_done", 0)
+            logger.info(f"{event.n} {unit} to do; {done_before} record(s) already in the warehouse")
+            return
+        seen["n"] += event.n
+        seen["seconds"] += event.payload.seconds
+        rate = seen["n"] / seen["seconds"] if seen["seconds"] else 0.0
+        logger.info(f"{seen['n']}/{seen['total']} {unit}, {rate:.2f}/s")
+
+    with watching(watch):
+        yield

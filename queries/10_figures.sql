@@ -30,29 +30,35 @@ CREATE OR REPLACE VIEW target_rank_by_layer AS
 WITH depth AS (SELECT model, max(layer) + 1 AS n_layers,
                       max(greatest(target_new_rank, target_true_rank)) + 1 AS ranks_seen
                FROM projections GROUP BY model),
-     vocab AS (SELECT model, max(vocab_size) AS vocab_size FROM models GROUP BY model)
-SELECT x.model, x.site, x.layer,
-       CASE WHEN x.segment = 'last' THEN 'last' ELSE 'not_last' END AS position_kind,
-       count(*) AS n,
-       avg(x.target_new_rank) AS mean_target_new_rank,
-       median(x.target_new_rank) AS median_target_new_rank,
-       avg(x.target_true_rank) AS mean_target_true_rank,
-       median(x.target_true_rank) AS median_target_true_rank,
-       avg(CASE WHEN list_contains(x.bottom_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_bottom_k,
-       avg(CASE WHEN list_contains(x.top_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_top_k,
-       any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac,
-       quantile_cont(x.target_new_rank, 0.25) AS q25_target_new_rank,
-       quantile_cont(x.target_new_rank, 0.75) AS q75_target_new_rank,
-       quantile_cont(x.target_true_rank, 0.25) AS q25_target_true_rank,
-       quantile_cont(x.target_true_rank, 0.75) AS q75_target_true_rank,
-       avg(CASE WHEN list_contains(x.bottom_ids, p.target_true_id) THEN 1.0 ELSE 0.0 END) AS target_true_in_bottom_k,
-       any_value(coalesce(v.vocab_size, d.ranks_seen)) AS vocab_size
-FROM projections AS x
-JOIN prompts AS p USING (key)
-JOIN depth AS d ON d.model = x.model
-LEFT JOIN vocab AS v ON v.model = x.model
-WHERE NOT x.zero_vector
-GROUP BY x.model, x.site, x.layer, position_kind;
+     vocab AS (SELECT model, max(vocab_size) AS vocab_size FROM models GROUP BY model),
+     -- one sort per rank column for its three quartiles (median = the middle one), not one per statistic
+     agg AS (
+         SELECT x.model, x.site, x.layer,
+                CASE WHEN x.segment = 'last' THEN 'last' ELSE 'not_last' END AS position_kind,
+                count(*) AS n,
+                avg(x.target_new_rank) AS mean_target_new_rank,
+                quantile_cont(x.target_new_rank, [0.25, 0.5, 0.75]) AS q_new,
+                avg(x.target_true_rank) AS mean_target_true_rank,
+                quantile_cont(x.target_true_rank, [0.25, 0.5, 0.75]) AS q_true,
+                avg(CASE WHEN list_contains(x.bottom_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_bottom_k,
+                avg(CASE WHEN list_contains(x.top_ids, p.target_new_id) THEN 1.0 ELSE 0.0 END) AS target_new_in_top_k,
+                any_value(x.layer / greatest(d.n_layers - 1, 1)) AS layer_frac,
+                avg(CASE WHEN list_contains(x.bottom_ids, p.target_true_id) THEN 1.0 ELSE 0.0 END) AS target_true_in_bottom_k,
+                any_value(coalesce(v.vocab_size, d.ranks_seen)) AS vocab_size
+         FROM projections AS x
+         JOIN prompts AS p USING (key)
+         JOIN depth AS d ON d.model = x.model
+         LEFT JOIN vocab AS v ON v.model = x.model
+         WHERE NOT x.zero_vector
+         GROUP BY x.model, x.site, x.layer, position_kind)
+SELECT model, site, layer, position_kind, n,
+       mean_target_new_rank, q_new[2] AS median_target_new_rank,
+       mean_target_true_rank, q_true[2] AS median_target_true_rank,
+       target_new_in_bottom_k, target_new_in_top_k, layer_frac,
+       q_new[1] AS q25_target_new_rank, q_new[3] AS q75_target_new_rank,
+       q_true[1] AS q25_target_true_rank, q_true[3] AS q75_target_true_rank,
+       target_true_in_bottom_k, vocab_size
+FROM agg;
 
 -- Figure 5: mean L2 norm of the spanning vectors by layer and token segment. For ff2_vjp the norm
 -- concentrates on the subject tokens and the last token.

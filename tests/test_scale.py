@@ -285,15 +285,17 @@ def test_deployment_has_cron_parameters_and_name(tmp_path):
     params = dep.parameters["cfg"]
     assert {k: params[k] for k in ("data", "model", "warehouse", "batch_size")} == {
         "data": str(tmp_path / "cf.json"), "model": "m", "warehouse": str(tmp_path / "wh"), "batch_size": 4}
-    assert dep.entrypoint == "flows/serve.py:scheduled_extract"
+    assert dep.entrypoint == "blens.flows.serve.scheduled_extract"  # a module path: works from any directory
     assert dep.concurrency_limit == 1  # a slow tick never overlaps the next one
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "blens.cli", "serve", "--data", "cf.json", "--cron", "*/15 * * * *", "--dry-run"]
+    cmd = [sys.executable, "-m", "blens.cli", "serve", "--data", "cf.json", "--limit", "7", "--cron", "*/15 * * * *",
+           "--dry-run"]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["schedules"][0]["cron"] == "*/15 * * * *" and info["parameters"]["cfg"]["data"] == "cf.json"
+    assert info["entrypoint"] == "blens.flows.serve.scheduled_extract" and info["parameters"]["cfg"]["limit"] == 7
     r = subprocess.run(cmd[:-3] + ["--cron", "every hour", "--dry-run"], cwd=tmp_path, capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode != 0 and "not a valid cron expression" in r.stderr

@@ -60,6 +60,13 @@ _watchdog = threading.Lock()
 EXIT_GRACE_S = 20.0
 
 
+def allow_exit_grace(seconds: float) -> None:
+    """A command whose orderly stop takes longer (``blens serve`` cancels a run on the server first) raises
+    the watchdog's limit before any signal arrives; the watchdog reads it when it starts."""
+    global EXIT_GRACE_S
+    EXIT_GRACE_S = max(EXIT_GRACE_S, seconds)
+
+
 def _exit_watchdog(signum: int) -> None:
     """Once a termination signal arrived, the process ends within EXIT_GRACE_S whatever happens: an exception
     raised by a signal handler is swallowed when it lands in a gc callback or ``__del__`` (seen with Dask,

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from . import options
-from ._common import err_console, fail, quiet_prefect
+from ._common import Interrupted, allow_exit_grace, err_console, fail, quiet_prefect
+
+# How long a stop may take: the run in progress reports its end to the server and exits (SIGTERM), then the
+# runner records it and pauses the schedule. ~4 s on a 2-core machine at load 4, ~11 s at load 8; after
+# this long it exits without waiting (the run's process still dies with us). run_guarded's exit watchdog,
+# which ends the process hard, is moved past it.
+STOP_GRACE_S = 25.0
 
 
 @options.with_extraction_options
@@ -22,18 +29,23 @@ def serve(
     name: str = typer.Option("blens-extract-scheduled", "--name", metavar="NAME", help="Deployment name."),
     timezone: Optional[str] = typer.Option(None, "--timezone", metavar="TZ",
                                            help="IANA timezone of the cron (default UTC)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, schedule, parameters) "
-                                 "as JSON and exit without serving."),
+    limit: options.Limit = None,
+    threads: options.Threads = None,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, entrypoint, schedule, "
+                                 "parameters) as JSON and exit without serving."),
     **settings,
 ) -> None:
     """Serve a Prefect deployment that runs incremental extraction on a cron schedule.
 
-Needs a Prefect server for its scheduler: `prefect server start`, then
+    Needs a Prefect server for its scheduler: `prefect server start`, then
     `PREFECT_API_URL=http://127.0.0.1:4200/api blens serve --cron "0 * * * *" --data cf.json`.
-
-    Runs until stopped (Ctrl-C); a run can also be started by hand with
-    `prefect deployment run 'blens-scheduled-extract/blens-extract-scheduled'`.
+    Each run logs to the server (`prefect flow-run logs ID`, the UI) and here. Runs until Ctrl-C or SIGTERM:
+    a run in progress is cancelled, the schedule paused, and it exits 0 with one line. A run can also be
+    started by hand with `prefect deployment run 'blens-scheduled-extract/blens-extract-scheduled'`.
     """
+    # Runs log through Prefect's run logger, which is what reaches the server: keep INFO, unlike the other
+    # commands (quiet_prefect). The flow-run processes inherit the environment.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     quiet_prefect()
     try:
         from prefect.client.schemas.schedules import CronSchedule
@@ -43,10 +55,10 @@ Needs a Prefect server for its scheduler: `prefect server start`, then
         fail(f"--cron {cron!r} is not a valid cron expression ({type(exc).__name__})")
 
     from blens.extract.config import ExtractConfig
-    from blens.flows.serve import build_deployment, serve_deployment
+    from blens.flows.serve import build_deployment
 
-    cfg = ExtractConfig(data=str(Path(data).resolve()) if Path(data).exists() else data,
-                        **{**settings, "warehouse": str(settings["warehouse"].resolve())})
+    cfg = ExtractConfig(data=str(Path(data).resolve()) if Path(data).exists() else data, limit=limit,
+                        threads=threads, **{**settings, "warehouse": str(settings["warehouse"].resolve())})
     dep = build_deployment(cfg, cron=cron, name=name, timezone=timezone)
     if dry_run:
         info = {"name": dep.name, "flow_name": dep.flow_name, "entrypoint": dep.entrypoint,
@@ -54,10 +66,39 @@ Needs a Prefect server for its scheduler: `prefect server start`, then
                 "parameters": dep.parameters, "concurrency_limit": dep.concurrency_limit}
         print(json.dumps(info, indent=2))
         return
-    if not os.environ.get("PREFECT_API_URL"):
-        err_console.print("[yellow]warning:[/] PREFECT_API_URL is not set: scheduled runs need a Prefect server "
-                          "(`prefect server start`, then PREFECT_API_URL=http://127.0.0.1:4200/api)")
-    serve_deployment(dep)
+    serve_until_stopped(dep, cron=cron, timezone=timezone)
+
+
+def serve_until_stopped(dep, *, cron: str, timezone: str | None) -> None:
+    """Register and serve ``dep`` until SIGINT/SIGTERM; then stop in order and exit 0 with one line."""
+    from prefect.settings import PREFECT_API_URL
+
+    from blens.flows.serving import ServeFailed, Serving
+
+    api_url = PREFECT_API_URL.value()
+    if not api_url:  # the ephemeral API has no scheduler, and nothing else can reach it: nothing would ever run
+        fail("blens serve needs a Prefect server: start one with `prefect server start` and set "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
+    full_name = f"{dep.flow_name}/{dep.name}"
+    allow_exit_grace(STOP_GRACE_S + 5)
+    serving = Serving(dep)
+    try:
+        serving.start()
+        err_console.print(f"serving {full_name} (cron '{cron}', {timezone or 'UTC'}) from {api_url}; run it now with "
+                          f"`prefect deployment run '{full_name}'`; Ctrl-C or SIGTERM stops it", highlight=False,
+                          soft_wrap=True)
+        serving.wait()
+    except ServeFailed as exc:
+        fail(f"serving {full_name} failed: {exc}", code=1)
+    except Interrupted as exc:
+        stopped = serving.stop(STOP_GRACE_S)
+        how = signal.Signals(exc.signum).name
+        if not stopped:  # the runner did not finish in time: leave hard (flow runs die with us)
+            err_console.print(f"stopped serving {full_name} ({how}) without waiting for the runner "
+                              f"after {STOP_GRACE_S:.0f} s", highlight=False, soft_wrap=True)
+            raise typer.Exit(128 + exc.signum)
+        err_console.print(f"stopped serving {full_name} ({how}): schedule paused, any run in progress cancelled "
+                          "(the next run extracts what it left)", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

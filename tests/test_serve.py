@@ -1,0 +1,284 @@
+"""`blens serve` against a real Prefect server on loopback (issue 15): what a user sees when scheduling.
+
+A `prefect server start` (the same Prefect as ours, a fresh PREFECT_HOME, a free port) serves the whole
+module. Then a real `blens serve` subprocess, started in a session of its own from another directory
+(the deployment's entrypoint must not depend on it), with the tiny random Llama:
+
+- `prefect deployment ls` works (it failed with 422 when FastAPI >= 0.151 met Prefect 3.8's client) and
+  lists the deployment; its entrypoint is a module path;
+- a run triggered on the server extracts `--limit` records into the warehouse, and its log lines (progress
+  and the summary) are on the server;
+- SIGTERM during a second, long run: exit 0 within seconds with one line, the run cancelled on the server
+  (not left Running), the schedule paused, no process of the session left;
+- Ctrl-C (SIGINT to the whole process group, as a terminal sends it): the same clean exit.
+
+And the reason a cancelled run used to go on for 30 s: DuckDB turns a signal's exception into an ordinary
+RuntimeError, which Prefect retried (`termination_kept` restores the signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FACTS, ROOT
+from blens.store.connect import connect
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+
+FLOW = "blens-scheduled-extract"
+NEVER = "0 0 1 1 *"  # once a year: runs come only from the test
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Our environment without the Prefect settings conftest set for in-process tests (a quiet log level
+    would keep run logs off the server)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A `prefect server start` on 127.0.0.1:<free port>; yields its API URL."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false"),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    import httpx
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.skip(f"`prefect server start` did not answer within 90 s: {(home / 'server.log').read_text()[-500:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def api(url: str, fn):
+    """Run ``fn(client)`` (a coroutine function) against the server at ``url``."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def main():
+        async with get_client() as client:
+            return await fn(client)
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return asyncio.run(main())
+
+
+class Lines:
+    """A pipe read in a thread, every line kept (a full pipe never blocks the process)."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: [self.lines.append(x.rstrip("\n")) for x in pipe], daemon=True)
+        self._thread.start()
+
+    def text(self, timeout: float = 10.0) -> str:
+        self._thread.join(timeout)
+        return "\n".join(self.lines)
+
+
+def start_serve(url: str, tmp_path: Path, model_dir, name: str, *extra: str) -> subprocess.Popen:
+    """`blens serve` in a session of its own, from tmp_path (not the repository), SIGINT at its default."""
+    cmd = [sys.executable, "-m", "blens.cli", "serve", "--data", "cf.json", "--model", str(model_dir), "--warehouse",
+           "wh", "--cron", NEVER, "--name", name, "--threads", "1", "--top-k", "3", *extra]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(PREFECT_API_URL=url, PREFECT_HOME=str(tmp_path / "ph")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.out = Lines(proc.stdout)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 90
+    while not any(line.startswith(f"serving {FLOW}/{name}") for line in proc.out.lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise AssertionError(f"blens serve did not start: {proc.out.text()[-3000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def session(sid: int) -> list[str]:
+    """Live processes of session ``sid`` (every descendant of `blens serve`: a flow run leaves the process
+    group, never the session)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            head, tail = (d / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        state, _ppid, _pgrp, sess = tail.split()[:4]
+        if int(sess) == sid and state != "Z":
+            found.append(f"{d.name}: {head.split('(', 1)[1]}")
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Whatever is left of a failed test's session, hard."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for_state(url: str, run_id, done, timeout: float = 100.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        run = api(url, lambda c: c.read_flow_run(run_id))
+        if done(run.state) or time.monotonic() > deadline:
+            return run
+        time.sleep(1)
+
+
+def run_logs(url: str, run_id) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = api(url, lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))))
+    return [log.message for log in logs]
+
+
+def write_records(path: Path, n: int) -> None:
+    path.write_text(json.dumps([{"case_id": i, "prompt": FACTS[i % 5][1], "subject": FACTS[i % 5][2],
+                                 "target_new": FACTS[i % 5][3], "ground_truth": FACTS[i % 5][4]} for i in range(n)]))
+
+
+def assert_clean_exit(proc: subprocess.Popen, sig: signal.Signals, t0: float) -> None:
+    try:
+        proc.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise AssertionError(f"blens serve did not stop within 45 s of {sig.name}")
+    took = time.monotonic() - t0
+    print(f"blens serve stopped {took:.1f} s after {sig.name}")
+    out = proc.out.text()
+    assert proc.returncode == 0, (proc.returncode, out[-3000:])
+    assert took < 20, f"took {took:.1f} s to stop"  # ~4 s on a 2-core machine at load 4
+    # Run logs (INFO lines) come before; after the signal exactly one line of ours, no traceback or error.
+    said = [x for x in out.splitlines() if x.startswith("stopped serving") or "Traceback" in x or "ERROR" in x
+            or "Error" in x or "Warning" in x]
+    assert len(said) == 1 and said[0].startswith(f"stopped serving {FLOW}/") and f"({sig.name})" in said[0], out[-3000:]
+    deadline = time.monotonic() + 10
+    while session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session(proc.pid) == [], "processes left behind"
+
+
+def test_serve_runs_logs_and_stops_on_sigterm(prefect_server, tmp_path, tiny_model_dir):
+    url, name = prefect_server, "test-serve"
+    write_records(tmp_path / "cf.json", 5)
+    proc = start_serve(url, tmp_path, tiny_model_dir, name, "--limit", "3", "--batch-size", "2")
+    try:
+        ls = subprocess.run([sys.executable, "-m", "prefect", "deployment", "ls"], capture_output=True, text=True,
+                            env=clean_env(PREFECT_API_URL=url, PREFECT_HOME=str(tmp_path / "ph"), COLUMNS="200"),
+                            timeout=120)
+        assert ls.returncode == 0 and f"{FLOW}/{name}" in ls.stdout, ls.stdout + ls.stderr
+        dep = api(url, lambda c: c.read_deployment_by_name(f"{FLOW}/{name}"))
+        assert dep.entrypoint == "blens.flows.serve.scheduled_extract" and not dep.paused
+
+        run = api(url, lambda c: c.create_flow_run_from_deployment(dep.id))
+        run = wait_for_state(url, run.id, lambda s: s.is_final())
+        assert run.state.is_completed(), (run.state, proc.out.text(0)[-3000:])
+        con = connect(tmp_path / "wh")
+        assert con.execute("SELECT case_id FROM prompts ORDER BY case_id").fetchall() == [(0,), (1,), (2,)]  # --limit 3
+        con.close()
+        deadline = time.monotonic() + 20  # logs reach the server in batches
+        logs = run_logs(url, run.id)
+        while not any("3 new prompts extracted" in m for m in logs):
+            assert time.monotonic() < deadline, logs
+            time.sleep(1)
+            logs = run_logs(url, run.id)
+        assert any(m.startswith("3 prompts to do") for m in logs) and any(m.startswith("3/3 prompts") for m in logs)
+
+        # A long second run (400 records, one per batch), stopped by SIGTERM while it extracts.
+        write_records(tmp_path / "cf.json", 400)
+        cfg = {**dep.parameters["cfg"], "limit": None, "batch_size": 1}
+        long_run = api(url, lambda c: c.create_flow_run_from_deployment(dep.id, parameters={"cfg": cfg}))
+        deadline = time.monotonic() + 90
+        while not any(m.startswith("2/397 prompts") for m in run_logs(url, long_run.id)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.out.text(0)[-3000:]
+            time.sleep(1)
+        assert len(session(proc.pid)) >= 2  # blens serve and the flow run's process
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert_clean_exit(proc, signal.SIGTERM, t0)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    long_run = wait_for_state(url, long_run.id, lambda s: not s.is_running(), timeout=10)
+    assert long_run.state.type.value in ("CANCELLED", "CRASHED"), long_run.state  # never left Running
+    assert api(url, lambda c: c.read_deployment_by_name(f"{FLOW}/{name}")).paused  # no runs pile up unserved
+
+
+def test_ctrl_c_stops_serve_cleanly(prefect_server, tmp_path, tiny_model_dir):
+    write_records(tmp_path / "cf.json", 2)
+    proc = start_serve(prefect_server, tmp_path, tiny_model_dir, "test-ctrl-c")
+    try:
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        assert_clean_exit(proc, signal.SIGINT, t0)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
+def test_a_sigterm_that_duckdb_turns_into_an_error_still_ends_the_task(monkeypatch):
+    """Prefect's in-flow SIGTERM handler (our quiet version) raises TerminationSignal; landing inside a DuckDB
+    query it came out as RuntimeError("Query interrupted"), a task failure that Prefect retries."""
+    import duckdb
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities import engine
+
+    from blens.flows import prefect_runtime
+
+    monkeypatch.setattr(prefect_runtime, "termination_hooks", [])  # no CLI exit watchdog in the test process
+    monkeypatch.setattr(prefect_runtime, "_terminating", [])
+    assert prefect_runtime.quiet_sigterm_bridge()
+    previous = signal.signal(signal.SIGTERM, engine._prefect_sigterm_handler)
+    try:
+        con = duckdb.connect()
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(TerminationSignal) as caught:
+            with prefect_runtime.termination_kept():
+                con.execute("SELECT count(*) FROM range(100000000000)").fetchall()  # minutes of work
+        timer.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        logging.disable(logging.NOTSET)  # the handler silenced logging, as it does in a run
+    assert caught.value.signal == signal.SIGTERM
+    context = caught.value.__context__
+    assert context is None or "interrupted" in str(context).lower(), repr(context)
