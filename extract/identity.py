@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Sequence
 
-from .sites import LENS_SITES
+from .adapters import LENS_SITES
 from .records import EditRecord
 
 

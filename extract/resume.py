@@ -2,14 +2,16 @@
 
 Results are identified by content (``identity.py``), so "done" is a lookup of keys in the warehouse. The
 plan of a run (``job.plan_run``) asks it per record; :func:`nothing_to_do` asks it for a whole run before
-anything expensive happens: when the model's revision is known from its files
-(``registry.revision_without_loading``), every record of the source (in this shard) has its result
+anything expensive happens: when the model's revision and family are known from its files
+(``registry.local_model_dir``), every record of the source (in this shard) has its result
 stored with at least the vectors asked for, the run is registered and its rejected records are recorded,
 then the plan would be empty and the flow would only register what is already there. The CLI then answers
 from here, without importing torch, loading the model or starting Prefect (issue 15: 12-15 s -> ~1 s).
 
 Anything it cannot decide exactly (a hub model name, a model not yet converted, ``--force``, a changed
-record, a changed model file, a new rejected record) returns None, and the normal path runs.
+record, model files that say another revision or family, a new rejected record) returns None, and the
+normal path runs. Like the normal path, it cannot see changed weights in a directory whose revision is
+"local" (no blens.json, no hub commit): both treat it as the same model.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from blens.store.lake import is_warehouse
 from blens.store.reads import VECTOR_LEVELS, existing_results, run_registered, runs_holding
 from blens.store.runs import error_key, run_id_for
 from blens.store.writer import init_warehouse
 
+from .adapters import family_for, lens_sites
 from .config import ExtractConfig
 from .identity import result_key
-from .registry import revision_without_loading
+from .registry import local_model_dir, model_type_of, revision_of_files
 from .sources import LoadResult
 
 
@@ -83,15 +87,20 @@ def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummar
     t0 = time.perf_counter()
     if cfg.force or not is_warehouse(cfg.warehouse):
         return None
-    revision = revision_without_loading(cfg.model)
-    if revision is None:
+    path = local_model_dir(cfg.model)
+    if path is None:
+        return None
+    try:  # what loading would report: the revision, and the family, whose lens sites are part of the settings
+        revision = revision_of_files(path)
+        family = family_for(SimpleNamespace(model_type=model_type_of(path)))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or unsupported: the normal path says why
         return None
     shard = cfg.shard_index()
     records = [r for r in loaded.records if in_shard(r.case_id, shard)]
     load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
     if not records:
         return None
-    settings = cfg.result_settings()
+    settings = cfg.result_settings(lens_sites(family))
     keys = [result_key(cfg.model, revision, settings, r) for r in records]
     run_id = run_id_for(cfg.model, revision, loaded.fingerprint, {**settings, "vectors": cfg.vectors})
     init_warehouse(cfg.warehouse)

@@ -143,18 +143,44 @@ def test_a_changed_model_file_is_not_nothing_to_do(finished):
     assert _decide(finished) is not None
 
 
-def test_revision_from_files_is_the_loaders(finished, tiny_model_dir, tmp_path):
-    """The fast path's revision must be the one load_model reports, or keys would differ."""
-    from blens.extract.models import load_model
-    from blens.extract.registry import revision_without_loading
+def test_what_the_files_say_is_what_the_loader_reports(finished, tiny_model_dir, tokenizer, tmp_path):
+    """The fast path's revision and lens sites (part of every key) must be the ones load_model reports, or keys
+    would differ: for a Llama directory with and without blens.json, and a Gemma 3 one (a third lens site)."""
+    from types import SimpleNamespace
 
-    for path in (finished["model"], tiny_model_dir):
-        assert revision_without_loading(str(path)) == load_model(str(path)).revision
+    from test_gemma import tiny_gemma
+
+    from blens.extract.adapters import family_for, lens_sites
+    from blens.extract.models import load_model
+    from blens.extract.registry import local_model_dir, model_type_of, revision_without_loading
+
+    gemma_dir = tmp_path / "tiny-gemma"
+    tiny_gemma(len(tokenizer), tokenizer.pad_token_id).save_pretrained(gemma_dir)
+    tokenizer.save_pretrained(gemma_dir)
+    for path in (finished["model"], tiny_model_dir, gemma_dir):
+        lm = load_model(str(path))
+        assert revision_without_loading(str(path)) == lm.revision
+        family = family_for(SimpleNamespace(model_type=model_type_of(local_model_dir(str(path)))))
+        assert lens_sites(family) == lm.view.lens_sites
+    assert "resid_post_vjp" in lens_sites(family)
     assert revision_without_loading(str(finished["model"])) == "tiny.gguf@sha256:" + "a" * 16
     assert revision_without_loading("some-org/some-model") is None  # a hub name: only the hub knows
     inside_snapshot = tmp_path / "hub" / "models--x--y" / "snapshots" / ("c" * 40)
     shutil.copytree(tiny_model_dir, inside_snapshot)
     assert revision_without_loading(str(inside_snapshot)) is None  # transformers may read a commit from the path
+
+
+def test_another_family_in_the_same_place_is_not_nothing_to_do(finished):
+    """Same path, same blens.json, but config.json now says Gemma 3: its results have other keys."""
+    config = finished["model"] / "config.json"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace('"model_type": "llama"', '"model_type": "gemma3_text"'))
+        assert '"gemma3_text"' in config.read_text()
+        assert _decide(finished) is None
+    finally:
+        config.write_text(original)
+    assert _decide(finished) is not None
 
 
 def test_sql_imports_nothing_heavy(finished):
