@@ -69,10 +69,11 @@ def work_seconds(stdout: str) -> str | None:
 
 def measure(blens: str, data: str, repeat: int, tmp: Path) -> list[Measure]:
     extract = [blens, "extract", "--data", data, "--limit", "20"]
-    help_, sql, noop, fresh, offline = (Measure("`blens --help`"), Measure('`blens sql "SELECT count(*) FROM prompts"`'),
-                                        Measure("`blens extract` no-op rerun (20 records, all done)"),
-                                        Measure("`blens extract` 20 prompts, new warehouse"),
-                                        Measure("`blens extract --model gpt2` offline (HF_HUB_OFFLINE unset)"))
+    help_ = Measure("`blens --help`")
+    sql = Measure('`blens sql "SELECT count(*) FROM prompts"`')
+    noop = Measure("`blens extract` no-op rerun (20 records, all done)")
+    fresh = Measure("`blens extract` 20 prompts, new warehouse")
+    offline = Measure("`blens extract --model gpt2` offline (HF_HUB_OFFLINE unset)")
     warehouse = tmp / "wh0"
     for i in range(repeat):
         seconds, proc = run(extract + ["--warehouse", str(tmp / f"wh{i}")])

@@ -153,7 +153,7 @@ def _commit(cfg: ExtractConfig, run_id: str, make_tables, kind: str, replace: se
     """Commit ``make_tables()`` now, or queue it on the run's background committer when one is open."""
     def job() -> None:
         tables = make_tables()
-        commit_batch(cfg.warehouse, tables, kind=kind, replace=replace)
+        commit_batch(cfg.warehouse, tables, kind=kind, replace=replace or set())  # "meta" commits pass None
         del tables
         _release_freed_memory()
 

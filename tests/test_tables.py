@@ -1,4 +1,6 @@
-"""Printed tables keep every value whole (issue 15: `blens sql ... | head` and `blens edit` showed `r…`, `shif…`)."""
+"""Printed tables keep every value whole.
+
+Issue 15: `blens sql ... | head` and `blens edit`'s summary showed `r…`, `shif…`."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def test_layouts():
     narrow = rendered(30)
     assert "-- row 1 of 2" in narrow and "┃" not in narrow, "a narrow one gets one block per row"
     piped = rendered(None).splitlines()
-    assert piped[0] == "title" and piped[1].split() == "method layer efficacy nbhd unchanged rephr. P(new)>P(true)".split()
+    assert piped[0] == "title"
+    assert piped[1].split() == "method layer efficacy nbhd unchanged rephr. P(new)>P(true)".split()
     assert fits(COLUMNS, ROWS, 200) and not fits(COLUMNS, ROWS, 30)
 
 

@@ -1,8 +1,8 @@
 """How `blens ... --help` reads: paragraphs reflowed to the terminal, no Python type names.
 
 Typer's rich help keeps every line break of a docstring (so a sentence broke wherever the source line
-ended), labels every flag ``<bool>`` although a flag takes no value, and an argument ``<str>``. Commands and the group are built
-from the classes below (``blens/cli.py`` makes them the default), so each command's docstring stays
+ended), labels every flag ``<bool>`` although a flag takes no value, and an argument ``<str>``. Commands
+and the group are built from the classes below (``blens/cli.py`` makes them the default), so each command's docstring stays
 written at source width and each option declares only its help text and metavar.
 """
 

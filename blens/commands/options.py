@@ -37,7 +37,8 @@ Warehouse = Annotated[Path, typer.Option("--warehouse", metavar="DIR", help="War
 Device = Annotated[str, typer.Option("--device", metavar="DEVICE",
                                      help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, metavar="N", help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
+    "--threads", min=1, metavar="N",
+    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, metavar="N", show_default="32 on CPU, 256 on CUDA",
     help="Most prompts per backward pass and per Prefect task.")]

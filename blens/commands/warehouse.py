@@ -33,7 +33,8 @@ def init_sql(
 def compact(
     warehouse: options.Warehouse = Path("warehouse"),
     expire_older_than: Optional[str] = typer.Option(
-        "7 days", "--expire-older-than", metavar="INTERVAL", help="Expire snapshots older than this interval and delete the files only "
+        "7 days", "--expire-older-than", metavar="INTERVAL",
+        help="Expire snapshots older than this interval and delete the files only "
         "they used ('' keeps every snapshot: full time travel, no space reclaimed)."),
 ) -> None:
     """Rewrite the warehouse's small files into large ones (atomically: queries give the same answers before
