@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_out import emit  # noqa: E402
+
 DEFAULT_DATA = "../shared/data/counterfact/counterfact-edit-1k.json"
 
 
@@ -143,11 +146,7 @@ def main() -> None:
         *(m.row() for m in rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

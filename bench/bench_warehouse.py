@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_extract import RUN_CLI  # noqa: E402  (runs blens.cli and reports the child's own VmHWM)
+from report_out import emit  # noqa: E402
 
 VIEWS = ["rank_equals_length", "target_rank_by_layer", "vjp_norm_by_segment", "edit_summary"]
 QUERIES = {
@@ -116,11 +117,7 @@ def main() -> None:
                      f"{after.get(t, (0, 0))[1] / 2**20:,.1f} |")
     lines += ["", "| view / query (after compaction, best of 3) | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in view_latency(wh).items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write("\n" + text)
+    emit("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

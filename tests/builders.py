@@ -4,6 +4,9 @@ extraction core and the store, the way `blens extract` builds them. A helper mod
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -121,3 +124,13 @@ def assert_spanning_sets_rebuild_gradients(lm, prepared) -> dict:
             n_checked += 1
     assert n_checked == len(prepared) * lm.view.n_layers * len(lm.view.matrix_names)
     return {"spans": spans, "refs": refs}
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a subprocess's whole session (started with ``start_new_session=True``), so whatever it started
+    (Prefect's API server, run processes) goes with it; then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

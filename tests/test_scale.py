@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from builders import kill_session
 from blens.extract.config import ExtractConfig
 from blens.store.connect import connect
 
@@ -133,12 +133,7 @@ def start_cli(*args, slow_writes: float | None = None, log=None) -> subprocess.P
                             start_new_session=True, text=True)
 
 
-def kill9(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
+kill9 = kill_session  # kept under this module's name
 
 
 def wait_for(pred, proc, timeout=180.0, what=""):

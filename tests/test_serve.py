@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FACTS, ROOT
+from builders import kill_session
 from blens.store.connect import connect
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -146,13 +147,7 @@ def session(sid: int) -> list[str]:
     return found
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Whatever is left of a failed test's session, hard."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
+stop = kill_session  # kept under this module's name
 
 
 def wait_for_state(url: str, run_id, done, timeout: float = 100.0):
