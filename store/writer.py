@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from blens.queries import view_sql
 
-from .lake import LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
+from .lake import DATA_DIR, LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
 from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
 
 __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
@@ -53,6 +53,15 @@ def _location_key(location: str | os.PathLike) -> str:
     return str(location) if is_remote(location) else str(Path(location).absolute())
 
 
+def _may_precede_a_warehouse(entry: Path) -> bool:
+    """Files a new warehouse may find in its directory: a .gitignore or README, and the empty data directory
+    another writer creates just before the catalog (``lake.attach``): shards started together race there, and
+    the one that looks in between must not take its sibling's half-made warehouse for an unrelated directory."""
+    if entry.name in (".gitignore", "README.md"):
+        return True
+    return entry.name == DATA_DIR and entry.is_dir() and not any(entry.iterdir())
+
+
 def _check_target(location: str | os.PathLike) -> None:
     """Refuse to turn an unrelated, non-empty directory into a warehouse."""
     if is_remote(location) or is_warehouse(location):
@@ -60,7 +69,7 @@ def _check_target(location: str | os.PathLike) -> None:
     root = Path(location)
     if root.exists() and not root.is_dir():
         raise WarehouseError(f"warehouse {str(root)!r} exists and is not a directory")
-    if root.is_dir() and any(p.name != ".gitignore" and p.name != "README.md" for p in root.iterdir()):
+    if root.is_dir() and not all(_may_precede_a_warehouse(p) for p in root.iterdir()):
         raise WarehouseError(f"{str(root)!r} is not empty and is not a warehouse (no {root / 'catalog.sqlite'}); "
                              "choose an empty or new directory")
 

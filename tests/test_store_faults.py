@@ -131,3 +131,19 @@ def test_product_output_inside_the_warehouse_is_refused(warehouse, command, mark
         assert r.returncode != 0 and "overlaps the warehouse" in r.stderr, (out, r.stderr)
     assert not (wh / "published").exists() and not (wh / marker).exists()
     assert blens("check", "--warehouse", str(wh)).returncode == 0
+
+
+def test_a_sibling_writers_half_made_warehouse_is_not_foreign(tmp_path):
+    """Shards started together race at creation: one has made wh/data/ but not yet the catalog when another
+    looks. That is a warehouse being made, not an unrelated directory; a data/ with files in it still is."""
+    from blens.store.writer import WarehouseError, init_warehouse
+
+    wh = tmp_path / "wh"
+    (wh / "data").mkdir(parents=True)
+    init_warehouse(wh)
+    assert (wh / "catalog.sqlite").is_file()
+    other = tmp_path / "other"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(WarehouseError, match="not empty and is not a warehouse"):
+        init_warehouse(other)
