@@ -47,6 +47,25 @@ def timed(f):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
+def gemm_alone(lens: LogitLens, flat: torch.Tensor, peak: float) -> str:
+    """The unembedding GEMMs of a lens call and nothing else, blocked the way the lens blocks them."""
+    with torch.no_grad():
+        h = lens.norm(flat)
+    V = lens.w.shape[0]
+    if lens.tiled is not None:
+        t = lens.tiled
+        blocks = [lambda i=i, s=s: t.tile_logits(i, h[s : s + t.rows]) for i in range(len(t.tiles))
+                  for s in range(0, h.shape[0], t.rows)]
+        shape = f"{len(t.tiles)} vocabulary tiles of {t.tiles[0][1]} tokens x {t.rows}-row blocks"
+    else:
+        rows = lens.block_rows(h.device)
+        blocks = [lambda s=s: lens._logits(h[s : s + rows]) for s in range(0, h.shape[0], rows)]
+        shape = f"{rows}-row blocks over the whole vocabulary"
+    best = min(timed(lambda: [b() for b in blocks])[1] for _ in range(2))
+    gflops = 2 * h.shape[0] * h.shape[1] * V / 1e9
+    return f"{gflops / best:.0f} GFLOP/s = {100 * gflops / best / peak:.0f} % of the oneDNN fp32 peak ({shape})"
+
+
 def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
     """Time one extraction batch of model ``name``; returns the lens CPU seconds per vector."""
     lm = load_model(name)
@@ -73,6 +92,7 @@ def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
     add(f"{name}: gradient ranks", f"{w_rank:.2f} s wall, {c_rank:.2f} s CPU")
     add(f"{name}: lens, whole projection", f"{w_lens:.2f} s wall, {c_lens:.2f} s CPU; {gflops / w_lens:.0f} GFLOP/s "
         f"= {100 * gflops / w_lens / peak:.0f} % of the oneDNN fp32 peak; {1e3 * c_lens / n_vec:.2f} ms CPU per vector")
+    add(f"{name}: lens GEMM alone", gemm_alone(lens, flat[:2048], peak))
     add(f"{name}: lens share of the batch", f"{100 * c_lens / total_c:.0f} % of CPU seconds "
         f"({total_c / len(batch):.2f} CPU s per prompt)")
     del lm, spans, flat

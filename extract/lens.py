@@ -6,13 +6,12 @@ token (rank = #{j : logit_j > logit_target}, 0 = most probable).
 fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` from both ends, one
 comparison per target. It is only *organised* for speed, never changed numerically:
 
-* rows are processed in blocks of ``chunk_rows`` (default 64): a 64 x 49152 logit block is 12 MB, so
-  the ``topk`` and comparison passes that follow the GEMM run from cache instead of DRAM (the
-  comparison pass is about 10x cheaper at 64 rows than at 1024; figures in bench/results.md);
-* ranks are counted by comparing into one reused float32 scratch block and summing it (exact for
-  counts below 2^24), and top-k/bottom-k go straight into the call's result tensors (``out=``): a
-  block allocates its logits and nothing else of that size, which keeps glibc's heap from
-  fragmenting (see ``LogitLens._project_fp32``).
+* rows are processed in blocks of ``chunk_rows`` (default 64): a 64 x 49152 logit block is 12 MB, so the
+  ``topk`` and comparison passes after the GEMM run from cache (about 10x cheaper than at 1024 rows);
+  vocabularies too big for that (Gemma 3) are cut into tiles as well (``extract/lens_tiles.py``);
+* ranks are counted by comparing into one reused float32 scratch block and summing it (exact below
+  2^24), and top-k/bottom-k go straight into the call's result tensors (``out=``): a block allocates its
+  logits and nothing else of that size, so glibc's heap does not fragment (``LogitLens._project_fp32``).
 
 bf16 (``dtype="bf16"``) runs the big GEMM in bfloat16 and must still agree with fp32. Two facts from
 measuring real SmolLM2 lens vectors shape it:
@@ -37,21 +36,17 @@ union of candidates, band columns and targets is rescored with one dense fp32 GE
 shortlist cannot be proven complete (its exact k-th value is not above the largest possible logit of
 a non-candidate) is recomputed exactly in fp32 with the whole block.
 
-Cost, honestly: on SmolLM2 the rank band is ~300-500 tokens per row and target (the target sits in
-the dense middle of the logit distribution), so the union over a block covers most of the vocabulary
-and the bf16 mode is *not* faster than fp32 there; when the union would exceed ``max_band_frac`` of
-the vocabulary the block is simply computed exactly in fp32 (bounded overhead: one extra bf16 GEMM).
-It pays off when targets sit in a sparse tail (small bands) and stays exact either way: on 4096 real
-SmolLM2 lens vectors it agreed with fp32 on 100 % of top-k ids, bottom-k ids and both target ranks.
+Cost, honestly: on SmolLM2 the rank band is ~300-500 tokens per row and target, so the union covers most of
+the vocabulary and bf16 is *not* faster than fp32 there (past ``max_band_frac`` a block is computed in fp32:
+one extra bf16 GEMM). It pays off when targets sit in a sparse tail, and stays exact: on 4096 real SmolLM2
+lens vectors it agreed with fp32 on 100 % of top-k ids, bottom-k ids and both target ranks.
 
-On CUDA (docs/gpu.md) the fp32 lens is the same code with other block sizes: a block is as many rows as
-a share of the free GPU memory allows (:func:`lens_block_rows`, thousands of rows instead of 64, so the
-GEMM fills the device), the GEMM is cuBLAS ``h @ W.T`` with TF32 switched off (:func:`fp32_exact`), and
-top-k, bottom-k and the rank counts are written into device tensors sized for the whole call. Nothing in
-the block loop reads a value back to the host (no ``.item()``, ``nonzero``, ``unique``, ``.cpu()``;
-tests/test_gpu_paths.py checks this through the dispatcher), so the host queues the whole call and the
-results leave the device in the caller's one copy per batch. The bf16 mode is CPU-only: its rescoring
-relies on MKL returning bit-identical values for column subsets, which cuBLAS does not promise.
+On CUDA (docs/gpu.md) the fp32 lens is the same code with other block sizes: as many rows as a share of the
+free GPU memory allows (:func:`lens_block_rows`), cuBLAS ``h @ W.T`` with TF32 off (:func:`fp32_exact`),
+results written into device tensors sized for the whole call. Nothing in the block loop reads a value back
+to the host (tests/test_gpu_paths.py checks this through the dispatcher), so the results leave the device in
+the caller's one copy per batch. The bf16 mode is CPU-only: its rescoring relies on MKL returning
+bit-identical values for column subsets, which cuBLAS does not promise.
 """
 
 from __future__ import annotations
@@ -61,6 +56,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from .lens_tiles import CPU_TILE_COLS, TILED_MIN_VOCAB, TiledUnembedding
 
 BF16_UNIT = 2.0**-9  # half an ulp of bfloat16 relative to the value (8-bit significand)
 MIN_RESCORE_COLS = 64  # below this MKL may take a kernel whose summation order differs from the full GEMM
@@ -122,11 +119,6 @@ def _empty_result(n: int, k: int, n_targets: int, device: torch.device | str = "
     vals = dict(dtype=torch.float32, device=device)
     return LensResult(torch.empty((n, k), **ids), torch.empty((n, k), **vals), torch.empty((n, k), **ids),
                       torch.empty((n, k), **vals), torch.empty((n, n_targets), **ids))
-
-
-def apply_final_norm(norm: torch.nn.Module, vectors: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return norm(vectors)
 
 
 def _count_ranks(logits: torch.Tensor, tl: torch.Tensor, scratch: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -212,12 +204,13 @@ class LogitLens:
     mode always uses it, because its rescoring relies on MKL's bit-identical column subsets.
 
     ``chunk_rows`` (rows per block) defaults to 64 on CPU and, for weights on CUDA, to
-    :func:`lens_block_rows` of the free memory at each call.
+    :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary tile width of the
+    fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,
                  *, dtype: str = "fp32", chunk_rows: int | None = None, shortlist: int = 32, margin: float = 6.0,
-                 max_band_frac: float = 0.25, gemm: str = "auto"):
+                 max_band_frac: float = 0.25, gemm: str = "auto", tile_cols: int | None = None):
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"lens dtype must be fp32 or bf16, not {dtype!r}")
         if gemm not in ("auto", "onednn", "torch"):
@@ -240,7 +233,12 @@ class LogitLens:
         if gemm == "auto":
             gemm = "onednn" if dtype == "fp32" and onednn_available(self.w.device) else "torch"
         self.gemm = gemm
-        if gemm == "onednn":
+        # vocabulary tiles (extract/lens_tiles.py): auto = on CPU for vocabularies too big to stay cached
+        if tile_cols is None:
+            tile_cols = CPU_TILE_COLS if self.w.device.type == "cpu" and self.w.shape[0] >= TILED_MIN_VOCAB else 0
+        self.tiled = TiledUnembedding(self.w, self.bias, tile_cols, onednn=gemm == "onednn",
+                                      rows=chunk_rows) if tile_cols and dtype == "fp32" else None
+        if gemm == "onednn" and self.tiled is None:  # (the tiles hold their own packed copies)
             self.w_packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
         if dtype == "bf16":
             self.w16 = self.w.to(torch.bfloat16)
@@ -294,6 +292,9 @@ class LogitLens:
         """
         N, n_t = vectors.shape[0], targets.shape[1]
         rows = self.block_rows(vectors.device)
+        if self.tiled is not None and N:
+            with torch.no_grad():  # not inference_mode: the results must stay usable by autograd-tracked callers
+                return LensResult(*self.tiled.project(self.norm(vectors.float()), targets, k))
         out = _empty_result(N, k, n_t, vectors.device)
         counts = torch.empty((n_t, N), dtype=torch.float32, device=vectors.device)  # exact: V < 2^24
         scratch = torch.empty((min(rows, N), self.w.shape[0]), dtype=torch.float32, device=vectors.device)

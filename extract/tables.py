@@ -263,6 +263,9 @@ def build_tables(lm: LoadedModel, batch: HostBatch, run_id: str, *, top_k: int =
     S = len(lens_sites)
     N = S * L * n_rows
     norms = batch.norms
+    # target ids per projection row (site-major, then layer, then row), for the membership flags
+    row_targets = np.array([[p.target_new_id, p.target_true_id] for p in prompts], dtype=np.int32)[rows.b]
+    targets = np.tile(row_targets, (S * L, 1)) if n_rows else np.zeros((0, 2), np.int32)
     proj_t = pa.table({
         "key": np.tile(rows.key, S * L),
         "run_id": [run_id] * N,
@@ -282,6 +285,10 @@ def build_tables(lm: LoadedModel, batch: HostBatch, run_id: str, *, top_k: int =
         "bottom_logits": _list_column(batch.bottom_logits, top_k, pa.float32()),
         "target_new_rank": np.ascontiguousarray(batch.target_ranks[:, 0]),
         "target_true_rank": np.ascontiguousarray(batch.target_ranks[:, 1]),
+        "target_new_in_top_k": (batch.top_ids == targets[:, :1]).any(axis=1),
+        "target_new_in_bottom_k": (batch.bottom_ids == targets[:, :1]).any(axis=1),
+        "target_true_in_top_k": (batch.top_ids == targets[:, 1:]).any(axis=1),
+        "target_true_in_bottom_k": (batch.bottom_ids == targets[:, 1:]).any(axis=1),
     })
     out = {"prompts": prompts_t, "tokens": tokens_t, "gradient_ranks": ranks_t, "projections": proj_t}
     if vectors != "none":

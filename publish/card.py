@@ -51,6 +51,10 @@ COLUMN_DOCS: dict[str, str] = {
     "bottom_logits": "Logits of bottom_ids.",
     "target_new_rank": "Rank of target_new's first token among all V projected logits (0 = most probable, V-1 = least probable).",
     "target_true_rank": "Rank of target_true's first token among all V projected logits.",
+    "target_new_in_top_k": "True when target_new's first token is among top_ids.",
+    "target_new_in_bottom_k": "True when target_new's first token is among bottom_ids (the paper's 'shift' reading for ff2_vjp).",
+    "target_true_in_top_k": "True when target_true's first token is among top_ids.",
+    "target_true_in_bottom_k": "True when target_true's first token is among bottom_ids (the control).",
     "key": "Identity of a result: hash of model + revision, result settings and the record's content; each key "
            "appears once per table (a rerun or a bigger --limit never adds a second copy).",
     "slot": "Hash of model + revision, settings and case_id: a changed record's new key replaces the old key's rows.",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: projections gained the target_*_in_top_k / _in_bottom_k flags
 
 _str = pa.string()
 _i32 = pa.int32()
@@ -73,8 +73,12 @@ TABLES: dict[str, pa.Schema] = {
         _req("top_ids", pa.list_(_i32)), _req("top_tokens", pa.list_(_str)), _req("top_logits", pa.list_(_f32)),
         _req("bottom_ids", pa.list_(_i32)), _req("bottom_tokens", pa.list_(_str)),
         _req("bottom_logits", pa.list_(_f32)), _req("target_new_rank", _i32), _req("target_true_rank", _i32),
+        _req("target_new_in_top_k", _bool), _req("target_new_in_bottom_k", _bool),
+        _req("target_true_in_top_k", _bool), _req("target_true_in_bottom_k", _bool),
         doc="Logit-lens projections of spanning vectors (ff1_input = imprint, ff2_vjp = shift); rank 0 = most "
-            "probable. zero_vector: the vector is exactly 0, so its lens tokens and ranks carry no meaning.",
+            "probable. zero_vector: the vector is exactly 0, so its lens tokens and ranks carry no meaning. "
+            "target_*_in_top_k / _in_bottom_k: the target's first token is among top_ids / bottom_ids (stored, "
+            "so Figure 6's shares need neither the prompts join nor a scan of the id lists).",
     ),
     "vectors": _schema(
         *_KEYS, _req("layer", _i32), _req("site", _str), _req("position", _i32), _req("vector", pa.list_(_f32)),

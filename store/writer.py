@@ -34,6 +34,7 @@ import pyarrow as pa
 from blens.queries import view_sql
 
 from .lake import DATA_DIR, LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
+from .migrations import add_columns, missing_columns
 from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
 
 __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
@@ -84,17 +85,16 @@ def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         f"UNION ALL SELECT view_name FROM __ducklake_metadata_{LAKE}.ducklake_view WHERE end_snapshot IS NULL"
     ).fetchall()}
     sql = view_sql()
-    stored = None
-    if "blens_meta" in have:
-        row = con.execute("SELECT value FROM blens_meta WHERE name = 'views'").fetchone()
-        stored = row[0] if row else None
+    meta = dict(con.execute("SELECT name, value FROM blens_meta").fetchall()) if "blens_meta" in have else {}
     missing = [t for t in TABLES if t not in have]
-    if not missing and stored == sql and "commit_lock" in have:
+    current = meta.get("views") == sql and meta.get("schema_version") == str(SCHEMA_VERSION)
+    if not missing and current and "commit_lock" in have:
         return  # an ordinary open writes no snapshot
     con.execute("BEGIN")
     try:
         for t in missing:
             con.execute(f"CREATE TABLE {t} ({ddl(t)})")
+        add_columns(con, missing_columns(con))  # a warehouse made by an older blens (schema only grows)
         if "commit_lock" not in have:
             con.execute("CREATE TABLE commit_lock (id INTEGER, batch_id VARCHAR)")
         if "blens_meta" not in have:
@@ -179,7 +179,7 @@ def _insert(con, table: str, t: pa.Table, batch_id: str, where: str = "") -> Non
                 if "batch_id" not in t.column_names else t)
     con.register("_rows", t)
     try:
-        con.execute(f"INSERT INTO {table} SELECT * FROM _rows {where}")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows {where}")  # by name: see store/migrations.py
     finally:
         con.unregister("_rows")
 

@@ -75,6 +75,41 @@ def test_random_rmsnorm_matches_naive(dtype, chunk_rows):
     check_against_naive(LogitLens(norm, w, dtype=dtype, chunk_rows=chunk_rows), norm, w, vectors, make_targets(N, V, g))
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "torch"])
+@pytest.mark.parametrize("tile_cols", [1024, 333])  # 333: the last tile has 5 tokens, fewer than K
+def test_vocabulary_tiles_match_naive(gemm, tile_cols):
+    from blens.extract.lens import onednn_available
+
+    if gemm == "onednn" and not onednn_available(torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN linear")
+    g = torch.Generator().manual_seed(1)
+    d, V, N = 24, 5000, 150
+    w = torch.randn(V, d, generator=g) * 0.3
+    norm = torch.nn.RMSNorm(d, eps=1e-6)
+    vectors = torch.randn(N, d, generator=g) * 3
+    vectors[7] = 0
+    lens = LogitLens(norm, w, chunk_rows=64, gemm=gemm, tile_cols=tile_cols)
+    assert len(lens.tiled.tiles) == -(-V // tile_cols)
+    targets = make_targets(N, V, g)
+    targets[:, 1] = lens.tiled.tiles[-1][0]  # a target in the narrow last tile
+    check_against_naive(lens, norm, w, vectors, targets)
+
+
+def test_vocabulary_tiles_add_the_bias_and_are_chosen_for_big_vocabularies():
+    g = torch.Generator().manual_seed(2)
+    d, V, N = 16, 3000, 64
+    w, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
+    v, t = torch.randn(N, d, generator=g), make_targets(N, V, g)
+    plain = LogitLens(torch.nn.Identity(), w, bias, gemm="torch", tile_cols=0).project(v, t, K)
+    tiled = LogitLens(torch.nn.Identity(), w, bias, gemm="torch", tile_cols=700).project(v, t, K)
+    assert agreement(plain, tiled) == {"top_ids": 1.0, "bottom_ids": 1.0, "rank0": 1.0, "rank1": 1.0}
+    torch.testing.assert_close(tiled.bottom_logits, plain.bottom_logits)
+    from blens.extract.lens_tiles import TILED_MIN_VOCAB
+
+    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB, 4)).tiled is not None  # Gemma 3: 262,144
+    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB - 1, 4)).tiled is None  # SmolLM2: 49,152
+
+
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=5000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -237,3 +272,18 @@ def test_fp32_lens_allocates_one_logits_sized_buffer_per_block(gemm):
     assert len(large) == blocks + 1, large  # the logits of each block, plus one scratch for the ranks
     check_against_naive(lens, norm, lens.w, x, t)  # and still the right answers
     assert res.target_ranks.dtype == torch.long
+
+
+def test_vocabulary_tiles_give_the_plain_onednn_lens_exactly(realistic):
+    """The tiled lens takes its target logits from the same oneDNN GEMM over a column subset, which gives the
+    tiles' very bits: on a SmolLM2-sized problem every top-k, bottom-k and rank equals the plain lens's (a dot
+    product for the target logit instead moved ranks through near-ties)."""
+    from blens.extract.lens import onednn_available
+
+    if not onednn_available(torch.device("cpu")):
+        pytest.skip("this torch build has no oneDNN linear")
+    norm, w, v, t, _ = realistic
+    plain = LogitLens(norm, w, gemm="onednn", tile_cols=0).project(v, t, K)
+    tiled = LogitLens(norm, w, gemm="onednn", tile_cols=4096).project(v, t, K)
+    assert agreement(plain, tiled) == {"top_ids": 1.0, "bottom_ids": 1.0, "rank0": 1.0, "rank1": 1.0}
+    assert torch.equal(plain.top_logits, tiled.top_logits) and torch.equal(plain.bottom_logits, tiled.bottom_logits)

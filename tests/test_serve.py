@@ -34,6 +34,7 @@ import pytest
 
 from conftest import FACTS, ROOT
 from builders import kill_session
+from blens.commands.serve import STOP_GRACE_S
 from blens.store.connect import connect
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
@@ -173,15 +174,13 @@ def write_records(path: Path, n: int) -> None:
 
 def assert_clean_exit(proc: subprocess.Popen, sig: signal.Signals, t0: float) -> None:
     try:
-        proc.wait(timeout=45)
+        proc.wait(timeout=STOP_GRACE_S + 15)  # a hang guard, not a speed target (~4 s at load 4, 26 s seen at ~8)
     except subprocess.TimeoutExpired:
         stop(proc)
-        raise AssertionError(f"blens serve did not stop within 45 s of {sig.name}")
-    took = time.monotonic() - t0
-    print(f"blens serve stopped {took:.1f} s after {sig.name}")
+        raise AssertionError(f"blens serve did not stop within {STOP_GRACE_S + 15:.0f} s of {sig.name}")
+    print(f"blens serve stopped {time.monotonic() - t0:.1f} s after {sig.name}")
     out = proc.out.text()
-    assert proc.returncode == 0, (proc.returncode, out[-3000:])
-    assert took < 20, f"took {took:.1f} s to stop"  # ~4 s on a 2-core machine at load 4
+    assert proc.returncode == 0, (proc.returncode, out[-3000:])  # 128 + signal if the stop overran its grace
     # Run logs (INFO lines) come before; after the signal exactly one line of ours, no traceback or error.
     said = [x for x in out.splitlines() if x.startswith("stopped serving") or "Traceback" in x or "ERROR" in x
             or "Error" in x or "Warning" in x]

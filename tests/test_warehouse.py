@@ -177,3 +177,52 @@ def test_overlapping_shards_with_different_limits_warn_and_store_once(tmp_path, 
     assert "warning: 2 of shard 0/2's records were already extracted by run" in second.stderr
     assert "limit 4" in second.stderr
     assert counts(wh) == {"prompts": 4, "keys": 4, "rank_n": 4, "projection_dups": 0}
+
+
+MEMBERSHIP = ("target_new_in_top_k", "target_new_in_bottom_k", "target_true_in_top_k", "target_true_in_bottom_k")
+
+
+def membership(wh, stored: bool) -> list[tuple]:
+    """Each projection's four target-in-top/bottom-k flags: as stored, or recomputed from the id lists."""
+    cols = ", ".join(f"x.{c}" for c in MEMBERSHIP) if stored else (
+        "list_contains(x.top_ids, p.target_new_id), list_contains(x.bottom_ids, p.target_new_id), "
+        "list_contains(x.top_ids, p.target_true_id), list_contains(x.bottom_ids, p.target_true_id)")
+    con = connect(wh)
+    try:
+        return con.execute(f"SELECT x.key, x.site, x.layer, x.position, {cols} FROM projections AS x "
+                           "JOIN prompts AS p USING (key) ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+
+
+def test_a_warehouse_from_before_the_membership_flags_is_upgraded_in_place(tmp_path, tiny_model_dir):
+    """Schema 2 had no target_*_in_top_k / _in_bottom_k columns; the next writer adds and fills them, then new
+    batches insert into the upgraded table by name (its new columns sit after batch_id) and every view works."""
+    from blens.store.lake import attach
+    from blens.store.schema import SCHEMA_VERSION
+
+    data, wh = tmp_path / "cf.json", tmp_path / "wh"
+    data.write_text(json.dumps(records(4)))
+    extract(tiny_model_dir, data, wh, "--limit", "2")
+    expected = membership(wh, stored=False)
+    assert membership(wh, stored=True) == expected and any(any(r[4:]) for r in expected)
+    con = attach(wh, read_only=False)  # make it what schema 2 wrote: no flags, its views and version
+    for c in MEMBERSHIP:
+        con.execute(f"ALTER TABLE projections DROP COLUMN {c}")
+    con.execute("UPDATE blens_meta SET value = '2' WHERE name = 'schema_version'")
+    con.execute("UPDATE blens_meta SET value = 'older views' WHERE name = 'views'")
+    con.close()
+
+    r = extract(tiny_model_dir, data, wh)  # the upgrade, then 2 new prompts into the upgraded table
+    assert "upgrading warehouse table projections: adding target_new_in_top_k" in r.stderr, r.stderr[-2000:]
+    got = membership(wh, stored=True)
+    assert got == membership(wh, stored=False) and len(got) > len(expected)
+    assert [row for row in got if row[0] in {e[0] for e in expected}] == expected  # old rows filled exactly
+    con = connect(wh)
+    try:
+        assert con.execute("SELECT value FROM blens_meta WHERE name = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+        assert con.execute("SELECT count(*) FROM prompts").fetchone()[0] == 4
+        assert con.execute("SELECT count(*) FROM target_rank_by_layer WHERE target_new_in_bottom_k IS NULL").fetchone()[0] == 0
+    finally:
+        con.close()
+    assert "upgrading" not in extract(tiny_model_dir, data, wh).stderr  # once
