@@ -5,12 +5,16 @@ Prefect gets its own PREFECT_HOME per test session so the ephemeral API starts f
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="blens-prefect-"))
+if "PREFECT_HOME" not in os.environ:  # ours, so removed at exit (each suite run left 16 MB in /tmp before)
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blens-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
