@@ -204,7 +204,7 @@ class LogitLens:
     mode always uses it, because its rescoring relies on MKL's bit-identical column subsets.
 
     ``chunk_rows`` (rows per block) defaults to 64 on CPU and, for weights on CUDA, to
-    :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary tile width of the
+    :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary tile width of the CPU
     fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
     """
 
@@ -234,10 +234,11 @@ class LogitLens:
             gemm = "onednn" if dtype == "fp32" and onednn_available(self.w.device) else "torch"
         self.gemm = gemm
         # vocabulary tiles (extract/lens_tiles.py): auto = on CPU for vocabularies too big to stay cached
+        on_cpu = self.w.device.type == "cpu"
         if tile_cols is None:
-            tile_cols = CPU_TILE_COLS if self.w.device.type == "cpu" and self.w.shape[0] >= TILED_MIN_VOCAB else 0
+            tile_cols = CPU_TILE_COLS if on_cpu and self.w.shape[0] >= TILED_MIN_VOCAB else 0
         self.tiled = TiledUnembedding(self.w, self.bias, tile_cols, onednn=gemm == "onednn",
-                                      rows=chunk_rows) if tile_cols and dtype == "fp32" else None
+                                      rows=chunk_rows) if tile_cols and dtype == "fp32" and on_cpu else None
         if gemm == "onednn" and self.tiled is None:  # (the tiles hold their own packed copies)
             self.w_packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
         if dtype == "bf16":

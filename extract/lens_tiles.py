@@ -7,10 +7,10 @@ matrix from DRAM for its GEMM, and then every pass over the block's logits goes 
 35 % of the machine's fp32 GEMM peak for the whole projection, against 41 % for SmolLM2's 113 MB matrix).
 
 Here the loop runs the other way round: the vocabulary is cut into tiles of ``tile_cols`` tokens (a tile of
-the matrix stays in cache), and for each tile every block of rows is projected, its tile of logits (a few MB)
-searched for the tile's top-k and bottom-k candidates and compared with the target logits while it is still
-in cache. A row's answer is then merged from its tiles' candidates: the k best of the per-tile k best are
-the k best overall, and the rank counts of the tiles add up.
+the matrix stays in cache), and for each tile every block of rows is projected and its tile of logits (a few
+MB) is folded, while still in cache, into each row's running top-k and bottom-k (the k best of the k best so
+far and the tile's are the k best overall) and compared with the target logits (the tiles' counts add up).
+CPU only: on CUDA the plain lens already takes thousands of rows per block (docs/gpu.md).
 
 The rank needs each target's logit before any tile is seen, so it is computed first, by the same GEMM
 routine over just the block's target columns (``subset_gemm``). With oneDNN that gives the very bits the
