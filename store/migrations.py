@@ -10,12 +10,18 @@ column added so far can be derived.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Iterator
 
 import duckdb
 
-from .lake import LAKE
+from .lake import LAKE, sql_str
 from .schema import TABLES, sql_type
+
+# DuckDB's memory cap while old rows are filled: the UPDATE then spills to a temporary folder (measured on the
+# 20,000-prompt warehouse, 9,858,300 projections rows: 9.4 GB peak RSS uncapped, 3.6 GB capped, 80 vs 84 s).
+UPGRADE_MEMORY_LIMIT = "2GB"
 
 # How to fill an added column for the rows written before it existed: SET expressions of an
 # ``UPDATE <table> ... FROM prompts AS p WHERE p.key = <table>.key`` (the projection's own list columns
@@ -59,4 +65,17 @@ def add_columns(con: duckdb.DuckDBPyConnection, missing: dict[str, list[str]]) -
             con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {sql_type(TABLES[table].field(column).type)}')
         sets = [f'"{c}" = {BACKFILL[(table, c)]}' for c in columns if (table, c) in BACKFILL]
         if n and sets:
-            con.execute(f"UPDATE {table} SET {', '.join(sets)} FROM prompts AS p WHERE p.key = {table}.key")
+            with _memory_capped(con):
+                con.execute(f"UPDATE {table} SET {', '.join(sets)} FROM prompts AS p WHERE p.key = {table}.key")
+
+
+@contextlib.contextmanager
+def _memory_capped(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """:data:`UPGRADE_MEMORY_LIMIT` for one statement, then the limit as before. The spill goes to DuckDB's own
+    temporary directory (the connection's setting; DuckDB cannot switch it once used, and removes its files)."""
+    before = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    con.execute(f"SET memory_limit = '{UPGRADE_MEMORY_LIMIT}'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = {sql_str(before)}")
