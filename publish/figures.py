@@ -125,7 +125,7 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
                         color=SEGMENT_COLORS[seg], label=seg)
         if logy:
             ax.set_yscale("log")
-        ax.set_title(f"{model}: mean ‖δᵢ‖ of FF2 VJPs by token segment (Figure 5)", fontsize=10)
+        ax.set_title(f"{model}: mean ‖δᵢ‖ of FF2 VJPs\nby token segment (Figure 5)", fontsize=10)  # two panels side by side: wrap
         _layer_axis(ax)
         ax.set_ylabel("mean VJP norm" + (" (log scale)" if logy else ""))
         ax.legend(frameon=False, fontsize=8)
