@@ -33,13 +33,14 @@ import pyarrow as pa
 
 from blens.queries import view_sql
 
-from .lake import DATA_DIR, LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
+from .lake import CATALOG_FILE, DATA_DIR, LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
 from .migrations import add_columns, missing_columns
 from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
 
 __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
 
 ANCHORS = {"extract": "prompts", "edit": "edit_results"}  # the table whose keys a batch of that kind adds
+LOCK_FILE = "commit.lock"  # a local warehouse's writer queue (see _local_queue)
 _CONNECTIONS: dict[str, duckdb.DuckDBPyConnection] = {}
 _OWNER: dict[str, int] = {}  # the thread that attached it; other threads use their own cursors
 _CONNECTIONS_LOCK = threading.Lock()
@@ -55,10 +56,11 @@ def _location_key(location: str | os.PathLike) -> str:
 
 
 def _may_precede_a_warehouse(entry: Path) -> bool:
-    """Files a new warehouse may find in its directory: a .gitignore or README, and the empty data directory
-    another writer creates just before the catalog (``lake.attach``): shards started together race there, and
-    the one that looks in between must not take its sibling's half-made warehouse for an unrelated directory."""
-    if entry.name in (".gitignore", "README.md"):
+    """Files a new warehouse may find in its directory: a .gitignore or README, and what another writer makes
+    while it creates the warehouse (the queue's lock file, the empty data directory, the catalog and its SQLite
+    journal files): shards started together race there, and the one that looks in between must not take its
+    sibling's half-made warehouse for an unrelated directory."""
+    if entry.name in (".gitignore", "README.md", LOCK_FILE) or entry.name.startswith(CATALOG_FILE):
         return True
     return entry.name == DATA_DIR and entry.is_dir() and not any(entry.iterdir())
 
@@ -128,8 +130,18 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
         if con is None:
             _check_target(location)
             try:
-                con = attach(location, read_only=False)
-                RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
+                if not is_remote(location):
+                    Path(location).mkdir(parents=True, exist_ok=True)  # where the queue's lock file lives
+                # Queued behind the other local writers' opens and commits: DuckLake 1.4.4 trips internal
+                # assertions when one process reads a catalog that another is creating tables in (seen in
+                # the concurrent-shards test: "GetValueInternal on a value that is NULL" reading blens_meta,
+                # and LoadStatsForSnapshot before). An InternalException invalidates the DuckDB instance, so
+                # no retry can recover it; only not racing does. Once the schema exists, commits only add
+                # files and snapshots, the path DuckLake's concurrent readers and writers are built for.
+                with _local_queue(location):
+                    _check_target(location)  # again, now that no other local writer is half-way through
+                    con = attach(location, read_only=False)
+                    RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
             except OSError as exc:
                 raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
             _CONNECTIONS[loc] = con
@@ -157,7 +169,7 @@ def _local_queue(location: str | os.PathLike):
     if is_remote(location):
         yield
         return
-    with open(Path(location) / "commit.lock", "a+") as fd:
+    with open(Path(location) / LOCK_FILE, "a+") as fd:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield

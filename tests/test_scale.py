@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -214,6 +215,13 @@ def test_kill9_anywhere_then_resume_gives_one_clean_run(tmp_path, tiny_model_dir
 
 # --- concurrent shards ------------------------------------------------------------------------------
 
+def readable_log(text: str, limit: int = 6000) -> str:
+    """A failed shard's log without native stack frames, so DuckDB's own assertion line survives the cut."""
+    lines = [ln for ln in text.splitlines() if not re.search(r"\(\+0x[0-9a-f]+\)|\[0x[0-9a-f]+\]$", ln)]
+    text = "\n".join(lines)
+    return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2:]
+
+
 def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, reference):
     wh = tmp_path / "wh"
     n = 3
@@ -229,7 +237,7 @@ def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, refer
                 kill9(p)
     for i, (rc, log) in enumerate(zip(rcs, logs)):
         log.seek(0)
-        assert rc == 0, f"shard {i}: {log.read()[-3000:]}"
+        assert rc == 0, f"shard {i}: {readable_log(log.read())}"
 
     assert assert_complete(wh) == 12
     assert snapshot(wh) == reference
