@@ -41,14 +41,17 @@ class EditSummary:
         return self.n_records / self.seconds if self.seconds else 0.0
 
 
+# termination_kept: a signal that lands in a DuckDB query ends the run (see blens.flows.prefect_runtime).
 @task(name="plan-edit-run", cache_policy=NO_CACHE)
 def plan_edit_task(cfg: EditConfig) -> EditPlan:
-    return plan_edit_run(cfg, cached_model(cfg.model, cfg.device))
+    with prefect_runtime.termination_kept():
+        return plan_edit_run(cfg, cached_model(cfg.model, cfg.device))
 
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch_task(cfg: EditConfig, run_id: str, records: list[EditRecord]) -> EditBatchResult:
-    return process_edit_batch(cfg, cached_model(cfg.model, cfg.device), run_id, records)
+    with prefect_runtime.termination_kept():
+        return process_edit_batch(cfg, cached_model(cfg.model, cfg.device), run_id, records)
 
 
 @flow(name="blens-edit", log_prints=False)

@@ -43,7 +43,7 @@ from .progress import emit
 prefect_runtime.prepare_process()
 
 
-# termination_kept: a SIGTERM landing in a DuckDB query must end the run, not become a retried failure.
+# termination_kept: a signal landing in a DuckDB query must end the run, not become a retried failure or be lost.
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_task(cfg: ExtractConfig) -> RunPlan:
     with prefect_runtime.termination_kept():

@@ -41,7 +41,8 @@ import types
 from typing import Any, Callable, Iterator
 
 __all__ = ["SERVE_PID_ENV", "api_for_child_processes", "arm_ephemeral_server", "bind_to_serving_process",
-           "ensure_local_api", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept"]
+           "ensure_local_api", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept",
+           "termination_raised"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -178,26 +179,39 @@ def api_for_child_processes() -> Iterator[str | None]:
 # Called with the signal number by Prefect's (wrapped) SIGTERM handler before it raises; the CLI registers
 # its exit watchdog here (an exception raised by a signal handler can be swallowed, see _common.py).
 termination_hooks: list[Callable[[int], None]] = []
-_terminating: list[int] = []  # the signals that handler received in this process
+# The exception each termination signal's handler raised in this process, first one first: Prefect's
+# TerminationSignal (SIGTERM in a flow, quiet_sigterm_bridge) or a CLI's own (blens.commands._common: SIGINT,
+# SIGTERM outside a flow).
+_terminating: list[BaseException] = []
+
+
+def termination_raised(exc: BaseException) -> BaseException:
+    """A signal handler records the exception it is about to raise, so :func:`termination_kept` can raise it
+    again where DuckDB lost it."""
+    _terminating.append(exc)
+    return exc
 
 
 @contextlib.contextmanager
 def termination_kept() -> Iterator[None]:
-    """Around a task's work: an ordinary exception escaping after a termination signal arrived becomes that
-    signal's ``TerminationSignal`` again.
+    """Around a task's work: once a termination signal arrived, the task ends with that signal's exception,
+    whatever DuckDB made of it.
 
-    DuckDB turns an exception raised by a signal handler during a query into ``RuntimeError("Query
-    interrupted")``. Raised in a task, Prefect took it for a failure and retried the batch, and the run went
-    on: a served run cancelled by SIGTERM kept extracting until the Runner killed it 30 s later (the CLI's
-    exit watchdog hid this for ``blens extract``). A ``TerminationSignal`` is a crash, never retried."""
+    A signal handler's exception raised while DuckDB runs a query does not always reach us as itself:
+    DuckDB turns it into ``RuntimeError("Query interrupted")`` (Prefect took that for a failure and retried
+    the batch: a served run cancelled by SIGTERM kept extracting until the Runner killed it 30 s later), or,
+    landing in a DuckLake COMMIT, drops it altogether: the batch finished and the run went on until the CLI's
+    exit watchdog ended it 20 s later (3 of 4 Ctrl-C / SIGTERM tests here). So an ordinary exception, and a
+    normal return, after a signal both end the task with the signal's exception: a crash, never retried, and
+    the batch's commit, if it completed, is kept."""
     try:
         yield
     except Exception:
         if _terminating:
-            from prefect.exceptions import TerminationSignal
-
-            raise TerminationSignal(signal=_terminating[0])  # noqa: B904 - the exception it replaces stays as context
+            raise _terminating[0].with_traceback(None)  # noqa: B904 - the exception it replaces stays as context
         raise
+    if _terminating:
+        raise _terminating[0].with_traceback(None)
 
 
 def quiet_sigterm_bridge() -> bool:
@@ -216,11 +230,11 @@ def quiet_sigterm_bridge() -> bool:
         return True
 
     def handler(sig_num: int, *args: object) -> None:
-        _terminating.append(sig_num)
+        exc = termination_raised(TerminationSignal(signal=sig_num))
         logging.disable(logging.CRITICAL)
         for hook in termination_hooks:
             hook(sig_num)
-        raise TerminationSignal(signal=sig_num)
+        raise exc
 
     handler._blens_quiet = True  # type: ignore[attr-defined]
     engine._prefect_sigterm_handler = handler  # read by capture_sigterm() at each call

@@ -276,3 +276,24 @@ def test_a_sigterm_that_duckdb_turns_into_an_error_still_ends_the_task(monkeypat
     assert caught.value.signal == signal.SIGTERM
     context = caught.value.__context__
     assert context is None or "interrupted" in str(context).lower(), repr(context)
+
+
+def test_a_signal_that_duckdb_drops_still_ends_the_task(monkeypatch):
+    """Landing in a DuckLake COMMIT, a signal handler's exception was dropped altogether: the task returned
+    normally and the run went on until the exit watchdog. The recorded signal ends the task anyway, with the
+    exception its handler raised (Prefect's for SIGTERM in a flow, the CLI's own for Ctrl-C)."""
+    from prefect.exceptions import TerminationSignal
+
+    from blens.commands._common import Interrupted
+    from blens.flows import prefect_runtime
+
+    monkeypatch.setattr(prefect_runtime, "_terminating", [])
+    with prefect_runtime.termination_kept():
+        pass  # no signal: a normal return stays one
+    for exc in (TerminationSignal(signal=signal.SIGTERM), Interrupted(signal.SIGINT)):
+        monkeypatch.setattr(prefect_runtime, "_terminating", [])
+        prefect_runtime.termination_raised(exc)
+        with pytest.raises(type(exc)) as caught:
+            with prefect_runtime.termination_kept():
+                done = True  # the body finished: its handler's exception never reached Python
+        assert done and caught.value is exc

@@ -128,7 +128,9 @@ def _on_signal(signum: int, frame: Any) -> None:
     _interrupted.append(signum)
     logging.disable(logging.CRITICAL)  # Prefect would report the interrupted run's crash, with tracebacks
     _exit_watchdog(signum)
-    raise Interrupted(signum)
+    from blens.flows import prefect_runtime  # stdlib imports only (already loaded by run_guarded)
+
+    raise prefect_runtime.termination_raised(Interrupted(signum))  # kept if DuckDB loses it (termination_kept)
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -168,6 +170,7 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     _interrupted.clear()
     _said.clear()
+    prefect_runtime._terminating.clear()  # a signal of an earlier command in this process is not ours
     if _on_termination not in prefect_runtime.termination_hooks:
         prefect_runtime.termination_hooks.append(_on_termination)
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
