@@ -41,7 +41,7 @@ import types
 from typing import Any, Callable, Iterator
 
 __all__ = ["SERVE_PID_ENV", "api_for_child_processes", "arm_ephemeral_server", "bind_to_serving_process",
-           "ensure_local_api", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept",
+           "ensure_local_api", "forget_terminations", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept",
            "termination_raised"]
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -190,6 +190,11 @@ def termination_raised(exc: BaseException) -> BaseException:
     again where DuckDB lost it."""
     _terminating.append(exc)
     return exc
+
+
+def forget_terminations() -> None:
+    """A new command in this process starts with no signal recorded (an earlier command's is not its own)."""
+    _terminating.clear()
 
 
 @contextlib.contextmanager

@@ -128,7 +128,7 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     with _CONNECTIONS_LOCK:
         con = _CONNECTIONS.get(loc)
         if con is None:
-            _check_target(location)
+            _check_target(location)  # before the queue's lock file is made there
             try:
                 if not is_remote(location):
                     Path(location).mkdir(parents=True, exist_ok=True)  # where the queue's lock file lives

@@ -170,7 +170,7 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     _interrupted.clear()
     _said.clear()
-    prefect_runtime._terminating.clear()  # a signal of an earlier command in this process is not ours
+    prefect_runtime.forget_terminations()
     if _on_termination not in prefect_runtime.termination_hooks:
         prefect_runtime.termination_hooks.append(_on_termination)
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
