@@ -10,6 +10,14 @@ Matrix names (the ``matrix`` column of the warehouse):
 * ``ff1``       the first MLP matrix (GPT-2 ``c_fc``, Llama/Gemma ``up_proj``); its input is the "imprint" site.
 * ``ff1_gate``  Llama's and Gemma's ``gate_proj``: same input as ``ff1``, its own VJP (absent on GPT-2).
 * ``ff2``       the second MLP matrix (GPT-2 ``c_proj``, Llama/Gemma ``down_proj``); its VJP is the "shift" site.
+* ``attn_q``, ``attn_k``, ``attn_v``  the attention's query, key and value projections (Llama/Gemma
+  ``q_proj``/``k_proj``/``v_proj``; GPT-2's fused ``attn.c_attn`` cut into its three output thirds, see
+  :class:`Part`). They share one input (the normed residual stream), as ff1 and ff1_gate do.
+* ``attn_o``    the attention's output projection (GPT-2 ``attn.c_proj``, Llama/Gemma ``o_proj``); its VJP is
+  the ``attn_vjp`` site, the attention counterpart of the "shift" (paper Figure 16).
+
+Lemma 4.1 holds for every linear map applied per token, so the attention projections' gradients have rank
+<= n exactly as the MLP's do, and ``gradient_ranks`` covers them all.
 
 A :class:`Site` is one kind of spanning vector of one matrix (its input x_i or its VJP delta_i), plus one
 residual-stream site for families whose FF2 output is normalised before it joins the residual stream
@@ -54,12 +62,17 @@ class Site(StrEnum):
     FF1_GATE_VJP = "ff1_gate_vjp"
     FF2_INPUT = "ff2_input"
     RESID_POST_VJP = "resid_post_vjp"  # dL/d(block output); differs from ff2_vjp only behind a post-MLP norm
+    # delta_i at the attention's output projection (attn_o): the attention's "shift" (paper Figure 16). Like
+    # ff2_vjp it is d_model wide, so the logit lens reads it; named for the sublayer, not the matrix.
+    ATTN_VJP = "attn_vjp"
 
     @property
     def matrix(self) -> str | None:
-        """The MLP matrix whose spanning set this site is part of; None for the residual-stream site."""
+        """The matrix whose spanning set this site is part of; None for the residual-stream site."""
         if self is Site.RESID_POST_VJP:
             return None
+        if self is Site.ATTN_VJP:
+            return "attn_o"
         return self.value.rsplit("_", 1)[0]
 
     @property
@@ -68,25 +81,55 @@ class Site(StrEnum):
 
     @classmethod
     def of(cls, matrix: str, vjp: bool) -> "Site":
+        if matrix == "attn_o" and vjp:
+            return cls.ATTN_VJP
         return cls(f"{matrix}_{'vjp' if vjp else 'input'}")
 
 
-# The two sites the paper reads through the logit lens (projections table), for every family.
-LENS_SITES: tuple[Site, ...] = (Site.FF1_INPUT, Site.FF2_VJP)
+# The sites read through the logit lens (projections table) for every family: the paper's two MLP sites
+# (imprint and shift) and the attention output's VJP (Figure 16).
+LENS_SITES: tuple[Site, ...] = (Site.FF1_INPUT, Site.FF2_VJP, Site.ATTN_VJP)
+
+# The VJP sites whose last-position vectors are compared across layers (Appendix G, vjp_layer_similarity).
+SIMILARITY_SITES: tuple[Site, ...] = (Site.FF2_VJP, Site.ATTN_VJP, Site.RESID_POST_VJP)
 
 
 def lens_sites(family: "Family") -> tuple[Site, ...]:
-    """The sites projected through the logit lens for a family: the paper's two, plus the residual-stream
+    """The sites projected through the logit lens for a family: :data:`LENS_SITES`, plus the residual-stream
     VJP where FF2's output is normalised before the residual add (there it is not ``ff2_vjp``)."""
     return LENS_SITES + ((Site.RESID_POST_VJP,) if family.post_mlp_norm else ())
 
 
+def similarity_sites(family: "Family") -> tuple[Site, ...]:
+    """The VJP sites of :data:`SIMILARITY_SITES` this family has."""
+    return tuple(s for s in SIMILARITY_SITES if s in lens_sites(family))
+
+
 def vector_sites(matrix_names: list[str], everything: bool) -> list[Site]:
     """Sites stored by ``--vectors spanning`` (the lens sites) or ``all`` (every matrix's gradient rebuildable)."""
-    sites = list(LENS_SITES)
+    sites = [Site.FF1_INPUT, Site.FF2_VJP]
     if everything:
-        sites += [Site.of(m, vjp=True) for m in matrix_names if m != "ff2"] + [Site.FF2_INPUT]
+        sites += [Site.of(m, vjp=True) for m in matrix_names if m != "ff2" and not m.startswith("attn_")]
+        sites += [Site.FF2_INPUT]
     return sites
+
+
+@dataclass(frozen=True)
+class Part:
+    """One of ``parts`` equal slices of a fused matrix's output (GPT-2's ``c_attn`` holds W_q | W_k | W_v).
+
+    Its input is the module's input; its VJP is the matching slice of the VJP at the module's output; its
+    weight is the matching column block (of the (d_in, d_out) orientation). So it is an ordinary matrix to
+    everything downstream: dL/dW_q = sum_i x_i^T delta_i^q."""
+
+    path: str
+    index: int
+    parts: int
+
+    def cut(self, t: "torch.Tensor") -> "torch.Tensor":
+        """This part of a tensor whose last dimension is the fused output."""
+        width = t.shape[-1] // self.parts
+        return t[..., self.index * width : (self.index + 1) * width]
 
 
 @dataclass(frozen=True)
@@ -97,7 +140,7 @@ class Family:
     model_types: tuple[str, ...]
     base: str  # the headless transformer (its output is already through the final norm)
     blocks: str  # the ModuleList of transformer blocks
-    matrices: dict[str, str]  # matrix name -> path inside a block
+    matrices: dict[str, "str | Part"]  # matrix name -> path inside a block (or a part of a fused matrix)
     final_norm: str
     unembedding: str  # module whose .weight is the (V, d) unembedding matrix
     embedding: str  # module that maps ids to the first residual stream (scaling included)
@@ -113,7 +156,9 @@ class Family:
 _GATED_MLP_LAYOUT = dict(
     base="model",
     blocks="model.layers",
-    matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj"},
+    matrices={"ff1": "mlp.up_proj", "ff1_gate": "mlp.gate_proj", "ff2": "mlp.down_proj",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_o": "self_attn.o_proj"},
     final_norm="model.norm",
     unembedding="lm_head",
     embedding="model.embed_tokens",
@@ -125,7 +170,8 @@ FAMILIES: dict[str, Family] = {
         model_types=("gpt2",),
         base="transformer",
         blocks="transformer.h",
-        matrices={"ff1": "mlp.c_fc", "ff2": "mlp.c_proj"},
+        matrices={"ff1": "mlp.c_fc", "ff2": "mlp.c_proj", "attn_q": Part("attn.c_attn", 0, 3),
+                  "attn_k": Part("attn.c_attn", 1, 3), "attn_v": Part("attn.c_attn", 2, 3), "attn_o": "attn.c_proj"},
         final_norm="transformer.ln_f",
         unembedding="lm_head",
         embedding="transformer.wte",
@@ -179,8 +225,15 @@ class ModelView:
     def matrix_names(self) -> list[str]:
         return list(self.family.matrices)
 
+    def part(self, name: str) -> Part | None:
+        """The :class:`Part` a matrix is of a fused module, or None for a module of its own."""
+        loc = self.family.matrices[name]
+        return loc if isinstance(loc, Part) else None
+
     def matrix(self, layer: int, name: str) -> nn.Module:
-        return self.blocks[layer].get_submodule(self.family.matrices[name])
+        """The module that applies the matrix (for a :class:`Part`: the fused module)."""
+        loc = self.family.matrices[name]
+        return self.blocks[layer].get_submodule(loc.path if isinstance(loc, Part) else loc)
 
     def post_mlp_norm(self, layer: int) -> nn.Module | None:
         """The norm between FF2's output and the residual stream, or None where there is none."""
@@ -192,13 +245,16 @@ class ModelView:
         return lens_sites(self.family)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
-        """The matrix as (d_in, d_out): the orientation in which dL/dW = sum_i x_i^T delta_i."""
-        w = self.matrix(layer, name).weight
-        return w if self.family.weight_is_in_by_out else w.T
+        """The matrix as (d_in, d_out): the orientation in which dL/dW = sum_i x_i^T delta_i (a view of the
+        stored weight, so writing into it edits the model; a :class:`Part` is its column block)."""
+        return self.as_in_by_out(self.matrix(layer, name).weight, name)
 
-    def as_in_by_out(self, grad: torch.Tensor) -> torch.Tensor:
-        """A gradient of the stored ``.weight`` tensor in the (d_in, d_out) orientation of :meth:`weight`."""
-        return grad if self.family.weight_is_in_by_out else grad.T
+    def as_in_by_out(self, grad: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """A gradient of the stored ``.weight`` tensor in the (d_in, d_out) orientation of :meth:`weight`
+        (``name``: the matrix, to cut a :class:`Part` out of a fused module's gradient)."""
+        g = grad if self.family.weight_is_in_by_out else grad.T
+        part = self.part(name) if name is not None else None
+        return part.cut(g) if part is not None else g
 
     @property
     def base(self) -> nn.Module:

@@ -1,4 +1,4 @@
-"""One batched backward pass that captures the spanning sets of MLP matrices; the one hook helper.
+"""One batched backward pass that captures the spanning sets of every MLP and attention matrix; the one hook helper.
 
 For a linear map z = x W applied at n positions, dL/dW = sum_i x_i^T delta_i (Lemma 4.1). So the
 gradient of every MLP matrix is fully described by two n-row factors: the inputs x_i and the VJPs
@@ -77,21 +77,27 @@ class Trace:
 
 def trace(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, keys: Sequence[Key], targets: torch.Tensor,
           loss_rows: torch.Tensor | None = None, *, pre_block_hooks: Iterable[tuple[nn.Module, Callable]] = (),
-          resid_layers: Sequence[int] = ()) -> Trace:
+          resid_layers: Sequence[int] = (), metric: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trace:
     """Forward over a right-padded batch recording the inputs and outputs of ``keys``; then one backward
     of sum over ``loss_rows`` (default: all) of NLL(target | row) at each row's last position.
 
     ``resid_layers`` (families with a post-MLP norm only): also return dL/dh_out of those blocks, taken at
-    the post-MLP norm's output, in the same ``autograd.grad`` call."""
+    the post-MLP norm's output, in the same ``autograd.grad`` call. ``metric``: the per-row loss from the
+    (B, V) last-position logits instead of the NLL of ``targets``."""
     device = ids.device
     lengths = mask.sum(1)
     inputs: dict[Key, torch.Tensor] = {}
-    outputs: dict = {}  # Key -> matrix output; ("resid", layer) -> post-MLP norm output
+    outputs: dict = {}  # module -> its output; ("resid", layer) -> post-MLP norm output
 
-    def recorder(key: Key):
+    by_module: dict[nn.Module, list[Key]] = {}  # a fused module (GPT-2 c_attn) serves several keys
+    for layer, name in keys:
+        by_module.setdefault(view.matrix(layer, name), []).append((layer, name))
+
+    def recorder(module: nn.Module):
         def hook(_mod, args, out):
-            inputs[key] = args[0]
-            outputs[key] = out
+            for key in by_module[module]:
+                inputs[key] = args[0]
+            outputs[module] = out
         return hook
 
     def resid_recorder(layer: int):
@@ -99,7 +105,7 @@ def trace(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, keys: Sequence
             outputs[("resid", layer)] = out
         return hook
 
-    forward = [(view.matrix(layer, name), recorder((layer, name))) for layer, name in keys]
+    forward = [(module, recorder(module)) for module in by_module]
     if resid_layers:
         if view.family.post_mlp_norm is None:
             raise ValueError(f"family {view.family.name!r} has no post-MLP norm: its residual VJP is ff2_vjp")
@@ -108,18 +114,23 @@ def trace(view: ModelView, ids: torch.Tensor, mask: torch.Tensor, keys: Sequence
         embeds = view.embedding(ids).detach().requires_grad_(True)
         hidden = view.base(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False).last_hidden_state
         logits = view.logits(hidden[torch.arange(len(ids), device=device), lengths - 1])  # already final-normed
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        loss = metric(logits) if metric is not None else \
+            torch.nn.functional.cross_entropy(logits, targets, reduction="none")
         if loss_rows is not None:
             loss = loss * loss_rows
-        keys = list(outputs)
-        grads = torch.autograd.grad(loss.sum(), [outputs[k] for k in keys], allow_unused=True) if keys else ()
+        outs = list(outputs)
+        grads = torch.autograd.grad(loss.sum(), [outputs[k] for k in outs], allow_unused=True) if outs else ()
 
     fmask = mask.unsqueeze(-1).to(embeds.dtype)
-    all_vjps = {k: (torch.zeros_like(outputs[k]) if g is None else g.detach()) * fmask for k, g in zip(keys, grads)}
-    vjps = {k: v for k, v in all_vjps.items() if k[0] != "resid"}
-    resid = {k[1]: v for k, v in all_vjps.items() if k[0] == "resid"}
+    by_output = {k: (torch.zeros_like(outputs[k]) if g is None else g.detach()) * fmask for k, g in zip(outs, grads)}
+    vjps: dict[Key, torch.Tensor] = {}
+    for module, module_keys in by_module.items():
+        for key in module_keys:
+            part = view.part(key[1])
+            vjps[key] = by_output[module] if part is None else part.cut(by_output[module])
+    resid = {k[1]: v for k, v in by_output.items() if isinstance(k, tuple) and k[0] == "resid"}
     ins: dict[Key, torch.Tensor] = {}
-    for key, x in inputs.items():  # a shared input (ff1 / ff1_gate) is one tensor: mask and store it once
+    for key, x in inputs.items():  # a shared input (ff1 / ff1_gate, attn_q / _k / _v) is one tensor: mask it once
         same = next((k for k in ins if inputs[k] is x), None)
         ins[key] = ins[same] if same is not None else x.detach() * fmask
     return Trace(logits=logits.detach(), loss=loss.detach(), inputs=ins, vjps=vjps, resid_vjps=resid)
@@ -140,6 +151,9 @@ class SpanningSets:
     inputs: dict[Key, torch.Tensor]
     vjps: dict[Key, torch.Tensor]
     resid_vjps: dict[int, torch.Tensor] = field(default_factory=dict)
+    # (B,) the model's own answer: argmax of the unedited next-token logits at the last position (the same
+    # forward pass as the loss), for the paper's "model's prediction" readings (Figures 19-20)
+    answer_ids: torch.Tensor | None = None
 
     def site(self, layer: int, site: Site) -> torch.Tensor:
         """(B, T, d) vectors of one site at one layer."""
@@ -164,7 +178,7 @@ def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int) -> Span
     resid_layers = range(view.n_layers) if view.family.post_mlp_norm else ()
     t = trace(view, ids, mask, all_matrices(view), target, resid_layers=resid_layers)
     return SpanningSets(input_ids=ids, mask=mask, lengths=mask.sum(1), loss=t.loss, inputs=t.inputs, vjps=t.vjps,
-                        resid_vjps=t.resid_vjps)
+                        resid_vjps=t.resid_vjps, answer_ids=t.logits.argmax(-1))
 
 
 # ---- batch size from free memory (CUDA) ---------------------------------------------------------------
@@ -202,7 +216,7 @@ def activation_bytes_per_token(view: ModelView, probe_tokens: int = 64, pad_id: 
         t = trace(view, ids, mask, all_matrices(view), ids[:, -1])
     captured = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes()
                 for x in (*t.inputs.values(), *t.vjps.values())}
-    lens_input = 2 * view.n_layers * d * 4 * rows * width
+    lens_input = len(view.lens_sites) * view.n_layers * d * 4 * rows * width
     return (sum(seen.values()) + sum(captured.values()) + lens_input) / (rows * width)
 
 

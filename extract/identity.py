@@ -7,8 +7,13 @@
   changed record (same case_id, new content) gets a new key in the same slot, and its result
   supersedes the old one (which stays reachable through the store's time travel).
 
+* ``settings`` = :func:`settings_id` of the result settings: a short id carried by every result row, so
+  that every view groups by it and results computed under different settings are never averaged together
+  (the ``settings`` table maps each id to its JSON).
+
 Result settings are those that change the rows (:func:`result_settings`): top-k, the loss, the lens
-and its sites. Batching, device, sharding and whether raw vectors are stored do not.
+and its sites, and the result format (what a result holds). Batching, device, sharding, the lens dtype
+(the bf16 lens returns the fp32 lens's answers, tests/test_lens.py) and whether raw vectors are stored do not.
 """
 
 from __future__ import annotations
@@ -21,19 +26,36 @@ from .adapters import LENS_SITES
 from .records import EditRecord
 
 
+# What one result holds. 4: roles, the model's own answer and its lens ranks, attention ranks and the attn_vjp
+# site, last-position VJP similarity across layers. Results of an older format hold less: they get other keys
+# (and another settings id), so a new extraction never mixes with them and a rerun recomputes them.
+RESULT_FORMAT = 4
+
+
 def result_settings(top_k: int, sites: Sequence[str] = LENS_SITES) -> dict:
-    """The settings that change a result's rows: how many lens tokens are kept, the loss, the lens, the sites.
+    """The settings that change a result's rows: how many lens tokens are kept, the loss, the lens, the sites,
+    the result format.
 
     ``sites``: the model's lens sites (``ModelView.lens_sites``); families with a post-MLP norm (Gemma 3) add
-    ``resid_post_vjp``, so their runs say so. The default is every family's two sites, which keeps the keys
-    of GPT-2 and Llama results what they always were."""
+    ``resid_post_vjp``, so their runs say so."""
     return {"top_k": top_k, "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding",
-            "sites": [str(s) for s in sites]}
+            "sites": [str(s) for s in sites], "format": RESULT_FORMAT}
 
 
 def _digest(payload: object) -> str:
     text = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+def settings_id(settings: dict) -> str:
+    """The short stable id of a settings dict (12 hex digits of its canonical JSON's sha256): the ``settings``
+    column of every result row."""
+    return _digest(settings)[:12]
+
+
+def settings_json(settings: dict) -> str:
+    """The canonical JSON of a settings dict, as the ``settings`` table stores it."""
+    return json.dumps(settings, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
 
 
 def record_content(record: EditRecord) -> dict:

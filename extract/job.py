@@ -189,6 +189,7 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     identity = [_identity(cfg, lm, p.record) for p in prompts]
+    settings = cfg.result_settings(lm.view.lens_sites)
     stored = existing_results(cfg.warehouse, [k for k, _ in identity])
     todo = [(p, ident) for p, ident in zip(prompts, identity) if needs_work(cfg, stored, ident[0])]
     if not todo:  # another writer (a racing shard) committed them meanwhile
@@ -198,10 +199,12 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
     background = run_id in _COMMITTERS
     try:
         if background:
-            host = compute_batch(lm, prompts, top_k=cfg.top_k, vectors=cfg.vectors, lens=lens, identity=identity)
+            host = compute_batch(lm, prompts, top_k=cfg.top_k, vectors=cfg.vectors, lens=lens, identity=identity,
+                                 settings=settings)
         else:
             _commit(cfg, run_id, lambda: extract_batch(lm, prompts, run_id, top_k=cfg.top_k, vectors=cfg.vectors,
-                                                       lens=lens, identity=identity), "extract", replace)
+                                                       lens=lens, identity=identity, settings=settings),
+                    "extract", replace)
     except Exception as exc:  # noqa: BLE001 - the policy decides what one record may cost
         if not is_record_failure(exc):
             raise

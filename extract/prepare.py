@@ -29,6 +29,12 @@ DEFAULT_MAX_PROMPT_TOKENS = 1024
 
 SEGMENT_SUBJECT, SEGMENT_LAST, SEGMENT_OTHER = "subject", "last", "other"
 
+# Token roles: ROME's causal-tracing segmentation (Meng et al., 2022), which the paper's Figure 5 uses. The
+# three coarse ``segment`` values average the first and middle subject pieces in with the last one, which
+# hides the paper's finding (the VJP norm peaks at the *last* subject token); roles keep them apart.
+ROLES = ("bos", "before_subject", "first_subject", "middle_subject", "last_subject", "first_subsequent",
+         "further", "last")
+
 
 @dataclass(frozen=True)
 class PreparedPrompt:
@@ -37,6 +43,7 @@ class PreparedPrompt:
     segments: tuple[str, ...]
     target_new_id: int
     target_true_id: int
+    roles: tuple[str | None, ...] = ()  # one of ROLES per token (see roles_for); None where no subject is known
 
     @property
     def n_tokens(self) -> int:
@@ -69,6 +76,46 @@ def segments_for(offsets: list[tuple[int, int]], span: tuple[int, int] | None) -
     return tuple(segs)
 
 
+def roles_for(offsets: list[tuple[int, int]], span: tuple[int, int] | None,
+              special: list[bool] | None = None) -> tuple[str | None, ...]:
+    """One of :data:`ROLES` per token, from the tokens' character offsets and the subject's character span.
+
+    * ``last``: the final position, always (it wins over every other role, a subject token's included);
+    * ``bos``: special tokens the tokenizer put before any text (Gemma's ``<bos>``; SmolLM2 and GPT-2 add none);
+    * ``first_subject`` / ``middle_subject`` / ``last_subject``: the tokens overlapping the subject span; a
+      one-token subject is ``last_subject``, a two-token one first + last;
+    * ``before_subject``: text tokens before the subject;
+    * ``first_subsequent``: the token right after the subject's last token; ``further``: the ones after it.
+
+    A subject that ends at the final token keeps ``first_subject`` / ``middle_subject`` for its earlier pieces
+    and has no ``last_subject`` (the final position is ``last``). Without a span (no subject given) only
+    ``bos`` and ``last`` are known and the other tokens get None.
+    """
+    n = len(offsets)
+    special = special or [False] * n
+    subj = [i for i, (s, e) in enumerate(offsets)
+            if span is not None and not special[i] and s < span[1] and e > span[0] and e > s]
+    roles: list[str | None] = []
+    text_seen = False
+    for i in range(n):
+        text_seen = text_seen or not special[i]
+        if i == n - 1:
+            roles.append("last")
+        elif special[i] and not text_seen:
+            roles.append("bos")
+        elif not subj:
+            roles.append(None)
+        elif i < subj[0]:
+            roles.append("before_subject")
+        elif i <= subj[-1]:
+            roles.append("last_subject" if i == subj[-1] else "first_subject" if i == subj[0] else "middle_subject")
+        elif i == subj[-1] + 1:
+            roles.append("first_subsequent")
+        else:
+            roles.append("further")
+    return tuple(roles)
+
+
 def target_ids(record: EditRecord, tokenizer) -> tuple[int, int] | RecordError:
     """(target_new id, target_true id), or the error naming the target the tokenizer cannot produce."""
     ids = []
@@ -93,7 +140,7 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None,
     def error(field: str, message: str) -> RecordError:
         return RecordError(case_id=record.case_id, field=field, message=message, source=record.source)
 
-    enc = tokenizer(record.prompt, return_offsets_mapping=True)
+    enc = tokenizer(record.prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
     ids = list(enc["input_ids"])
     if not ids:
         return error("prompt", "prompt tokenizes to no tokens")
@@ -107,6 +154,7 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None,
         return targets
     new_id, true_id = targets
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    segs = segments_for(offsets, subject_span(record.prompt, record.subject))
-    return PreparedPrompt(record=record, input_ids=tuple(ids), segments=segs,
-                          target_new_id=new_id, target_true_id=true_id)
+    span = subject_span(record.prompt, record.subject)
+    special = [bool(m) for m in enc["special_tokens_mask"]] if "special_tokens_mask" in enc else None
+    return PreparedPrompt(record=record, input_ids=tuple(ids), segments=segments_for(offsets, span),
+                          target_new_id=new_id, target_true_id=true_id, roles=roles_for(offsets, span, special))

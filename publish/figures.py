@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
+# ROME's causal-tracing roles (tokens.role), in prompt order, with the colours of Figure 5
+ROLE_COLORS = {"bos": "#bcbd22", "before_subject": "#c7c7c7", "first_subject": "#ff9896",
+               "middle_subject": "#e377c2", "last_subject": "#d62728", "first_subsequent": "#2ca02c",
+               "further": "#7f7f7f", "last": "#1f77b4"}
+# Every figure draws each model at its main settings (the settings id with most prompts, view main_settings), so
+# results of different settings are never drawn, or averaged, together.
+MAIN = "WHERE (model, settings) IN (SELECT (model, settings) FROM main_settings)"
 MATRIX_STYLES = {"ff1": "-", "ff1_gate": ":", "ff2": "--"}
 MODEL_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
@@ -77,7 +84,7 @@ def _layer_axis(ax) -> None:
 def fig_rank_equals_length(con, path: Path) -> Figure:
     plt = _plt()
     rows = con.sql("SELECT model, matrix, layer, layer_frac, rate, n FROM rank_equals_length "
-                   "ORDER BY model, matrix, layer").fetchall()
+                   f"{MAIN} AND matrix NOT LIKE 'attn_%' ORDER BY model, matrix, layer").fetchall()
     models = sorted({r[0] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.2))
     summary = []
@@ -111,7 +118,7 @@ def fig_rank_equals_length(con, path: Path) -> Figure:
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
     fig, panels = _query_panels(con, "SELECT model, layer, segment, mean_norm FROM vjp_norm_by_segment "
-                                "WHERE site = 'ff2_vjp' ORDER BY model, segment, layer")
+                                f"{MAIN} AND site = 'ff2_vjp' ORDER BY model, segment, layer")
     notes = []
     for ax, model, mrows in panels:
         positive = [r[3] for r in mrows if r[3] and r[3] > 0]
@@ -145,6 +152,34 @@ def fig_norm_by_segment(con, path: Path) -> Figure:
     return _figure(path, caption, "Line chart: mean FF2 VJP norm by layer for subject, last and other tokens")
 
 
+def fig_norm_by_role(con, path: Path) -> Figure:
+    """Figure 5 with the paper's segmentation: mean FF2-output VJP norm by layer and token role, one panel per
+    model (Gemma: resid_post_vjp, the site comparable to GPT-2's FF2 output VJP)."""
+    rows = con.sql(f"SELECT model, layer, role, mean_norm, site FROM vjp_norm_by_role {MAIN} AND role IS NOT NULL AND "
+                   "(site = 'resid_post_vjp' OR (site = 'ff2_vjp' AND model NOT IN (SELECT model FROM vjp_norm_by_role "
+                   "WHERE site = 'resid_post_vjp'))) ORDER BY model, role, layer").fetchall()
+    fig, panels = _model_panels(_plt(), rows)
+    for ax, model, mrows in panels:
+        site = mrows[0][4] if mrows else "ff2_vjp"
+        for role, color in ROLE_COLORS.items():
+            pts = [(r[1], r[3]) for r in mrows if r[2] == role and r[3] and r[3] > 0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, color=color, label=role,
+                        linewidth=2.2 if role in ("last_subject", "last") else 1.2)
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: mean ‖δᵢ‖ ({site})\nby token role (Figure 5)", fontsize=10)
+        _layer_axis(ax)
+        ax.set_ylabel("mean VJP norm (log scale)")
+        ax.legend(frameon=False, fontsize=7.5, ncol=2)
+    _save(fig, path)
+    caption = ("Mean L2 norm of the FF2-output VJP δᵢ by layer and token role, in ROME's causal-tracing segmentation "
+               "(the paper's Figure 5): first / middle / last subject token, the first token after the subject, "
+               "further tokens, the last token (and a BOS where the tokenizer adds one). The paper finds the norm "
+               "largest at the last subject token in the early layers and at the last token later; the 'paper vs ours' "
+               "section says how far that holds here.")
+    return _figure(path, caption, "Line chart: mean FF2 VJP norm by layer for each token role")
+
+
 POSITION_KINDS = (("last", SEGMENT_COLORS["last"], "last token"), ("not_last", SEGMENT_COLORS["other"], "other tokens"))
 
 
@@ -171,7 +206,7 @@ def fig_target_rank(con, path: Path) -> Figure:
     """Figure 6 per model (one row each): target_new's rank, target_true's beside it as the control, and the
     bottom-k shares; medians with interquartile bands, V−1 drawn, so "at the bottom" can be seen."""
     plt = _plt()
-    cur = con.execute("SELECT * FROM target_rank_by_layer WHERE site = 'ff2_vjp' ORDER BY model, position_kind, layer")
+    cur = con.execute(f"SELECT * FROM target_rank_by_layer {MAIN} AND site = 'ff2_vjp' ORDER BY model, position_kind, layer")
     cols = [d[0] for d in cur.description]
     rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     models = sorted({r["model"] for r in rows})

@@ -38,6 +38,7 @@ class Section:
     title: str
     intro: str
     figures: list[F.Figure] = field(default_factory=list)
+    table: list[list[str]] | None = None  # header row first: a plain table (every cell autoescaped)
 
 
 @dataclass
@@ -151,6 +152,28 @@ def _case_section(con, chosen: list[tuple[int, str, str]]) -> Section:
     return section
 
 
+def _paper_section(con, number: int) -> Section:
+    """Paper vs ours (``publish/paper.py``): each claim, our number per model, the verdict and its reason."""
+    from blens.extract.registry import describe
+
+    from .paper import CLAIMS, paper_vs_ours
+
+    rows = [["paper (EMNLP 2024)", "the paper's claim", "model (weights)", "settings", "ours", "verdict",
+             "measured reason"]]
+    seen = set()
+    for r in paper_vs_ours(con):
+        first = r.claim.key not in seen
+        seen.add(r.claim.key)
+        rows.append([r.claim.where if first else "", r.claim.paper if first else "", f"{r.model} ({describe(r.model)})",
+                     r.settings, r.ours, r.verdict, r.reason])
+    rules = "; ".join(f"{c.where}: {c.rule}" for c in CLAIMS)
+    intro = ("Each claim of the paper that this warehouse can test, our number for every model (at the settings id "
+             "holding most of its prompts), and whether it holds. The paper measured GPT-2 and GPT-2 XL; these are other, "
+             "smaller models, quantised and dequantised to fp32, so a claim that fails says what these models do, "
+             "measured the paper's way. Verdict rules: " + rules + ".")
+    return Section("paper", f"{number}. Paper vs ours", intro, table=rows)
+
+
 def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases: list[int] | None = None) -> ReportResult:
     """Render every figure and index.html into ``out`` (replacing an earlier report there)."""
     out = Path(out)
@@ -181,8 +204,9 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
             Section("rank", "1. Gradient rank equals prompt length", "",
                     [F.fig_rank_equals_length(con, figs / "rank_equals_length.png")]),
             _case_section(con, chosen),
-            Section("norms", "3. Where the gradient is: VJP norm by token segment", "",
-                    [F.fig_norm_by_segment(con, figs / "vjp_norm_by_segment.png")]),
+            Section("norms", "3. Where the gradient is: VJP norm by token role and segment", "",
+                    [F.fig_norm_by_role(con, figs / "vjp_norm_by_role.png"),
+                     F.fig_norm_by_segment(con, figs / "vjp_norm_by_segment.png")]),
             Section("target-rank", "4. target_new in the FF2 VJP projections", "",
                     [F.fig_target_rank(con, figs / "target_rank_by_layer.png")]),
         ]
@@ -193,9 +217,13 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
                 edits.figures.append(cos)
             sections.append(edits)
 
+        sections.append(_paper_section(con, len(sections) + 1))
         runs = con.sql("SELECT r.run_id, r.model, r.model_revision, r.dataset, "
                        "(SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) FROM runs r "
                        "ORDER BY r.created_at").fetchall()
+        from blens.extract.registry import describe
+
+        runs = [(run_id, model, describe(model), *rest) for run_id, model, *rest in runs]
         models = sorted({r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
         title = f"Backward Lens report — {', '.join(models)}"
         generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

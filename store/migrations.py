@@ -11,10 +11,13 @@ column added so far can be derived.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import sys
 from typing import Iterator
 
 import duckdb
+import pyarrow as pa
 
 from .lake import LAKE, sql_str
 from .schema import TABLES, sql_type
@@ -32,6 +35,59 @@ BACKFILL: dict[tuple[str, str], str] = {
     ("projections", "target_true_in_top_k"): "list_contains(projections.top_ids, p.target_true_id)",
     ("projections", "target_true_in_bottom_k"): "list_contains(projections.bottom_ids, p.target_true_id)",
 }
+
+# Schema 4's token roles for rows of older results, derived from what they stored: the subject's tokens
+# (segment 'subject', which never included the final position), the final position, and a BOS as a special
+# token's text at position 0 (e.g. '<bos>'). New extractions compute roles from the tokenizer instead
+# (``blens.extract.prepare.roles_for``); the two agree except for a subject that ends at the final token.
+_TOKEN_ROLES = """
+UPDATE tokens SET role = CASE
+    WHEN tokens.position = s.n THEN 'last'
+    WHEN tokens.position = 0 AND tokens.segment = 'other' AND regexp_matches(tokens.token, '^<[^<> ]+>$') THEN 'bos'
+    WHEN s.f IS NULL THEN NULL
+    WHEN tokens.position < s.f THEN 'before_subject'
+    WHEN tokens.position = s.l THEN 'last_subject'
+    WHEN tokens.position = s.f THEN 'first_subject'
+    WHEN tokens.position < s.l THEN 'middle_subject'
+    WHEN tokens.position = s.l + 1 THEN 'first_subsequent'
+    ELSE 'further' END
+FROM (SELECT key, min(position) FILTER (WHERE segment = 'subject') AS f,
+             max(position) FILTER (WHERE segment = 'subject') AS l, max(position) AS n
+      FROM tokens GROUP BY key) AS s
+WHERE s.key = tokens.key"""
+_PROJECTION_ROLES = ("UPDATE projections SET role = t.role FROM tokens AS t "
+                     "WHERE t.key = projections.key AND t.position = projections.position")
+
+
+def legacy_settings(top_k: int, family: str | None) -> tuple[str, str]:
+    """The id and JSON of the result settings that keyed a result before schema 4, written out as
+    ``blens.extract.identity`` built them then (tests/test_settings.py pins the id to identity.settings_id)."""
+    sites = ["ff1_input", "ff2_vjp"] + (["resid_post_vjp"] if family == "gemma3" else [])
+    settings = {"top_k": top_k, "loss": "nll_first_target_token_last_position", "lens": "final_norm+unembedding",
+                "sites": sites}
+    text = json.dumps(settings, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:12], text
+
+
+def _legacy_settings(con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """(run_id, settings, settings_json) for every run: the result settings its rows were keyed with before
+    schema 4 (top_k from the run's config, the family's lens sites then: ff1_input, ff2_vjp, and resid_post_vjp
+    behind a post-MLP norm). The same dict gave those rows their keys, so the id names exactly their settings."""
+    rows = con.execute("SELECT r.run_id, r.config_json, m.family FROM runs AS r "
+                       "LEFT JOIN (SELECT model, model_revision, any_value(family) AS family FROM models GROUP BY ALL) "
+                       "AS m ON m.model = r.model AND m.model_revision = r.model_revision").fetchall()
+    out = {"run_id": [], "settings": [], "settings_json": []}
+    for run_id, config_json, family in rows:
+        try:
+            top_k = int(json.loads(config_json).get("top_k", 10))
+        except (ValueError, TypeError, AttributeError):
+            top_k = 10
+        sid, text = legacy_settings(top_k, family)
+        out["run_id"].append(run_id)
+        out["settings"].append(sid)
+        out["settings_json"].append(text)
+    return pa.table(out, schema=pa.schema([("run_id", pa.string()), ("settings", pa.string()),
+                                           ("settings_json", pa.string())]))
 
 
 def stored_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
@@ -56,17 +112,37 @@ def missing_columns(con: duckdb.DuckDBPyConnection) -> dict[str, list[str]]:
 
 
 def add_columns(con: duckdb.DuckDBPyConnection, missing: dict[str, list[str]]) -> None:
-    """Inside the caller's transaction: add each missing column, then fill the old rows where derivable."""
+    """Inside the caller's transaction: add each missing column, then fill the old rows where derivable.
+
+    Tables are upgraded in ``TABLES`` order (tokens before projections: a projection's role is its token's)."""
+    legacy = None
     for table, columns in missing.items():
         n = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         print(f"blens: upgrading warehouse table {table}: adding {', '.join(columns)}"
               + (f" and filling them for {n:,} existing rows" if n else ""), file=sys.stderr, flush=True)
         for column in columns:
             con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {sql_type(TABLES[table].field(column).type)}')
+        if not n:
+            continue
         sets = [f'"{c}" = {BACKFILL[(table, c)]}' for c in columns if (table, c) in BACKFILL]
-        if n and sets:
-            with _memory_capped(con):
+        with _memory_capped(con):
+            if sets:
                 con.execute(f"UPDATE {table} SET {', '.join(sets)} FROM prompts AS p WHERE p.key = {table}.key")
+            if "settings" in columns:
+                if legacy is None:
+                    legacy = _legacy_settings(con)
+                    con.register("_legacy_settings", legacy)
+                    con.execute("INSERT INTO settings SELECT DISTINCT settings, settings_json, 'schema-4-upgrade' "
+                                "FROM _legacy_settings AS l WHERE NOT EXISTS "
+                                "(SELECT 1 FROM settings AS s WHERE s.settings = l.settings)")
+                con.execute(f"UPDATE {table} SET settings = l.settings FROM _legacy_settings AS l "
+                            f"WHERE l.run_id = {table}.run_id")
+            if table == "tokens" and "role" in columns:
+                con.execute(_TOKEN_ROLES)
+            if table == "projections" and "role" in columns:
+                con.execute(_PROJECTION_ROLES)
+    if legacy is not None:
+        con.unregister("_legacy_settings")
 
 
 @contextlib.contextmanager

@@ -49,3 +49,15 @@ def runs_holding(warehouse: str | os.PathLike, keys: list[str]) -> list[tuple[st
     return con.execute(f"""
         SELECT p.run_id, any_value(r.config_json), count(*) FROM prompts p LEFT JOIN runs r USING (run_id)
         WHERE p.key IN ({_keys_sql(keys)}) GROUP BY p.run_id ORDER BY p.run_id""").fetchall()
+
+
+def mixed_settings(con) -> list[tuple[str, list[str]]]:
+    """(model, its settings ids) for each model whose results were computed under more than one result setting
+    (``con``: any connection with the warehouse attached). The views keep them apart (they group by settings);
+    ``blens sql`` says so, because a query over the tables that forgets ``settings`` would mix them."""
+    try:
+        rows = con.execute("SELECT model, list(DISTINCT settings ORDER BY settings) FROM prompts "
+                           "GROUP BY model HAVING count(DISTINCT settings) > 1 ORDER BY model").fetchall()
+    except Exception:  # noqa: BLE001 - an older warehouse read without upgrading (no settings column): nothing to say
+        return []
+    return [(m, list(s)) for m, s in rows]

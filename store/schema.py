@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 3: projections gained the target_*_in_top_k / _in_bottom_k flags
+# 3: projections gained the target_*_in_top_k / _in_bottom_k flags.
+# 4: every result row carries ``settings`` (table ``settings`` maps it to its JSON); tokens and projections
+#    gained ``role`` (ROME's causal-tracing segmentation); prompts the model's own answer, projections its rank;
+#    table ``vjp_similarity`` (Appendix G). Attention matrices joined gradient_ranks (new ``matrix`` values).
+SCHEMA_VERSION = 4
 
 _str = pa.string()
 _i32 = pa.int32()
@@ -37,6 +41,9 @@ def _opt(name: str, dtype: pa.DataType) -> tuple[str, pa.DataType, bool]:
 
 
 _KEYS = (_req("key", _str), _req("run_id", _str), _req("case_id", _i64))
+# The short id of the result settings a row was computed under (``settings`` table): views group by it, so
+# results of different top-k, sites or result formats are never averaged together.
+_SETTINGS = _req("settings", _str)
 
 TABLES: dict[str, pa.Schema] = {
     "models": _schema(
@@ -55,17 +62,25 @@ TABLES: dict[str, pa.Schema] = {
         *_KEYS, _req("slot", _str), _req("model", _str), _req("model_revision", _str), _req("prompt", _str),
         _req("subject", _str), _req("target_new", _str), _req("target_true", _str),
         _req("target_new_id", _i32), _req("target_true_id", _i32), _req("n_tokens", _i32), _req("loss", _f32),
-        _req("vectors", _str),
-        doc="One row per extracted prompt; loss = NLL of target_new's first token at the last position.",
+        _req("vectors", _str), _SETTINGS, _opt("model_answer_id", _i32), _opt("model_answer_token", _str),
+        _opt("model_answer_is_true", _bool),
+        doc="One row per extracted prompt; loss = NLL of target_new's first token at the last position. "
+            "model_answer_*: the unedited model's own answer, the argmax of its next-token logits at the last "
+            "position; is_true: it equals target_true's first token (NULL for results of schema < 4).",
     ),
     "tokens": _schema(
         *_KEYS, _req("position", _i32), _req("token_id", _i32), _req("token", _str), _req("segment", _str),
-        doc="Prompt tokens with their segment: subject (overlaps the subject string), last, other.",
+        _SETTINGS, _opt("role", _str),
+        doc="Prompt tokens with their segment (subject: overlaps the subject string; last; other) and their role "
+            "in ROME's causal-tracing segmentation (the paper's Figure 5): bos, before_subject, first_subject, "
+            "middle_subject, last_subject (a one-token subject), first_subsequent, further, last (always the "
+            "final position).",
     ),
     "gradient_ranks": _schema(
         *_KEYS, _req("model", _str), _req("layer", _i32), _req("matrix", _str), _req("rank", _i32),
-        _req("n_tokens", _i32),
-        doc="Exact rank of dL/dW per MLP matrix, from the spanning sets (Lemma 4.1: rank <= n_tokens).",
+        _req("n_tokens", _i32), _SETTINGS,
+        doc="Exact rank of dL/dW per matrix, from the spanning sets (Lemma 4.1: rank <= n_tokens): the MLP's ff1, "
+            "ff1_gate, ff2 and the attention's attn_q, attn_k, attn_v, attn_o (GPT-2's fused c_attn split).",
     ),
     "projections": _schema(
         *_KEYS, _req("model", _str), _req("layer", _i32), _req("site", _str), _req("position", _i32),
@@ -75,14 +90,30 @@ TABLES: dict[str, pa.Schema] = {
         _req("bottom_logits", pa.list_(_f32)), _req("target_new_rank", _i32), _req("target_true_rank", _i32),
         _req("target_new_in_top_k", _bool), _req("target_new_in_bottom_k", _bool),
         _req("target_true_in_top_k", _bool), _req("target_true_in_bottom_k", _bool),
-        doc="Logit-lens projections of spanning vectors (ff1_input = imprint, ff2_vjp = shift); rank 0 = most "
+        _SETTINGS, _opt("role", _str), _opt("model_answer_rank", _i32), _opt("model_answer_in_top_k", _bool),
+        _opt("model_answer_in_bottom_k", _bool),
+        doc="Logit-lens projections of spanning vectors (ff1_input = imprint, ff2_vjp = shift, attn_vjp = the "
+            "attention output's VJP; resid_post_vjp behind a post-MLP norm); rank 0 = most "
             "probable. zero_vector: the vector is exactly 0, so its lens tokens and ranks carry no meaning. "
             "target_*_in_top_k / _in_bottom_k: the target's first token is among top_ids / bottom_ids (stored, "
-            "so Figure 6's shares need neither the prompts join nor a scan of the id lists).",
+            "so Figure 6's shares need neither the prompts join nor a scan of the id lists). role: the token's "
+            "role (see tokens). model_answer_*: the same for the model's own answer (NULL for schema < 4).",
     ),
     "vectors": _schema(
         *_KEYS, _req("layer", _i32), _req("site", _str), _req("position", _i32), _req("vector", pa.list_(_f32)),
+        _SETTINGS,
         doc="Raw spanning vectors: dL/dW of a matrix = sum over positions of outer(input, vjp).",
+    ),
+    "vjp_similarity": _schema(
+        *_KEYS, _req("model", _str), _SETTINGS, _req("site", _str), _req("layer", _i32),
+        _req("cosines", pa.list_(_f32)),
+        doc="Appendix G: per prompt, VJP site and layer, the cosine of the last position's VJP at this layer with "
+            "the one at every layer (cosines[j] = layer j; 1 on the diagonal; NULL where a vector is zero).",
+    ),
+    "settings": _schema(
+        _req("settings", _str), _req("settings_json", _str),
+        doc="Each result-settings id (the settings column of every result row) with its JSON: top_k, loss, lens, "
+            "sites, result format.",
     ),
     "errors": _schema(
         _req("key", _str), _req("run_id", _str), _opt("case_id", _i64), _req("stage", _str), _req("field", _str),
@@ -111,7 +142,7 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 # The table whose key column decides what a batch adds, and the tables that hang off its keys.
-RESULT_TABLES = ("prompts", "tokens", "gradient_ranks", "projections", "vectors")
+RESULT_TABLES = ("prompts", "tokens", "gradient_ranks", "projections", "vectors", "vjp_similarity")
 PUBLIC_TABLES = [t for t in TABLES if t not in ("commits",)]
 
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",

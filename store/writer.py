@@ -249,7 +249,7 @@ def _commit_once(con, tables: dict[str, pa.Table], kind: str, batch_id: str, tri
         if errs is not None and errs.num_rows:
             _insert(con, "errors", errs, batch_id, "WHERE NOT EXISTS (SELECT 1 FROM errors e WHERE e.key = _rows.key "
                     "AND e.stage = _rows.stage AND e.field = _rows.field)")
-        for name, ident in (("runs", "run_id"), ("models", "model, model_revision")):
+        for name, ident in (("runs", "run_id"), ("models", "model, model_revision"), ("settings", "settings")):
             t = tables.get(name)
             if t is not None and t.num_rows:
                 cols = [c.strip() for c in ident.split(",")]

@@ -60,20 +60,20 @@ def test_batched_and_single_prompt_extraction_agree(tiny_lm, prepared):
     lens = LogitLens(tiny_lm.view.final_norm, tiny_lm.view.unembedding, dtype="fp32")
     batched = extract_batch(tiny_lm, prepared, "r", lens=lens, vectors="all")
     singles = [extract_batch(tiny_lm, [p], "r", lens=lens, vectors="all") for p in prepared]
-    for name in ("prompts", "tokens", "gradient_ranks", "projections", "vectors"):
+    for name in ("prompts", "tokens", "gradient_ranks", "projections", "vectors", "vjp_similarity"):
         key = [c for c in ("case_id", "site", "layer", "matrix", "position") if c in batched[name].column_names]
         a = batched[name].sort_by([(k, "ascending") for k in key])
         b = pa.concat_tables([s[name] for s in singles]).sort_by([(k, "ascending") for k in key])
         assert a.num_rows == b.num_rows > 0, name
         for col in a.column_names:
             x, y = a[col].to_pylist(), b[col].to_pylist()
-            if col in ("loss", "norm", "top_logits", "bottom_logits", "vector"):
+            if col in ("loss", "norm", "top_logits", "bottom_logits", "vector", "cosines"):
                 flat = lambda col_: [v for r in col_ for v in (r if isinstance(r, list) else [r])]  # noqa: E731
                 xt = torch.tensor(flat(x), dtype=torch.float64)
                 yt = torch.tensor(flat(y), dtype=torch.float64)
                 rel = ((xt - yt).norm() / yt.norm().clamp_min(1e-30)).item()
                 assert rel <= 1e-5, (name, col, rel)
-            elif col in ("target_new_rank", "target_true_rank"):
+            elif col in ("target_new_rank", "target_true_rank", "model_answer_rank"):
                 # A random tiny model puts ~50k logits within +-1: a 1e-7 change of GEMM blocking between
                 # batch shapes moves a rank by a few places. Real models are checked in test_lens.py.
                 diff = (torch.tensor(x) - torch.tensor(y)).abs()
@@ -91,6 +91,8 @@ def test_vectors_all_rebuild_every_gradient_from_the_table(tiny_lm, prepared):
     vec = tables["vectors"]
     ref, _ = autograd_weight_grads(tiny_lm, prepared[0])
     for (layer, matrix), g in ref.items():
+        if matrix.startswith("attn_"):
+            continue  # --vectors all keeps the MLP's spanning sets (the attention's are ranked, not stored)
         in_site = "ff1_input" if matrix.startswith("ff1") else "ff2_input"
         out_site = "ff2_vjp" if matrix == "ff2" else f"{matrix}_vjp"
 
@@ -101,3 +103,41 @@ def test_vectors_all_rebuild_every_gradient_from_the_table(tiny_lm, prepared):
 
         rebuilt = rows(in_site).T @ rows(out_site)
         assert ((rebuilt - g).norm() / g.norm()).item() <= 1e-5
+
+
+def test_spanning_sets_are_exact_in_float64(tiny_lm, prepared):
+    """The same rebuild in float64 (only the loss's logits stay fp32): every MLP and attention gradient,
+    GPT-2's split c_attn parts included, agrees with autograd to 1e-6 relative, so what the fp32 check allows
+    is rounding, not a missing term."""
+    import copy
+
+    from blens.extract.models import wrap_model
+
+    lm = wrap_model(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, name=tiny_lm.name)
+    lm.model.double()  # after wrapping (wrap_model loads in fp32)
+    spans = capture(lm.view, prepared, lm.tokenizer.pad_token_id)
+    for b, p in enumerate(prepared[:2]):
+        ref, _ = autograd_weight_grads(lm, p)
+        assert {m for _, m in ref} >= {"attn_q", "attn_k", "attn_v", "attn_o", "ff1", "ff2"}
+        for key, g in ref.items():
+            rebuilt = spans.gradient(*key, row=b)
+            assert rebuilt.dtype == torch.float64
+            assert ((rebuilt - g).norm() / g.norm()).item() <= 1e-6, (lm.name, b, key)
+
+
+def test_attention_ranks_equal_matrix_rank_and_gpt2_c_attn_is_split(tiny_lm, prepared):
+    """attn_q/k/v/o ranks equal torch.linalg.matrix_rank of autograd's gradient; GPT-2's fused c_attn gradient is
+    the three parts side by side."""
+    view = tiny_lm.view
+    spans = capture(view, prepared, tiny_lm.tokenizer.pad_token_id)
+    ranks = ranks_for_batch(spans, view.matrix_names, view.n_layers)
+    p = prepared[0]
+    ref, _ = autograd_weight_grads(tiny_lm, p)
+    for layer in range(view.n_layers):
+        for m in ("attn_q", "attn_k", "attn_v", "attn_o"):
+            assert ranks[(layer, m)][0].item() == torch.linalg.matrix_rank(ref[(layer, m)]).item(), (layer, m)
+            assert ranks[(layer, m)][0].item() <= p.n_tokens  # Lemma 4.1
+    if view.family.name == "gpt2":
+        fused = torch.cat([ref[(1, m)] for m in ("attn_q", "attn_k", "attn_v")], dim=1)
+        assert fused.shape == view.matrix(1, "attn_q").weight.shape  # Conv1D: (d_in, 3 d)
+        assert torch.equal(view.weight(1, "attn_k"), view.matrix(1, "attn_q").weight[:, fused.shape[1] // 3: 2 * fused.shape[1] // 3])

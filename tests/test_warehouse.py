@@ -195,10 +195,21 @@ def membership(wh, stored: bool) -> list[tuple]:
         con.close()
 
 
+# What schema 4 added (issue 21): dropped to make a warehouse look like schema 2 wrote it.
+SCHEMA4_COLUMNS = {"prompts": ("settings", "model_answer_id", "model_answer_token", "model_answer_is_true"),
+                   "tokens": ("settings", "role"), "gradient_ranks": ("settings",),
+                   "projections": ("settings", "role", "model_answer_rank", "model_answer_in_top_k",
+                                   "model_answer_in_bottom_k")}
+
+
 def test_a_warehouse_from_before_the_membership_flags_is_upgraded_in_place(tmp_path, tiny_model_dir):
-    """Schema 2 had no target_*_in_top_k / _in_bottom_k columns; the next writer adds and fills them, then new
-    batches insert into the upgraded table by name (its new columns sit after batch_id) and every view works."""
+    """Schema 2 had no target_*_in_top_k / _in_bottom_k columns, and none of schema 4's (settings, roles, the
+    model's answer, the settings and vjp_similarity tables); the next writer adds and fills them, then new
+    batches insert into the upgraded tables by name (their new columns sit after batch_id) and every view works.
+    Old rows get the settings id their keys were made with (from their run's top-k and the family's sites then)
+    and their roles derived from the stored segments; the model's answer, never stored then, stays NULL."""
     from blens.store.lake import attach
+    from blens.store.migrations import legacy_settings
     from blens.store.schema import SCHEMA_VERSION
 
     data, wh = tmp_path / "cf.json", tmp_path / "wh"
@@ -206,15 +217,27 @@ def test_a_warehouse_from_before_the_membership_flags_is_upgraded_in_place(tmp_p
     extract(tiny_model_dir, data, wh, "--limit", "2")
     expected = membership(wh, stored=False)
     assert membership(wh, stored=True) == expected and any(any(r[4:]) for r in expected)
+    con = connect(wh)
+    roles = con.execute("SELECT key, position, role FROM tokens ORDER BY ALL").fetchall()
+    proj_roles = con.execute("SELECT key, site, layer, position, role FROM projections ORDER BY ALL").fetchall()
+    old_keys = {r[0] for r in roles}
+    con.close()
+    assert {r[2] for r in roles} >= {"last_subject", "last", "first_subsequent"}
     con = attach(wh, read_only=False)  # make it what schema 2 wrote: no flags, its views and version
     for c in MEMBERSHIP:
         con.execute(f"ALTER TABLE projections DROP COLUMN {c}")
+    for table, cols in SCHEMA4_COLUMNS.items():
+        for c in cols:
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {c}")
+    con.execute("DROP TABLE settings")
+    con.execute("DROP TABLE vjp_similarity")
     con.execute("UPDATE blens_meta SET value = '2' WHERE name = 'schema_version'")
     con.execute("UPDATE blens_meta SET value = 'older views' WHERE name = 'views'")
     con.close()
 
     r = extract(tiny_model_dir, data, wh)  # the upgrade, then 2 new prompts into the upgraded table
     assert "upgrading warehouse table projections: adding target_new_in_top_k" in r.stderr, r.stderr[-2000:]
+    assert "upgrading warehouse table tokens: adding settings, role" in r.stderr, r.stderr[-2000:]
     got = membership(wh, stored=True)
     assert got == membership(wh, stored=False) and len(got) > len(expected)
     assert [row for row in got if row[0] in {e[0] for e in expected}] == expected  # old rows filled exactly
@@ -223,6 +246,18 @@ def test_a_warehouse_from_before_the_membership_flags_is_upgraded_in_place(tmp_p
         assert con.execute("SELECT value FROM blens_meta WHERE name = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         assert con.execute("SELECT count(*) FROM prompts").fetchone()[0] == 4
         assert con.execute("SELECT count(*) FROM target_rank_by_layer WHERE target_new_in_bottom_k IS NULL").fetchone()[0] == 0
+        legacy = legacy_settings(5, "llama")[0]
+        for table in SCHEMA4_COLUMNS:
+            got_ids = dict(con.execute(f"SELECT key IN ({', '.join(repr(k) for k in old_keys)}), list(DISTINCT settings) "
+                                       f"FROM {table} GROUP BY ALL").fetchall())
+            assert got_ids[True] == [legacy] and got_ids[False] != [legacy], table
+        assert con.execute("SELECT count(*) FROM settings WHERE settings = ?", [legacy]).fetchone()[0] == 1
+        assert con.execute("SELECT key, position, role FROM tokens WHERE key IN (SELECT unnest(?)) ORDER BY ALL",
+                           [sorted(old_keys)]).fetchall() == roles
+        assert con.execute("SELECT key, site, layer, position, role FROM projections WHERE key IN (SELECT unnest(?)) "
+                           "ORDER BY ALL", [sorted(old_keys)]).fetchall() == proj_roles
+        assert con.execute("SELECT count(*) FROM prompts WHERE model_answer_id IS NULL").fetchone()[0] == 2
+        assert con.execute("SELECT count(DISTINCT settings) FROM rank_equals_length").fetchone()[0] == 2
     finally:
         con.close()
     assert "upgrading" not in extract(tiny_model_dir, data, wh).stderr  # once

@@ -123,13 +123,26 @@ def print_summary(cfg, summary) -> None:
                 [[str(summary.n_records), str(summary.n_done_before), str(summary.n_extracted), str(summary.n_failed),
                   str(summary.n_skipped), f"{summary.seconds:.1f}", f"{summary.rate:.2f}"]])
     con = connect(cfg.warehouse)
-    rows = con.execute("""
-        SELECT layer, matrix, n, round(rate, 3) AS rate FROM rank_equals_length
-        WHERE model = {model} AND (layer % 5 = 0 OR layer = (SELECT max(layer) FROM gradient_ranks))
-        ORDER BY layer, matrix""".format(model=sql_str(cfg.model))).fetchall()  # bound parameters import pandas
+    model = sql_str(cfg.model)
+    # this run's settings (a rerun that did nothing: the model's main settings), so another --top-k never mixes in
+    settings = (f"coalesce((SELECT any_value(settings) FROM prompts WHERE run_id = {sql_str(summary.run_id)}), "
+                f"(SELECT settings FROM main_settings WHERE model = {model}))")
+    matrices = ("ff1", "ff1_gate", "ff2", "attn_q", "attn_k", "attn_v", "attn_o")
+    cols = ", ".join(f"round(max(rate) FILTER (WHERE matrix = '{m}'), 3)" for m in matrices)
+    # every 5th layer, the last, and every layer where some prompt's gradient fell below rank n (the exceptions)
+    rows = con.execute(f"""
+        SELECT layer, max(n), {cols} FROM rank_equals_length
+        WHERE model = {model} AND settings = {settings}
+        GROUP BY layer
+        HAVING layer % 5 = 0 OR layer = (SELECT max(layer) FROM gradient_ranks WHERE model = {model})
+            OR min(rate) FILTER (WHERE matrix NOT IN ('attn_q')) < 1
+        ORDER BY layer""").fetchall()  # bound parameters import pandas
     if rows:
-        print_table("rank_equals_length (share of prompts whose gradient rank = prompt length)",
-                    ["layer", "matrix", "n", "rate"], [[str(v) for v in row] for row in rows])
+        keep = [i for i in range(len(matrices)) if any(r[2 + i] is not None for r in rows)]
+        print_table("rank_equals_length (share of prompts whose gradient rank = prompt length; attn_q's bound is "
+                    "n - 1: the first token's query gets no gradient)",
+                    ["layer", "n"] + [matrices[i] for i in keep],
+                    [[str(r[0]), str(r[1])] + ["" if r[2 + i] is None else str(r[2 + i]) for i in keep] for r in rows])
     con.close()
     report_errors(summary.n_skipped + summary.n_failed, "record(s) skipped", cfg.warehouse)
 

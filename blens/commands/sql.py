@@ -17,10 +17,11 @@ Format = Literal["table", "csv", "json", "markdown"]
 
 
 def sql(
-    query: str = typer.Argument(..., metavar="QUERY", help="SQL over the tables (runs, models, prompts, tokens, "
-                                "gradient_ranks, projections, vectors, errors, edit_results, supersessions) and "
-                                "views (rank_equals_length, target_rank_by_layer, vjp_norm_by_segment, "
-                                "edit_summary)."),
+    query: str = typer.Argument(..., metavar="QUERY", help="SQL over the tables (runs, models, settings, prompts, "
+                                "tokens, gradient_ranks, projections, vectors, vjp_similarity, errors, edit_results, "
+                                "supersessions) and views (rank_equals_length, target_rank_by_layer, "
+                                "target_rank_by_role, vjp_norm_by_segment, vjp_norm_by_role, vjp_layer_similarity, "
+                                "edit_summary). Every result row has a settings id; the views group by it."),
     warehouse: options.Warehouse = Path("warehouse"),
     fmt: Format = typer.Option("table", "--format", metavar=options.choices(Format),
                                help="table: fits the terminal, folding long values (plain aligned text, every value "
@@ -53,6 +54,7 @@ def sql(
         rel = run_query(con, query)
         cols = [d[0] for d in rel.description] if rel.description else []
         rows = rel.fetchall() if rel.description else []
+        _say_mixed_settings(con)
     except QueryRefused as exc:
         fail(str(exc))
     except duckdb.Error as exc:
@@ -78,6 +80,19 @@ def sql(
             from ._common import err_console
 
             err_console.print(f"({len(rows)} rows, {max_rows} shown; --max-rows or --format csv for all)")
+
+
+def _say_mixed_settings(con) -> None:
+    """One line per model whose results were computed under more than one result setting (stderr, so piped
+    output stays clean): the views keep them apart, a query over the tables must filter on ``settings``."""
+    from blens.store.reads import mixed_settings
+
+    from ._common import err_console
+
+    for model, ids in mixed_settings(con):
+        err_console.print(f"note: {model} holds results under {len(ids)} settings ({', '.join(ids)}); every view "
+                          "groups by settings, and a query over the tables should filter on settings "
+                          "(SELECT * FROM settings shows each one)", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:
