@@ -12,9 +12,11 @@ from blens.store.schema import SCHEMA_VERSION
 SPLIT_DOCS = {
     "prompts": "One row per extracted prompt (a CounterFact edit request) and its loss.",
     "tokens": "The prompt's tokens, with the segment each belongs to.",
-    "gradient_ranks": "Exact rank of the gradient dL/dW of every MLP matrix of every layer, per prompt.",
+    "gradient_ranks": "Exact rank of the gradient dL/dW of every MLP and attention matrix of every layer, per prompt.",
     "projections": "Logit-lens projections of the gradient's spanning vectors, per prompt, layer, site and token.",
     "vectors": "The raw spanning vectors themselves (inputs x_i and VJPs delta_i).",
+    "vjp_similarity": "Appendix G: cosine of the last position's VJP between every pair of layers, per prompt and site.",
+    "settings": "Each result-settings id (the settings column of every result row) with its JSON.",
     "edit_results": "Knowledge-editing outcomes, one row per (prompt, method, layer, learning rate).",
     "runs": "Provenance: one row per run (model, data, settings, code version) that produced rows.",
     "models": "The models: family, shape, and the file the weights came from with its sha256.",
@@ -38,10 +40,26 @@ COLUMN_DOCS: dict[str, str] = {
     "token_id": "Token id.",
     "token": "The token decoded to text (leading space kept, e.g. ' English').",
     "segment": "'subject' (token overlaps the subject), 'last' (final position), or 'other'.",
+    "role": "The token's role in ROME's causal-tracing segmentation (the paper's Figure 5): bos, before_subject, "
+            "first_subject, middle_subject, last_subject (a one-token subject), first_subsequent, further, last.",
+    "settings": "Id of the result settings (top-k, loss, lens, sites, result format) the row was computed under; the "
+                "settings split maps it to its JSON. Never average rows of different settings.",
+    "settings_json": "The result settings as canonical JSON.",
+    "model_answer_id": "The unedited model's own answer: argmax of its next-token logits at the last position.",
+    "model_answer_token": "Text of model_answer_id.",
+    "model_answer_is_true": "True when the model's answer is target_true's first token (it knows the fact).",
+    "model_answer_rank": "Rank of the model's own answer among all V projected logits (0 = most probable).",
+    "model_answer_in_top_k": "True when the model's answer is among top_ids.",
+    "model_answer_in_bottom_k": "True when the model's answer is among bottom_ids.",
+    "cosines": "Cosine of this layer's last-position VJP with each layer's (list index = layer); 1 on the diagonal.",
     "layer": "Transformer block index (0-based).",
-    "matrix": "MLP matrix: 'ff1' (input projection, up_proj / c_fc), 'ff1_gate' (gate_proj of gated MLPs), 'ff2' (output projection).",
+    "matrix": "MLP matrix: 'ff1' (input projection, up_proj / c_fc), 'ff1_gate' (gate_proj of gated MLPs), 'ff2' (output "
+              "projection); attention: 'attn_q', 'attn_k', 'attn_v' (q/k/v_proj; GPT-2's c_attn split in three), "
+              "'attn_o' (o_proj / attn.c_proj).",
     "rank": "Exact rank of dL/dW for that matrix, computed from its spanning set (inputs x_i and VJPs delta_i).",
-    "site": "Spanning vector kind: 'ff1_input' = x_i entering FF1 (the 'imprint'); 'ff2_vjp' = delta_i, the VJP at FF2's output (the 'shift').",
+    "site": "Spanning vector kind: 'ff1_input' = x_i entering FF1 (the 'imprint'); 'ff2_vjp' = delta_i, the VJP at FF2's "
+            "output (the 'shift'); 'attn_vjp' = the VJP at the attention's output projection; 'resid_post_vjp' = the "
+            "gradient at the block output (families that normalise FF2's output, Gemma).",
     "norm": "L2 norm of the spanning vector (how much that token contributes to the gradient).",
     "top_ids": "Ids of the k most probable tokens when the vector is projected through the final norm and unembedding (logit lens).",
     "top_tokens": "Text of top_ids.",
@@ -178,6 +196,11 @@ def _by_layer(rows: list[tuple]) -> dict[int, dict[str, tuple]]:
     return out
 
 
+# One settings id per model: the one holding most of its prompts (view main_settings), so the card's tables never
+# average results of different settings (a warehouse may hold --top-k 10 and --top-k 20 runs of one model).
+_MAIN = "(model, settings) IN (SELECT (model, settings) FROM main_settings)"
+
+
 def _stats_sections(con) -> list[str]:
     out: list[str] = []
     models = [r[0] for r in con.sql("SELECT DISTINCT model FROM prompts ORDER BY 1").fetchall()]
@@ -185,7 +208,7 @@ def _stats_sections(con) -> list[str]:
         out.append(f"### {model}\n")
         rows = con.execute(
             "SELECT layer, matrix, rate, mean_rank, mean_n_tokens, n FROM rank_equals_length WHERE model = ? "
-            "ORDER BY layer, matrix", [model]).fetchall()
+            f"AND {_MAIN} ORDER BY layer, matrix", [model]).fetchall()
         matrices = sorted({r[1] for r in rows})
         by_layer = _by_layer(rows)
         out.append(
@@ -203,7 +226,7 @@ def _stats_sections(con) -> list[str]:
 
         rows = con.execute(
             "SELECT layer, position_kind, median_target_new_rank, target_new_in_bottom_k, target_new_in_top_k, n "
-            "FROM target_rank_by_layer WHERE model = ? AND site = 'ff2_vjp' ORDER BY layer, position_kind",
+            f"FROM target_rank_by_layer WHERE model = ? AND {_MAIN} AND site = 'ff2_vjp' ORDER BY layer, position_kind",
             [model]).fetchall()
         if rows:
             stats = _by_layer(rows)

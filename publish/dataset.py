@@ -39,7 +39,8 @@ from .output import output_dir_problem, replace_directory
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
 # Published only when non-empty (a config with no rows cannot be loaded): runs, models and errors always
 # have rows in a warehouse that `blens extract` wrote.
-OPTIONAL_SPLITS = ("vectors", "edit_results", "runs", "models", "errors", "supersessions")
+OPTIONAL_SPLITS = ("vectors", "vjp_similarity", "settings", "edit_results", "runs", "models", "errors",
+                   "supersessions")
 SPLITS = REQUIRED_SPLITS + OPTIONAL_SPLITS
 
 ORDER_BY = {
@@ -48,6 +49,8 @@ ORDER_BY = {
     "gradient_ranks": "key, layer, matrix",
     "projections": "key, site, layer, position",
     "vectors": "key, site, layer, position",
+    "vjp_similarity": "key, site, layer",
+    "settings": "settings",
     "edit_results": "run_id, case_id, method, layer, lr",
     "runs": "created_at, run_id",
     "models": "model, model_revision",
