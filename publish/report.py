@@ -152,16 +152,20 @@ def _case_section(con, chosen: list[tuple[int, str, str]]) -> Section:
     return section
 
 
-def _paper_section(con, number: int) -> Section:
-    """Paper vs ours (``publish/paper.py``): each claim, our number per model, the verdict and its reason."""
+def _paper_section(con, number: int, stage: Path) -> Section:
+    """Paper vs ours (``publish/paper.py``): each claim, our number per model, the verdict and its reason; also
+    written as ``paper_vs_ours.md`` beside the page (the README's section is that file)."""
     from blens.extract.registry import describe
 
-    from .paper import CLAIMS, paper_vs_ours
+    from .paper import CLAIMS, markdown, paper_vs_ours
 
+    readings = paper_vs_ours(con)
+    (stage / "paper_vs_ours.md").write_text(markdown(readings, {r.model: describe(r.model) for r in readings}),
+                                            encoding="utf-8")
     rows = [["paper (EMNLP 2024)", "the paper's claim", "model (weights)", "settings", "ours", "verdict",
              "measured reason"]]
     seen = set()
-    for r in paper_vs_ours(con):
+    for r in readings:
         first = r.claim.key not in seen
         seen.add(r.claim.key)
         rows.append([r.claim.where if first else "", r.claim.paper if first else "", f"{r.model} ({describe(r.model)})",
@@ -217,7 +221,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
                 edits.figures.append(cos)
             sections.append(edits)
 
-        sections.append(_paper_section(con, len(sections) + 1))
+        sections.append(_paper_section(con, len(sections) + 1, stage))
         runs = con.sql("SELECT r.run_id, r.model, r.model_revision, r.dataset, "
                        "(SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) FROM runs r "
                        "ORDER BY r.created_at").fetchall()

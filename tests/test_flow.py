@@ -42,11 +42,14 @@ def test_flow_runs_writes_views_and_errors(tmp_path, tiny_model_dir):
     assert con.execute("SELECT count(*) FROM prompts").fetchone()[0] == len(FACTS)
     errs = {r[0]: r[1] for r in con.execute("SELECT case_id, field FROM errors").fetchall()}
     assert errs == {100: "target_new", 101: "target_new", 102: "prompt"}
-    rel = con.execute("SELECT layer, matrix, n, rate FROM rank_equals_length ORDER BY layer, matrix").fetchall()
+    rel = con.execute("SELECT layer, matrix, n, rate FROM rank_equals_length WHERE matrix LIKE 'ff%' "
+                      "ORDER BY layer, matrix").fetchall()
     assert [r[:3] for r in rel] == [(l, m, len(FACTS)) for l in range(3) for m in ("ff1", "ff1_gate", "ff2")]
+    attn = con.execute("SELECT DISTINCT matrix FROM rank_equals_length WHERE matrix LIKE 'attn%' ORDER BY 1").fetchall()
+    assert [m for m, in attn] == ["attn_k", "attn_o", "attn_q", "attn_v"]
     assert all(r[3] == 1.0 for r in rel if r[0] < 2) and all(r[3] == 0.0 for r in rel if r[0] == 2)
     n_tokens = con.execute("SELECT sum(n_tokens) FROM prompts").fetchone()[0]
-    assert con.execute("SELECT count(*) FROM projections").fetchone()[0] == n_tokens * 3 * 2
+    assert con.execute("SELECT count(*) FROM projections").fetchone()[0] == n_tokens * 3 * 3  # 3 layers x 3 lens sites
     assert con.execute("SELECT count(*) FROM vectors").fetchone()[0] == n_tokens * 3 * 2
     assert con.execute("SELECT count(*) FROM tokens").fetchone()[0] == n_tokens
     assert con.execute("SELECT count(DISTINCT segment) FROM tokens").fetchone()[0] == 3
@@ -79,7 +82,7 @@ def test_cli_extract_then_sql(tmp_path, tiny_model_dir):
               str(wh), "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert len(rows) == 9 and rows[-1]["rate"] == 0.0
+    assert len(rows) == 3 * 7 and rows[-1]["rate"] == 0.0  # 3 layers x (3 MLP + 4 attention matrices); last: ff2
     r = blens("sql", "SELECT len(top_ids) AS k FROM projections LIMIT 1", "--warehouse", str(wh), "--format", "csv")
     assert r.stdout.splitlines() == ["k", "5"]
     r = blens("sql", "COPY prompts TO 'x.csv'", "--warehouse", str(wh))

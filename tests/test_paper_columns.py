@@ -219,3 +219,12 @@ def test_a_second_top_k_never_mixes_into_the_views(tmp_path, tiny_model_dir):
     assert sites == {"ff1_input", "ff2_vjp", "attn_vjp"}
     matrices = {r[0] for r in con.execute("SELECT DISTINCT matrix FROM rank_equals_length").fetchall()}
     assert matrices == {"ff1", "ff1_gate", "ff2", "attn_q", "attn_k", "attn_v", "attn_o"}
+    con.close()
+    # blens sql says so (stderr), and still answers
+    from typer.testing import CliRunner
+
+    from blens.cli import app
+
+    r = CliRunner().invoke(app, ["sql", "SELECT count(*) AS n FROM prompts", "--warehouse", str(wh), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    assert "25" in r.output and "holds results under 2 settings" in r.output

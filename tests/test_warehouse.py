@@ -143,7 +143,7 @@ def test_plain_duckdb_without_project_code(tmp_path, tiny_model_dir):
         r = subprocess.run([sys.executable, "-I", str(script), str(init), str(tmp_path / "mine.duckdb"), step],
                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == ["3", "9"]  # 3 prompts; 3 layers x 3 matrices in the catalog view
+        assert r.stdout.split() == ["3", "21"]  # 3 prompts; 3 layers x 7 matrices (MLP + attention) in the catalog view
 
 
 def test_compaction_keeps_every_answer_and_merges_files(tmp_path, tiny_model_dir):
