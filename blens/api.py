@@ -117,8 +117,9 @@ class Result:
 
     @property
     def matrices(self) -> list[str]:
-        """The model's MLP matrices (``ff1``, ``ff1_gate`` where the family has one, ``ff2``)."""
-        return sorted(self.tables["gradient_ranks"]["matrix"].unique().to_pylist())
+        """The model's MLP matrices whose gradient :meth:`gradient` rebuilds (``ff1``, ``ff1_gate`` where the family
+        has one, ``ff2``); the attention's ranks are in ``gradient_ranks`` (their spanning sets are not kept)."""
+        return sorted(m for m in self.tables["gradient_ranks"]["matrix"].unique().to_pylist() if m in _INPUT_OF)
 
     def grid_html(self, site: str = "ff2_vjp") -> str:
         """The prompt's logit-lens table as HTML: the report's table for this record (``ff2_vjp``: the paper's
@@ -254,7 +255,7 @@ class Lens:
         tables = build_tables(lm, host, RUN_ID, top_k=top_k)
         out = {}
         for b, (p, key) in enumerate(zip(batch, host.keys)):
-            mine = {name: t.filter(pc.equal(t["key"], key)) for name, t in tables.items()}
+            mine = {name: t.filter(pc.equal(t["key"], key)) for name, t in tables.items() if "key" in t.column_names}
             vecs = _vectors_of(lm, host, keep.vectors, b) if vectors else {}
             out[key] = Result(p.record, p, lm.name, lm.view.vocab_size, mine, vecs)
         return out

@@ -209,7 +209,7 @@ def _stats_sections(con) -> list[str]:
         rows = con.execute(
             "SELECT layer, matrix, rate, mean_rank, mean_n_tokens, n FROM rank_equals_length WHERE model = ? "
             f"AND {_MAIN} ORDER BY layer, matrix", [model]).fetchall()
-        matrices = sorted({r[1] for r in rows})
+        matrices = sorted({r[1] for r in rows}, key=lambda m: (m.startswith("attn_"), m))  # MLP first, as Figure 3
         by_layer = _by_layer(rows)
         out.append(
             "**Gradient rank equals prompt length** (paper Figure 3, view `rank_equals_length`): share of "

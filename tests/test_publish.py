@@ -39,8 +39,8 @@ def test_round_trip_equals_view_rows(warehouse, published):
 
     dd = load_from_disk(str(published.out))
     assert isinstance(dd, DatasetDict)
-    assert list(dd) == ["prompts", "tokens", "gradient_ranks", "projections", "vectors", "edit_results", "runs",
-                        "models"]  # issue 12: runs and models are published too (errors: none here)
+    assert list(dd) == ["prompts", "tokens", "gradient_ranks", "projections", "vectors", "vjp_similarity", "settings",
+                        "edit_results", "runs", "models"]  # issue 12: runs and models too (errors: none here)
     for name, ds in dd.items():
         cols, rows = _view_rows(warehouse, name)
         assert ds.column_names == cols, name
@@ -73,9 +73,10 @@ def test_float16_vectors(warehouse, tmp_path):
     res = publish(warehouse, tmp_path / "f16", vector_dtype="float16")
     ds = load_from_disk(str(res.out))["vectors"]
     assert ds.features["vector"] == List(Value("float16"))
-    _, rows = _view_rows(warehouse, "vectors")
+    cols, rows = _view_rows(warehouse, "vectors")
     got = np.array(ds[0]["vector"], dtype=np.float32)
-    np.testing.assert_allclose(got, np.array(rows[0][-1], dtype=np.float32), rtol=2e-3, atol=1e-4)
+    want = np.array(rows[0][cols.index("vector")], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
 
 
 def test_card_yaml_lists_every_split_and_real_files(published):

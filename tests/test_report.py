@@ -62,8 +62,11 @@ def sections(page: str) -> list[str]:
 def test_page_has_every_figure_with_caption(report):
     page = report.index.read_text()
     secs = sections(page)
-    assert len(secs) == 5  # rank, cases, norms, target rank, edits
+    assert len(secs) == 6  # rank, cases, norms, target rank, edits, paper vs ours
     for sec in secs:
+        if 'id="paper"' in sec:  # a table of claims (tests/test_paper_vs_ours.py), no figure
+            assert sec.count("<tr>") > 7
+            continue
         imgs = re.findall(r'<img src="([^"]+)"', sec)
         grids = re.findall(r'<div class="blens-grid"', sec)
         assert imgs or grids, sec[:200]
@@ -73,7 +76,7 @@ def test_page_has_every_figure_with_caption(report):
             w, h = png_size(report.out / src)
             assert w > 300 and h > 150 and (report.out / src).stat().st_size > 8000, src
     assert len(re.findall(r'<div class="blens-grid"', sections(page)[1])) == 2  # the case's shift and imprint
-    assert len(report.figure_files) == 1 + 1 + 1 + 2
+    assert len(report.figure_files) == 1 + 2 + 1 + 2  # rank; norms by role and by segment; target rank; edits
     assert all(p.exists() for p in report.figure_files)
     assert "efficacy" in page and "update_grad_cosine" in page
 
@@ -84,7 +87,7 @@ def test_without_edits_four_sections_and_default_cases(warehouses, tmp_path):
 
     res = build_report(warehouses["plain"], tmp_path / "r")
     page = res.index.read_text()
-    assert len(sections(page)) == 4
+    assert len(sections(page)) == 5  # no edits section; paper vs ours is there
     con = connect(warehouses["plain"])
     first_two = [r[0] for r in con.sql(
         "SELECT DISTINCT case_id FROM prompts ORDER BY 1 LIMIT 2").fetchall()]

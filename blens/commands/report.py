@@ -22,9 +22,11 @@ def report(
     """Write OUT/index.html, a static page that opens from disk, with the paper's figures recomputed from the
     warehouse.
 
-    Plots (PNG, in OUT/figures/): rank = prompt length by layer, VJP norm by segment, target_new's rank in
-    the FF2 VJP lens, editing results. The logit lens of each --case prompt: token x layer HTML tables in
-    the page.
+    Plots (PNG, in OUT/figures/): rank = prompt length by layer (Figure 3), VJP norm by token role and by
+    segment (Figure 5), target_new's rank in the FF2 VJP lens (Figure 6), editing results. The logit lens of
+    each --case prompt: token x layer HTML tables in the page. "Paper vs ours": each claim of the paper
+    (EMNLP 2024 numbering), our number for every model and whether it holds; also OUT/paper_vs_ours.md.
+    Each model is drawn at the settings id holding most of its prompts (view main_settings).
 
     Example: blens report --warehouse warehouse --out report --case 177 --case 5443
     """
