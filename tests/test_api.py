@@ -310,6 +310,7 @@ def test_any_text_with_a_target(tiny_lm):
     assert lens.run({"prompt": EIFFEL, "target_new": "Rome"}).key == res.key
 
 
+@pytest.mark.parametrize("tiny_lm", ["gpt2"], indirect=True)  # plumbing: one family is enough
 def test_run_many_strings(tiny_lm):
     from blens.api import RecordInvalid
 
