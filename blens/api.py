@@ -3,10 +3,12 @@
     import blens
     lens = blens.load("smollm2-135m")          # any supported name or path; device="auto" | "cpu" | "cuda"
     res = lens.run(record)                     # a CounterFact record (dict), EasyEdit or ROME layout
+    res = lens.run("The Eiffel Tower is located in the city of", target=" Rome")   # or any text
+    res = lens.run(text, target=" Rome", metric=lambda logits: -logits[rome_id])  # your own loss
     res.projections, res.gradient_ranks        # pandas DataFrames, the warehouse's columns
     res.vectors[("ff2_vjp", 24)]               # tensor (n_tokens, d)
     res.gradient(24, "ff2")                    # dL/dW rebuilt from the spanning set
-    lens.run_many(records)                     # batched, with a progress bar
+    lens.run_many(records)                     # batched, with a progress bar (records or strings + target=)
 
 Why there is no second implementation: a batch goes through exactly the functions a ``blens extract``
 batch task calls (``records.record_from_dict``, ``prepare.prepare``, ``batching.token_budget_batches``,
@@ -22,6 +24,20 @@ moves norms and logits by ~1e-6 relative and, where another token ties the targe
 computed once and both entries are the same object, as the warehouse stores each key once) whose
 ``projections``/``gradient_ranks``/``tokens``/``prompts`` are the results' frames concatenated.
 
+Any text: a record needs only a prompt and a target (``run(text, target=...)``, or a dict without case_id,
+subject or ground_truth). What is not given is NULL in the frames: ``case_id``; without a subject there is
+no 'subject' segment and the roles between ``bos`` and ``last`` are NULL; without a true answer every
+target_true column (``target_true_id``, ``target_true_rank``, ``target_true_in_*``, ``model_answer_is_true``).
+The computation is the pipeline's, with placeholders where a value is missing (they only feed the columns
+that are then set to NULL), so a full dict record still gives the warehouse's rows.
+
+``metric=``: your loss instead of the NLL of the target's first token. It gets one prompt's next-token logits
+at its last position, a tensor of shape (vocab,), and returns a scalar tensor; it is called once per prompt
+of a batch and its values are stacked into ``capture.trace``'s per-row loss, so the spanning sets, gradients,
+ranks and VJP projections are those of your loss (``res.loss`` is its value). The target still names the
+token whose lens ranks the frames report. Such results carry ``loss: "metric:<name>"`` in their settings,
+so they never share a key with the default loss's.
+
 Memory: ``res.vectors`` holds every spanning vector of the prompt, x_i and delta_i of every matrix at every
 layer, about 5.5 MB per 8-token prompt on SmolLM2-135M. For thousands of records pass ``vectors=False``
 (the frames alone are ~0.1 MB per prompt).
@@ -30,9 +46,10 @@ layer, about 5.5 MB per 8-token prompt on SmolLM2-135M. For thousands of records
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,16 +58,21 @@ import torch
 
 from blens.extract.adapters import Site
 from blens.extract.config import ExtractConfig
-from blens.extract.identity import result_key
+from blens.extract.identity import result_key, result_slot
 from blens.extract.batching import batch_limits, token_budget_batches
 from blens.extract.job import make_lens
 from blens.extract.models import EMBEDDED_NAME, LoadedModel, cached_model, resolve_device
 from blens.extract.prepare import DEFAULT_MAX_PROMPT_TOKENS, PreparedPrompt, prepare
-from blens.extract.records import EditRecord, RecordError, record_from_dict
+from blens.extract.records import EditRecord, RecordError, record_from_dict, record_from_text
 from blens.extract.tables import HostBatch, build_tables, compute_batch
 
 RUN_ID = "notebook"  # the run_id of every row a notebook computes (provenance: no run registered it)
 _INPUT_OF = {"ff1": Site.FF1_INPUT, "ff1_gate": Site.FF1_INPUT, "ff2": Site.FF2_INPUT}  # ff1, ff1_gate share x_i
+# The columns that say something about the record's case_id / true answer: NULL where the record has none.
+_CASE_COLUMNS = ("case_id",)
+_TRUE_COLUMNS = {"prompts": ("target_true_id", "model_answer_is_true"),
+                 "projections": ("target_true_rank", "target_true_in_top_k", "target_true_in_bottom_k")}
+Metric = Callable[[torch.Tensor], torch.Tensor]  # (vocab,) last-position logits -> scalar loss
 
 
 class RecordInvalid(ValueError):
@@ -65,7 +87,40 @@ class RecordInvalid(ValueError):
 
 @dataclass(eq=False)
 class Result:
-    """One record's extraction: the warehouse's rows (as Arrow, shown as pandas) and its spanning vectors."""
+    """One record's extraction: the warehouse's rows (as Arrow, shown as pandas) and its spanning vectors.
+
+    ``prompts``, ``tokens``, ``gradient_ranks``, ``projections``: DataFrames with the warehouse's columns;
+    ``loss``; ``vectors[(site, layer)]``: (n_tokens, d) tensors; ``gradient(layer, matrix)``: dL/dW.
+
+    Our sites and matrices in TransformerLens hook names (``run_with_cache(..., incl_bwd=True)`` stores a
+    hook's gradient as ``<hook>_grad``) and nnsight module paths (Llama/SmolLM2/Gemma ``model.model.layers[l]``;
+    GPT-2 ``model.transformer.h[l]``); a site named ``*_vjp`` is the gradient of the loss there:
+
+    ==================  =============================================  ================================================
+    site                TransformerLens                                nnsight (Llama-style; GPT-2)
+    ==================  =============================================  ================================================
+    ff1_input           blocks.{l}.ln2.hook_normalized (MLP input)     layers[l].mlp.up_proj.input; h[l].mlp.c_fc.input
+    ff1_vjp             grad of blocks.{l}.mlp.hook_pre_linear         layers[l].mlp.up_proj.output.grad;
+                        (GPT-2: blocks.{l}.mlp.hook_pre)               h[l].mlp.c_fc.output.grad
+    ff1_gate_vjp        grad of blocks.{l}.mlp.hook_pre (gated MLP)    layers[l].mlp.gate_proj.output.grad
+    ff2_input           blocks.{l}.mlp.hook_post                       layers[l].mlp.down_proj.input; h[l].mlp.c_proj.input
+    ff2_vjp             grad of blocks.{l}.hook_mlp_out                layers[l].mlp.down_proj.output.grad;
+                                                                       h[l].mlp.c_proj.output.grad
+    attn_vjp            grad of blocks.{l}.hook_attn_out               layers[l].self_attn.o_proj.output.grad;
+                                                                       h[l].attn.c_proj.output.grad
+    resid_post_vjp      grad of blocks.{l}.hook_resid_post (Gemma 3)   layers[l].post_feedforward_layernorm.output.grad
+    ==================  =============================================  ================================================
+
+    Matrices (``gradient_ranks.matrix``, ``gradient(layer, matrix)``): ff1 = ``W_in`` (up_proj; GPT-2 c_fc),
+    ff1_gate = ``W_gate`` (gate_proj), ff2 = ``W_out`` (down_proj; GPT-2 mlp.c_proj), attn_q / attn_k / attn_v =
+    ``W_Q`` / ``W_K`` / ``W_V`` (q_proj / k_proj / v_proj; GPT-2: thirds of attn.c_attn), attn_o = ``W_O``
+    (o_proj; GPT-2 attn.c_proj). TransformerLens splits these per head and may fold layer norms into them
+    (``from_pretrained``'s default ``fold_ln=True``); ours are the model's own, unfolded, as (d_in, d_out). On
+    Gemma 3 TransformerLens's hook_mlp_out / hook_attn_out follow the post-sublayer norms (ln2_post / ln1_post):
+    hook_mlp_out's gradient is resid_post_vjp there, and ff2_vjp / attn_vjp are the gradients at down_proj /
+    o_proj's outputs, before those norms.
+    More in docs/notebook.md.
+    """
 
     record: EditRecord
     prepared: PreparedPrompt
@@ -80,7 +135,8 @@ class Result:
 
     @property
     def loss(self) -> float:
-        """NLL of target_new's first token at the last position: the loss whose gradient this is."""
+        """The loss whose gradient this is: NLL of target_new's first token at the last position, or the value
+        of ``metric`` where one was given."""
         return float(self.tables["prompts"]["loss"][0].as_py())
 
     @functools.cached_property
@@ -129,14 +185,17 @@ class Result:
 
         rec, p = self.record, self.prepared
         tokens = [(r["position"], r["token"], r["segment"]) for r in self.tables["tokens"].to_pylist()]
-        grid = case_grid(self.tables["projections"].to_pylist(), tokens, site, p.target_new_id, p.target_true_id,
-                         self.vocab_size)
+        rows = self.tables["projections"].to_pylist()
+        if rec.target_true is None:  # no true answer: its rank shows as -1 in the hover text
+            rows = [dict(r, target_true_rank=-1) for r in rows]
+        grid = case_grid(rows, tokens, site, p.target_new_id, p.target_true_id, self.vocab_size)
         if grid is None:
             raise ValueError(f"no projections for site {site!r} (lens sites: "
                              f"{', '.join(self.tables['projections']['site'].unique().to_pylist())})")
-        case = Case(rec.case_id, self.model, rec.prompt, rec.subject, rec.target_new, rec.target_true, tokens)
-        return render_grid(grid, case, self.loss, grid_caption(grid, rec.case_id, self.model, rec.target_new,
-                                                                rec.target_true))
+        case_id = rec.case_id if rec.case_id is not None else "(no case_id)"
+        true = rec.target_true if rec.target_true is not None else "(not given)"
+        case = Case(case_id, self.model, rec.prompt, rec.subject or "", rec.target_new, true, tokens)
+        return render_grid(grid, case, self.loss, grid_caption(grid, case_id, self.model, rec.target_new, true))
 
     def _repr_html_(self) -> str:
         return self.grid_html("ff2_vjp")
@@ -210,55 +269,137 @@ class Lens:
         return (f"Lens(model={self.lm.name!r}, family={v.family.name!r}, n_layers={v.n_layers}, "
                 f"vocab_size={v.vocab_size}, device={str(self.lm.device)!r}, top_k={self.cfg.top_k})")
 
-    def _prepare(self, raw, source: str) -> PreparedPrompt | RecordError:
-        record = raw if isinstance(raw, EditRecord) else record_from_dict(raw, source)
+    def _prepare(self, raw, source: str, target=None) -> PreparedPrompt | RecordError:
+        if isinstance(raw, EditRecord):
+            record = raw
+        elif isinstance(raw, str):
+            record = record_from_text(raw, target, source)
+        else:
+            record = record_from_dict(raw, source, optional=True)
         if isinstance(record, RecordError):
             return record
         return prepare(record, self.lm.tokenizer, self.lm.view.max_positions, self.cfg.max_prompt_tokens)
 
-    def run(self, record, *, vectors: bool = True) -> Result:
-        """Extract one record (a dict in the EasyEdit or ROME layout, or an ``EditRecord``); a record the
-        pipeline would reject raises :class:`RecordInvalid` (a ValueError naming case_id and field)."""
-        return self.run_many([record], vectors=vectors, progress=False)[0]
+    def run(self, record, target: str | None = None, *, subject: str | None = None, target_true: str | None = None,
+            case_id: int | None = None, metric: Metric | None = None, vectors: bool = True) -> Result:
+        """Extract one prompt: any text with ``target`` (the token the loss is about; ``subject``,
+        ``target_true`` and ``case_id`` are optional), or a record (a dict in the EasyEdit or ROME layout, where
+        only prompt and target_new are required, or an ``EditRecord``). ``metric``: the loss from the
+        last-position logits (vocab,) to a scalar, instead of the NLL of the target's first token. A record the
+        pipeline would reject raises :class:`RecordInvalid` (a ValueError naming the record and the field)."""
+        if isinstance(record, str):
+            record = {"prompt": record, "target_new": target, "subject": subject, "ground_truth": target_true,
+                      "case_id": case_id}
+        elif target is not None or subject is not None or target_true is not None or case_id is not None:
+            raise TypeError("target=, subject=, target_true= and case_id= go with a text prompt; a record carries "
+                            "its own")
+        return self.run_many([record], metric=metric, vectors=vectors, progress=False)[0]
 
-    def run_many(self, records: Iterable, *, vectors: bool = True, progress: bool = True,
-                 skip_invalid: bool = False) -> Results:
-        """Extract many records in token-budget batches (``batch_size`` prompts, ``batch_tokens`` padded
-        tokens, as ``blens extract``), with a progress bar. Invalid records raise :class:`RecordInvalid`
-        before anything is computed, or with ``skip_invalid=True`` are left out and listed in ``.errors``."""
+    def run_many(self, records: Iterable, *, target: str | Sequence[str] | None = None, metric: Metric | None = None,
+                 vectors: bool = True, progress: bool = True, skip_invalid: bool = False) -> Results:
+        """Extract many prompts in token-budget batches (``batch_size`` prompts, ``batch_tokens`` padded
+        tokens, as ``blens extract``), with a progress bar. ``records``: records (dicts, ``EditRecord``) or
+        strings, whose targets come from ``target`` (one for all, or one per string, in order). ``metric``: as
+        in :meth:`run`, applied to each prompt. Invalid records raise :class:`RecordInvalid` before anything is
+        computed, or with ``skip_invalid=True`` are left out and listed in ``.errors``."""
+        records = list(records)
+        texts = [i for i, r in enumerate(records) if isinstance(r, str)]
+        if isinstance(target, str) or target is None:
+            targets = {i: target for i in texts}
+        else:
+            target = list(target)
+            if len(target) != len(texts):
+                raise ValueError(f"target has {len(target)} entries for {len(texts)} text prompt(s); give one "
+                                 "per text prompt, or one string for all")
+            targets = dict(zip(texts, target))
         prepared: list[PreparedPrompt | None] = []
         errors: list[RecordError] = []
         for i, raw in enumerate(records):
-            p = self._prepare(raw, f"records[{i}]")
+            p = self._prepare(raw, f"records[{i}]", targets.get(i))
             prepared.append(None if isinstance(p, RecordError) else p)
             if isinstance(p, RecordError):
                 errors.append(p)
         if errors and not skip_invalid:
             raise RecordInvalid(errors[0], len(errors) - 1)
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be a callable (logits of shape (vocab,) -> scalar), got {metric!r}")
         settings = self.cfg.result_settings(self.lm.view.lens_sites)
+        if metric is not None:  # another loss is another result: never the default loss's key
+            settings = {**settings, "loss": f"metric:{getattr(metric, '__qualname__', type(metric).__name__)}"}
         keys = [None if p is None else result_key(self.lm.name, self.lm.revision, settings, p.record)
                 for p in prepared]
         todo = list({k: p for k, p in zip(keys, prepared) if p is not None}.values())
-        todo.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # plan_run's order: the same records batch alike
+        # plan_run's order (the same records batch alike); records without a case_id after those with one
+        todo.sort(key=lambda p: (p.n_tokens, p.record.case_id is None, p.record.case_id or 0))
         done: dict[str, Result] = {}
         batches = token_budget_batches(todo, *batch_limits(self.lm, self.cfg.batch_size, self.cfg.batch_tokens))
         with _progress(progress and len(todo) > 1, len(todo), self.lm.name) as advance:
             for batch in batches:
-                done.update(self._batch(batch, vectors))
+                done.update(self._batch(batch, vectors, settings, metric))
                 advance(len(batch))
         return Results([done[k] for k in keys if k is not None], errors)
 
-    def _batch(self, batch: list[PreparedPrompt], vectors: bool) -> dict[str, Result]:
+    def _batch(self, batch: list[PreparedPrompt], vectors: bool, settings: dict,
+               metric: Metric | None = None) -> dict[str, Result]:
         lm, top_k = self.lm, self.cfg.top_k
         keep = _KeepLensInput(self._lens) if vectors else None  # without vectors, hold no batch-sized copy
-        host = compute_batch(lm, batch, top_k=top_k, vectors="all" if vectors else "none", lens=keep or self._lens)
+        identity = [(result_key(lm.name, lm.revision, settings, p.record),
+                     result_slot(lm.name, lm.revision, settings, p.record.case_id)) for p in batch]
+        host = compute_batch(lm, [_placeholders(p) for p in batch], top_k=top_k,
+                             vectors="all" if vectors else "none", lens=keep or self._lens, identity=identity,
+                             settings=settings, metric=None if metric is None else _per_row(metric, batch))
         tables = build_tables(lm, host, RUN_ID, top_k=top_k)
         out = {}
         for b, (p, key) in enumerate(zip(batch, host.keys)):
             mine = {name: t.filter(pc.equal(t["key"], key)) for name, t in tables.items() if "key" in t.column_names}
             vecs = _vectors_of(lm, host, keep.vectors, b) if vectors else {}
-            out[key] = Result(p.record, p, lm.name, lm.view.vocab_size, mine, vecs)
+            out[key] = Result(p.record, p, lm.name, lm.view.vocab_size, _unknown_to_null(mine, p.record), vecs)
         return out
+
+
+def _placeholders(p: PreparedPrompt) -> PreparedPrompt:
+    """``p`` as the pipeline's functions take it: a missing case_id is 0 and a missing target_true's id is
+    target_new's. They only feed columns that :func:`_unknown_to_null` then sets to NULL."""
+    if p.record.case_id is not None and p.target_true_id is not None:
+        return p
+    record = p.record if p.record.case_id is not None else dataclasses.replace(p.record, case_id=0)
+    true_id = p.target_true_id if p.target_true_id is not None else p.target_new_id
+    return dataclasses.replace(p, record=record, target_true_id=true_id)
+
+
+def _unknown_to_null(tables: dict[str, pa.Table], record: EditRecord) -> dict[str, pa.Table]:
+    """The record's tables with NULL in the columns about what it does not give (case_id, target_true)."""
+    out = {}
+    for name, t in tables.items():
+        cols = (_CASE_COLUMNS if record.case_id is None else ()) + \
+            (_TRUE_COLUMNS.get(name, ()) if record.target_true is None else ())
+        for col in cols:
+            i = t.schema.get_field_index(col)
+            if i >= 0:
+                t = t.set_column(i, t.schema.field(i), pa.nulls(len(t), t.schema.field(i).type))
+        out[name] = t
+    return out
+
+
+def _per_row(metric: Metric, batch: list[PreparedPrompt]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The user's one-prompt metric as ``capture.trace``'s per-row loss: called on each row of the (B, V)
+    last-position logits, the scalars stacked to (B,). A value that is not a scalar tensor depending on the
+    logits is refused, naming the record."""
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        values = []
+        for b, row in enumerate(logits):
+            v = metric(row)
+            who = f"metric on {batch[b].record.source or 'the record'}"
+            if not isinstance(v, torch.Tensor) or v.numel() != 1:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{who}: must return a scalar tensor, got {shape}")
+            if not v.requires_grad:
+                raise ValueError(f"{who}: its value does not depend on the logits (no gradient reaches them)")
+            values.append(v.reshape(()).to(logits.dtype))
+        return torch.stack(values)
+
+    return loss
 
 
 def _vectors_of(lm: LoadedModel, host: HostBatch, lens_input: torch.Tensor,

@@ -170,13 +170,15 @@ def all_matrices(view: ModelView) -> list[Key]:
     return [(layer, name) for layer in range(view.n_layers) for name in view.matrix_names]
 
 
-def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int) -> SpanningSets:
-    """Forward + one backward of sum_b NLL_b(target_new | prompt_b) at each prompt's last position."""
+def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int,
+            metric: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SpanningSets:
+    """Forward + one backward of sum_b NLL_b(target_new | prompt_b) at each prompt's last position
+    (``metric``: :func:`trace`'s per-row loss from the (B, V) last-position logits instead; notebook API)."""
     device = view.unembedding.device
     ids, mask = pad_batch([p.input_ids for p in prompts], pad_id, device)
     target = torch.tensor([p.target_new_id for p in prompts], device=device)
     resid_layers = range(view.n_layers) if view.family.post_mlp_norm else ()
-    t = trace(view, ids, mask, all_matrices(view), target, resid_layers=resid_layers)
+    t = trace(view, ids, mask, all_matrices(view), target, resid_layers=resid_layers, metric=metric)
     return SpanningSets(input_ids=ids, mask=mask, lengths=mask.sum(1), loss=t.loss, inputs=t.inputs, vjps=t.vjps,
                         resid_vjps=t.resid_vjps, answer_ids=t.logits.argmax(-1))
 

@@ -42,7 +42,7 @@ class PreparedPrompt:
     input_ids: tuple[int, ...]
     segments: tuple[str, ...]
     target_new_id: int
-    target_true_id: int
+    target_true_id: int | None  # None only when the record has no target_true (notebook API)
     roles: tuple[str | None, ...] = ()  # one of ROLES per token (see roles_for); None where no subject is known
 
     @property
@@ -116,10 +116,14 @@ def roles_for(offsets: list[tuple[int, int]], span: tuple[int, int] | None,
     return tuple(roles)
 
 
-def target_ids(record: EditRecord, tokenizer) -> tuple[int, int] | RecordError:
-    """(target_new id, target_true id), or the error naming the target the tokenizer cannot produce."""
-    ids = []
+def target_ids(record: EditRecord, tokenizer) -> tuple[int, int | None] | RecordError:
+    """(target_new id, target_true id), or the error naming the target the tokenizer cannot produce. A record
+    without target_true (notebook API) has None for its id."""
+    ids: list[int | None] = []
     for field, text in (("target_new", record.target_new), ("target_true", record.target_true)):
+        if text is None:
+            ids.append(None)
+            continue
         tid = target_id(tokenizer, text)
         if tid is None:
             return RecordError(case_id=record.case_id, field=field,
@@ -154,7 +158,8 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None,
         return targets
     new_id, true_id = targets
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    span = subject_span(record.prompt, record.subject)
+    # no subject (notebook API): no span, so no 'subject' segment and roles only for bos and last
+    span = subject_span(record.prompt, record.subject) if record.subject is not None else None
     special = [bool(m) for m in enc["special_tokens_mask"]] if "special_tokens_mask" in enc else None
     return PreparedPrompt(record=record, input_ids=tuple(ids), segments=segments_for(offsets, span),
                           target_new_id=new_id, target_true_id=true_id, roles=roles_for(offsets, span, special))

@@ -32,6 +32,7 @@ __all__ = [
     "RecordError",
     "fingerprint_records",
     "record_from_dict",
+    "record_from_text",
     "subject_span",
 ]
 
@@ -42,13 +43,17 @@ class DataSourceError(Exception):
 
 @dataclass(frozen=True)
 class EditRecord:
-    """One counterfactual edit, normalised across layouts (frozen: records are dataset identity)."""
+    """One counterfactual edit, normalised across layouts (frozen: records are dataset identity).
 
-    case_id: int
+    ``case_id``, ``subject`` and ``target_true`` are None only in the notebook API's records
+    (``record_from_dict(..., optional=True)``, :func:`record_from_text`): a prompt and a target are enough
+    there. Every loader of the pipeline requires all three."""
+
+    case_id: int | None
     prompt: str  # subject filled in, stripped of trailing whitespace
-    subject: str
+    subject: str | None
     target_new: str  # stripped
-    target_true: str  # EasyEdit ground_truth / ROME target_true.str
+    target_true: str | None  # EasyEdit ground_truth / ROME target_true.str
     rephrase_prompts: tuple[str, ...] = ()
     locality_prompts: tuple[str, ...] = ()
     locality_ground_truths: tuple[str, ...] = ()  # same length as locality_prompts
@@ -195,10 +200,13 @@ def _text_list(value: Any, field: str, label: str) -> tuple[str, ...]:
     return tuple(_text(item, field, f"{label}[{i}]") for i, item in enumerate(value))
 
 
-def _case_id(raw: dict[str, Any]) -> int:
-    """case_id as an int; int-valued strings pass (some exports stringify ids), bools do not."""
+def _case_id(raw: dict[str, Any], optional: bool = False) -> int | None:
+    """case_id as an int; int-valued strings pass (some exports stringify ids), bools do not. ``optional``: a
+    missing (or null) case_id is None instead of an error."""
     value = raw.get("case_id", _MISSING)
     if value is _MISSING or value is None:
+        if optional:
+            return None
         raise _Invalid("case_id", "case_id is missing")
     if isinstance(value, _BigInt):
         number, text = None, value.text
@@ -224,8 +232,19 @@ def _rome_target(rewrite: dict[str, Any], key: str, field: str) -> str:
     return _text(value, field, f"requested_rewrite.{key}")
 
 
-def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
-    """Validate and normalise one record of either layout (raises _Invalid)."""
+def _maybe(value: Any, optional: bool) -> Any:
+    """An optional field's value: missing and null are None, anything else is checked as usual."""
+    return None if optional and (value is _MISSING or value is None) else value
+
+
+def _parse(raw: dict[str, Any], source: str, case_id: int | None, optional: bool = False) -> EditRecord:
+    """Validate and normalise one record of either layout (raises _Invalid). ``optional``: subject and
+    target_true may be missing (None), for the notebook API."""
+
+    def text_or_none(value: Any, field: str, label: str) -> str | None:
+        value = _maybe(value, optional)
+        return None if value is None else _text(value, field, label)
+
     rome = "requested_rewrite" in raw
     if rome:
         rewrite = raw["requested_rewrite"]
@@ -234,20 +253,21 @@ def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
             raise _Invalid("requested_rewrite", message)
         prompt_label = "requested_rewrite.prompt"
         prompt = _text(rewrite.get("prompt", _MISSING), "prompt", prompt_label)
-        subject = _text(rewrite.get("subject", _MISSING), "subject", "requested_rewrite.subject")
+        subject = text_or_none(rewrite.get("subject", _MISSING), "subject", "requested_rewrite.subject")
         target_new = _rome_target(rewrite, "target_new", "target_new")
-        target_true = _rome_target(rewrite, "target_true", "target_true")
+        target_true = None if _maybe(rewrite.get("target_true", _MISSING), optional) is None else \
+            _rome_target(rewrite, "target_true", "target_true")
         rephrase = _text_list(raw.get("paraphrase_prompts", _MISSING), "rephrase_prompts", "paraphrase_prompts")
         neighbours = raw.get("neighborhood_prompts", _MISSING)
         locality = _text_list(neighbours, "locality_prompts", "neighborhood_prompts")
         # Neighbourhood subjects share the edited fact's true object, so that is their answer.
-        locality_truths: tuple[str, ...] = (target_true,) * len(locality)
+        locality_truths: tuple[str, ...] = (target_true,) * len(locality) if target_true is not None else ()
     else:
         prompt_label = "prompt"
         prompt = _text(raw.get("prompt", _MISSING), "prompt", prompt_label)
-        subject = _text(raw.get("subject", _MISSING), "subject", "subject")
+        subject = text_or_none(raw.get("subject", _MISSING), "subject", "subject")
         target_new = _text(raw.get("target_new", _MISSING), "target_new", "target_new")
-        target_true = _text(raw.get("ground_truth", _MISSING), "target_true", "ground_truth")
+        target_true = text_or_none(raw.get("ground_truth", _MISSING), "target_true", "ground_truth")
         rephrase = _text_list(raw.get("rephrase_prompt", _MISSING), "rephrase_prompts", "rephrase_prompt")
         locality = _text_list(raw.get("locality_prompt", _MISSING), "locality_prompts", "locality_prompt")
         gt_raw = raw.get("locality_ground_truth", _MISSING)
@@ -259,8 +279,10 @@ def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
             message = f"locality_ground_truth and locality_prompt differ in length {lengths}"
             raise _Invalid("locality_ground_truths", message)
 
-    subject = subject.strip()
-    if "{}" in prompt:
+    subject = subject.strip() if subject is not None else None
+    if subject is None:
+        pass  # no subject given (notebook API): no subject tokens, no subject check
+    elif "{}" in prompt:
         prompt = prompt.replace("{}", subject)
     elif subject_span(prompt, subject) is None:
         if rome:
@@ -274,7 +296,7 @@ def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
         prompt=prompt.rstrip(),
         subject=subject,
         target_new=target_new.strip(),
-        target_true=target_true.strip(),
+        target_true=target_true.strip() if target_true is not None else None,
         rephrase_prompts=tuple(p.rstrip() for p in rephrase),
         locality_prompts=tuple(p.rstrip() for p in locality),
         locality_ground_truths=tuple(t.strip() for t in locality_truths),
@@ -282,21 +304,32 @@ def _parse(raw: dict[str, Any], source: str, case_id: int) -> EditRecord:
     )
 
 
-def record_from_dict(raw: Any, source: str) -> EditRecord | RecordError:
+def record_from_dict(raw: Any, source: str, *, optional: bool = False) -> EditRecord | RecordError:
     """One record of either layout -> an EditRecord, or the first problem found as a RecordError.
 
-    Never raises for bad input: the caller keeps loading and stores the error row.
+    Never raises for bad input: the caller keeps loading and stores the error row. ``optional`` (the
+    notebook API only, never a warehouse run): case_id, subject and ground_truth / target_true may be
+    missing and are then None; a present value is checked exactly as without it.
     """
     if not isinstance(raw, dict):
         return RecordError(None, "record", f"record must be a JSON object, got {_describe(raw)}", source)
     try:
-        case_id = _case_id(raw)
+        case_id = _case_id(raw, optional)
     except _Invalid as exc:
         return RecordError(None, exc.field, exc.message, source)
     try:
-        return _parse(raw, source, case_id)
+        return _parse(raw, source, case_id, optional)
     except _Invalid as exc:
         return RecordError(case_id, exc.field, exc.message, source)
+
+
+def record_from_text(prompt: Any, target: Any, source: str, *, subject: Any = None, target_true: Any = None,
+                     case_id: Any = None) -> EditRecord | RecordError:
+    """A notebook's bare prompt and target (plus what else is known) -> an EditRecord, checked by the same rules
+    as a dict record's fields (the EasyEdit names: ``target`` is target_new, ``target_true`` ground_truth)."""
+    raw = {"prompt": prompt, "target_new": target, "subject": subject, "ground_truth": target_true,
+           "case_id": case_id}
+    return record_from_dict(raw, source, optional=True)
 
 
 def fingerprint_records(records: Sequence[EditRecord]) -> str:

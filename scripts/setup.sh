@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up ./.venv, install the project, and (unless --install-only) run the main job on the embedded
-# default model: SmolLM2-135M on a CounterFact sample, into ./warehouse, ending with a summary table.
+# Set up ./.venv, install the project and the DuckDB extensions, and (unless --install-only) run the main job on the
+# embedded default model: SmolLM2-135M on a CounterFact sample, into ./warehouse, ending with a summary table.
 #   bash scripts/setup.sh                  # set up + main job
 #   bash scripts/setup.sh --install-only   # set up only (used by scripts/test.sh)
 # Env: DATA (default ../shared/data/counterfact/counterfact-edit-1k.json), LIMIT (default 200).
@@ -25,6 +25,10 @@ if ! .venv/bin/python -c "import blens.extract, blens.store, blens.queries, blen
   .venv/bin/python -c "import blens.extract, blens.store, blens.flows, blens.edit, blens.publish, prefect, pytest"
   touch .venv/.blens-installed
 fi
+
+# The DuckLake/SQLite extensions into DuckDB's standard directory (~/.duckdb/extensions/v1.4.4/<platform>/), so
+# `LOAD ducklake` works offline in any DuckDB 1.4.4 session on this machine (`blens init-sql`'s SQL needs it).
+.venv/bin/python scripts/install_duckdb_extensions.py
 
 [ "${1:-}" = "--install-only" ] && exit 0
 

@@ -195,15 +195,18 @@ def attach(location: str | os.PathLike, *, read_only: bool, snapshot: str | None
 
 def init_sql(location: str | os.PathLike, *, read_only: bool = True) -> str:
     """SQL that a plain DuckDB session (CLI ``duckdb -init FILE`` or Python, no project code) runs to attach
-    the warehouse and query every table and view; the views live in the catalog, so nothing else is needed."""
+    the warehouse and query every table and view; the views live in the catalog, so nothing else is needed.
+
+    It names no path of this checkout (no ``extension_directory`` inside ``.venv``): the extensions come from
+    DuckDB's standard directory, where scripts/setup.sh installs the bundled ones, so INSTALL is a no-op and
+    LOAD works offline; on a machine without them INSTALL downloads them once."""
     remote = is_remote(location)
-    ext = extension_dir()
+    other = "postgres" if remote else "sqlite"
     lines = [f"-- Backward Lens warehouse {location} (DuckLake; DuckDB {duckdb.__version__} with the ducklake "
-             "extension)."]
-    if ext:
-        lines.append(f"SET extension_directory = {sql_str(ext)};  -- the duckdb-ext-* pip packages")
-    else:
-        lines += ["INSTALL ducklake;", f"INSTALL {'postgres' if remote else 'sqlite'};"]
+             "extension).",
+             "-- Extensions from DuckDB's standard directory (~/.duckdb/extensions), where scripts/setup.sh puts the "
+             "bundled ones.",
+             "INSTALL ducklake;", f"INSTALL {other};"]
     lines += ["LOAD ducklake;", f"LOAD {'postgres' if remote else 'sqlite'};",
               attach_sql(location if remote else Path(location).absolute(), read_only=read_only) + ";",
               f"USE {LAKE};", ""]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -124,8 +125,8 @@ def check_vectors(lm):
     lens = api_lens(lm)
     results = lens.run_many(records(), progress=False)
     assert len({r.prepared.n_tokens for r in results}) > 1  # one batch with padding
-    mlp = [m for m in view.matrix_names if not m.startswith("attn_")]  # the attention's spanning sets are not kept
-    sites = {str(Site.FF1_INPUT), str(Site.FF2_INPUT), *(str(Site.of(m, vjp=True)) for m in mlp),
+    mlp_names = [m for m in view.matrix_names if not m.startswith("attn_")]  # attention: ranks and attn_vjp only
+    sites = {str(Site.FF1_INPUT), str(Site.FF2_INPUT), *(str(Site.of(m, vjp=True)) for m in mlp_names),
              *(str(s) for s in view.lens_sites)}
     for res in results:
         n = res.prepared.n_tokens
@@ -142,10 +143,8 @@ def check_vectors(lm):
                                            rtol=1e-5, atol=1e-7, err_msg=f"{site} {layer}")
         ref, loss = autograd_weight_grads(lm, res.prepared)
         assert res.loss == pytest.approx(loss, rel=1e-5)
-        assert sorted(res.matrices) == sorted(mlp)
-        for (layer, matrix), g in ref.items():
-            if matrix not in mlp:
-                continue
+        assert sorted(res.matrices) == sorted(mlp_names)
+        for (layer, matrix), g in mlp(ref).items():
             rebuilt = res.gradient(layer, matrix)
             assert rebuilt.shape == g.shape == view.weight(layer, matrix).shape
             rel = ((rebuilt - g).norm() / g.norm()).item()  # test_gradients' criterion for the capture itself
@@ -170,8 +169,10 @@ def test_bad_records_name_case_and_field(tiny_lm):
     with pytest.raises(ValueError, match=r"case_id 2: field 'target_new': .*missing") as info:
         lens.run(no_target)
     assert isinstance(info.value, RecordInvalid) and info.value.error.field == "target_new"
-    with pytest.raises(ValueError, match=r"record records\[0\]: field 'case_id'"):
-        lens.run({"prompt": "no id"})
+    with pytest.raises(ValueError, match=r"record records\[0\]: field 'target_new': target_new is missing"):
+        lens.run({"prompt": "no id"})  # case_id, subject and ground_truth are optional here; a target is not
+    with pytest.raises(ValueError, match=r"record records\[0\]: field 'case_id': case_id must be an integer"):
+        lens.run({"prompt": "Paris is in", "target_new": "Italy", "case_id": "x"})  # given: checked as before
     long = easyedit(9, "word " * 100 + "Paris is in", "Paris", "Italy", "France")
     with pytest.raises(ValueError, match=r"case_id 9: field 'prompt': prompt is \d+ tokens, longer than"):
         lens.run(long)
@@ -240,14 +241,132 @@ def test_the_issue_snippet_runs_as_written(counterfact):
     n = res.prepared.n_tokens
     assert res.vectors[("ff2_vjp", 24)].shape == (n, 576)
     assert res.gradient(24, "ff2").shape == (1536, 576)
-    ranks = res.gradient_ranks
-    mlp = ranks[(ranks.layer < 29) & ranks.matrix.str.startswith("ff")]
-    assert (mlp["rank"] == n).mean() > 0.95  # Lemma 4.1, as in the README's table
-    q = ranks[(ranks.layer < 29) & (ranks.matrix == "attn_q")]
+    ranks = res.gradient_ranks[~res.gradient_ranks.matrix.str.startswith("attn_")]  # the MLP's, as in the README
+    assert (ranks[ranks.layer < 29]["rank"] == n).mean() > 0.95  # Lemma 4.1, as in the README's table
+    q = res.gradient_ranks[(res.gradient_ranks.layer < 29) & (res.gradient_ranks.matrix == "attn_q")]
     assert (q["rank"] <= n - 1).all()  # the first token's query gets no gradient (softmax over one key)
     p = res.projections
     last = p[(p.site == "ff2_vjp") & (p.segment == "last") & p.layer.between(22, 28)]
     assert (last.target_new_rank == 49151).mean() >= 0.5  # the shift: target_new is the least probable token
     assert "mark-new" in res._repr_html_()
     assert [r.record.case_id for r in many] == [r["case_id"] for r in records]
-    assert len(many.projections) == sum(r.prepared.n_tokens for r in many) * 30 * 3  # ff1_input, ff2_vjp, attn_vjp
+    assert len(many.projections) == sum(r.prepared.n_tokens for r in many) * 30 * len(lens.lm.view.lens_sites)
+
+
+# ---- issue 25: any text, your own metric ---------------------------------------------------------------------
+
+EIFFEL = "The Eiffel Tower is located in the city of"
+
+
+def mlp(grads: dict) -> dict:
+    """The MLP matrices' gradients (what ``Result.gradient`` rebuilds) of an autograd reference."""
+    return {k: g for k, g in grads.items() if k[1] in ("ff1", "ff1_gate", "ff2")}
+
+
+def metric_autograd(lm, prepared, metric):
+    """Reference for a custom metric: params require grad, the model's own forward, metric on the last position's
+    logits, autograd.grad. Returns ({(layer, matrix): dL/dW as (d_in, d_out)}, loss)."""
+    view = lm.view
+    weights = {(l, m): view.matrix(l, m).weight for l in range(view.n_layers) for m in view.matrix_names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        loss = metric(lm.model(torch.tensor([prepared.input_ids])).logits[0, -1].float())
+        grads = torch.autograd.grad(loss, list(weights.values()))
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    return {k: view.as_in_by_out(g, k[1]) for k, g in zip(weights, grads)}, loss.item()
+
+
+def test_any_text_with_a_target(tiny_lm):
+    """A bare prompt and target: projections and gradient ranks, autograd's gradient and loss; what was not given
+    (case_id, subject, true answer) is NULL; the numbers equal those of the full record of the same prompt."""
+    lens = api_lens(tiny_lm)
+    res = lens.run(EIFFEL, target=" Rome")
+    n = res.prepared.n_tokens
+    assert len(res.projections) == len(tiny_lm.view.lens_sites) * tiny_lm.view.n_layers * n
+    assert len(res.gradient_ranks) > 0 and res.gradient_ranks["rank"].between(0, n).all()
+    ref, loss = autograd_weight_grads(tiny_lm, res.prepared)
+    assert res.loss == pytest.approx(loss, rel=1e-5)
+    for (layer, matrix), g in mlp(ref).items():
+        assert ((res.gradient(layer, matrix) - g).norm() / g.norm()).item() <= 1e-5, (layer, matrix)
+    p = res.prompts.iloc[0]
+    assert p.prompt == EIFFEL and p.target_new == "Rome" and pd.isna(p.subject) and pd.isna(p.target_true)
+    for frame in (res.prompts, res.tokens, res.gradient_ranks, res.projections):
+        assert frame.case_id.isna().all()
+    assert res.prompts[["target_true_id", "model_answer_is_true"]].isna().all().all()
+    proj = res.projections
+    assert proj[["target_true_rank", "target_true_in_top_k", "target_true_in_bottom_k"]].isna().all().all()
+    assert proj.target_new_rank.notna().all() and "subject" not in set(proj.segment)
+    roles = res.tokens.sort_values("position").role.tolist()
+    assert roles[-1] == "last" and res.tokens.role.isna().sum() == n - 1  # GPT-2's tokenizer adds no bos
+    assert "Rome" in res._repr_html_() and "case_id=None" in repr(res)
+    # the same prompt as a full record: the same numbers, and the record's own columns filled in
+    full = lens.run(easyedit(5, EIFFEL, "Eiffel Tower", "Rome", "Paris"))
+    assert full.prompts.case_id.tolist() == [5] and full.projections.target_true_rank.notna().all()
+    assert set(full.tokens.role) >= {"first_subject", "last_subject", "last"}
+    a, b = (r.projections.sort_values(ORDER["projections"]).reset_index(drop=True) for r in (res, full))
+    assert a.norm.tolist() == b.norm.tolist() and a.target_new_rank.tolist() == b.target_new_rank.tolist()
+    assert res.gradient_ranks["rank"].tolist() == full.gradient_ranks["rank"].tolist()
+    # a dict with only prompt and target_new is the same record as the text
+    assert lens.run({"prompt": EIFFEL, "target_new": "Rome"}).key == res.key
+
+
+@pytest.mark.parametrize("tiny_lm", ["gpt2"], indirect=True)  # plumbing: one family is enough
+def test_run_many_strings(tiny_lm):
+    from blens.api import RecordInvalid
+
+    lens = api_lens(tiny_lm)
+    texts = [EIFFEL, "Paris is the capital of", EIFFEL]
+    many = lens.run_many(texts, target=[" Rome", " France", " Rome"], progress=False)
+    assert [r.record.prompt for r in many] == texts and many[0] is many[2]
+    assert many[1].record.target_new == "France" and many[1].key == lens.run(texts[1], target=" France").key
+    assert len(many.prompts) == 2 and many.prompts.case_id.isna().all()
+    same = lens.run_many(texts[:2], target=" Rome", progress=False)
+    assert [r.record.target_new for r in same] == ["Rome", "Rome"]
+    with pytest.raises(ValueError, match="target has 1 entries for 3 text prompt"):
+        lens.run_many(texts, target=[" Rome"], progress=False)
+    with pytest.raises(RecordInvalid, match=r"record records\[1\]: field 'target_new': target_new is missing"):
+        lens.run_many([easyedit(*FACTS[1]), "no target here"], progress=False)
+    with pytest.raises(RecordInvalid, match=r"record records\[0\]: field 'subject': subject 'Louvre' does not occur"):
+        lens.run(EIFFEL, target=" Rome", subject="Louvre")  # a subject that is given is checked
+
+
+def test_custom_metric_changes_loss_and_gradients(tiny_lm):
+    """metric= on a padded batch of two prompts: each prompt's loss and every MLP gradient equal plain autograd of
+    that metric on that prompt alone, and differ from the default NLL's."""
+    lens = api_lens(tiny_lm)
+    texts = [EIFFEL, "Paris is the capital of the country of"]
+    rome, france = (lens._prepare(t, "x", target=w).target_new_id for t, w in zip(texts, [" Rome", " France"]))
+
+    def margin(logits):  # a logit difference, as in TransformerLens tutorials: no softmax at all
+        return logits[france] - 2.0 * logits[rome]
+
+    custom = lens.run_many(texts, target=[" Rome", " France"], metric=margin, progress=False)
+    default = lens.run_many(texts, target=[" Rome", " France"], progress=False)
+    assert len({r.prepared.n_tokens for r in custom}) > 1  # one batch, with padding
+    for res, base in zip(custom, default):
+        ref, loss = metric_autograd(tiny_lm, res.prepared, margin)
+        assert res.loss == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert res.prompts.loss.iloc[0] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert res.loss != pytest.approx(base.loss, rel=1e-3) and res.key != base.key
+        for (layer, matrix), g in mlp(ref).items():
+            rebuilt = res.gradient(layer, matrix)
+            assert ((rebuilt - g).norm() / g.norm()).item() <= 1e-5, (layer, matrix)
+            assert not torch.allclose(rebuilt, base.gradient(layer, matrix), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match=r"metric on records\[0\]: must return a scalar tensor, got \(\d+,\)"):
+        lens.run(EIFFEL, target=" Rome", metric=lambda logits: logits * 2)
+    with pytest.raises(ValueError, match=r"metric on records\[0\]: its value does not depend on the logits"):
+        lens.run(EIFFEL, target=" Rome", metric=lambda logits: torch.tensor(1.0))
+
+
+def test_result_help_maps_sites_to_transformerlens_and_nnsight():
+    import blens
+
+    doc = blens.Result.__doc__
+    for name in ("blocks.{l}.ln2.hook_normalized", "blocks.{l}.hook_mlp_out", "blocks.{l}.hook_attn_out",
+                 "blocks.{l}.hook_resid_post", "mlp.up_proj.input", "mlp.down_proj.output.grad",
+                 "self_attn.o_proj.output.grad", "W_in", "W_gate", "W_out", "W_Q", "W_K", "W_V", "W_O", "c_fc"):
+        assert name in doc, name
+    assert "run_with_cache" in doc and "nnsight" in doc

@@ -67,7 +67,11 @@ def sandbox(tmp_path_factory) -> Path:
     blens = repo / ".venv" / "bin" / "blens"
     blens.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m blens.cli "$@"\n')
     blens.chmod(0o755)
-    (repo / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    # a wrapper, not a symlink: a symlinked venv python outside its venv finds no pyvenv.cfg and loses the
+    # venv's packages (the README's plain-DuckDB line imports duckdb with it)
+    python = repo / ".venv" / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     return repo
 
 

@@ -19,9 +19,11 @@ def init_sql(
 ) -> None:
     """Print the SQL that makes the warehouse queryable from a plain DuckDB session, no project code needed.
 
-    Save it and run `duckdb -init FILE` (DuckDB 1.4.4 CLI), or `duckdb.connect().execute(open(FILE).read())`
-    in Python. Every table and view is then queryable by name; the views live in the warehouse's catalog,
-    so a persisted DuckDB database keeps working in the next session after running the same SQL.
+    Save it and run `duckdb.connect().execute(open(FILE).read())` in Python (only `duckdb` needed), or
+    `duckdb -init FILE` in a DuckDB 1.4.4 CLI. Every table and view is then queryable by name; the views live
+    in the warehouse's catalog, so a persisted DuckDB database keeps working in the next session after running
+    the same SQL. The SQL names no path in this checkout: the extensions load from DuckDB's standard directory
+    (~/.duckdb/extensions), where scripts/setup.sh installs the bundled ones (offline).
     """
     from blens.store.lake import init_sql as make_sql, is_warehouse
 
