@@ -260,8 +260,10 @@ def _fig19(con, sc: Scope) -> Reading:
     small = min(n_true[0], n_true[1] - n_true[0])
     if small < MIN_GROUP:
         verdict = "holds partly" if verdict == "holds" else verdict
+        top = _one(con, "SELECT model_answer_token, count(*) FROM prompts WHERE model = ? AND settings = ? "
+                   "GROUP BY ALL ORDER BY 2 DESC, 1 LIMIT 1", [sc.model, sc.settings])
         reason = (f"one group has only {small} prompts (< {MIN_GROUP}): the model rarely answers CounterFact's true "
-                  "object with its first token")
+                  f"object with its first token (its most frequent argmax is {top[0]!r}, for {top[1]} prompts)")
     return Reading(FIG19, sc.model, sc.settings, ours, verdict, reason)
 
 
