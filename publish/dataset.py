@@ -29,7 +29,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blens.store.connect import connect
+from blens.store.connect import connect_pinned
 from blens.store.lake import sql_str
 from blens.store.schema import TABLES
 
@@ -84,6 +84,7 @@ class PublishResult:
     splits: dict[str, SplitInfo]
     card: Path
     pushed_to: str | None = None
+    snapshot: int | None = None  # the DuckLake snapshot version every table was read at
 
 
 # ----------------------------------------------------------------------------------------- schema
@@ -158,7 +159,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
     out = Path(out)
     _prepare_out(out, warehouse)
     try:
-        con = connect(warehouse)
+        con, snapshot = connect_pinned(warehouse)  # every table at one snapshot, named in the card
     except FileNotFoundError as exc:
         raise PublishError(str(exc)) from None
     if count_rows(con, "prompts") == 0:
@@ -191,7 +192,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
         del dsets
         shutil.rmtree(stage / ".cache", ignore_errors=True)
         shutil.rmtree(stage / ".spill", ignore_errors=True)
-        card = render_card(con, splits, repo_id=repo_id)
+        card = render_card(con, splits, repo_id=repo_id, snapshot=snapshot)
         (stage / "README.md").write_text(card, encoding="utf-8")
         replace_directory(stage, out)
     finally:
@@ -200,7 +201,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
         con.close()
     for s in splits.values():
         s.files = [out / "data" / s.name / PARQUET_NAME]
-    return PublishResult(out=out, splits=splits, card=out / "README.md")
+    return PublishResult(out=out, splits=splits, card=out / "README.md", snapshot=snapshot)
 
 
 # ------------------------------------------------------------------------------------------ push
