@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -34,7 +33,7 @@ from blens.store.lake import sql_str
 from blens.store.schema import TABLES
 
 from .card import render_card
-from .output import output_dir_problem, replace_directory
+from .output import output_dir_problem, replace_directory, stage_dir
 
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
 # Published only when non-empty (a config with no rows cannot be loaded): runs, models and errors always
@@ -167,9 +166,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
 
     if not progress:
         datasets.disable_progress_bars()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    stage = stage_dir(out)
     try:
         con.execute(f"SET memory_limit = '{PUBLISH_MEMORY_LIMIT}'")
         con.execute(f"SET temp_directory = {sql_str(stage / '.spill')}")

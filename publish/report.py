@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from blens.store.connect import connect_pinned
 
 from . import figures as F
-from .output import output_dir_problem, replace_directory
+from .output import output_dir_problem, replace_directory, stage_dir
 from .tokens import _plain, case_grid, grid_caption
 
 DEFAULT_N_CASES = 2
@@ -173,8 +172,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
                           "`blens extract` command once (it computes nothing again and updates the views)")
     chosen = resolve_cases(con, cases)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage = stage_dir(out)
     figs = stage / "figures"
     figs.mkdir(parents=True)
     try:

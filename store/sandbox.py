@@ -189,10 +189,25 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: str | os.PathLike, *, m
     con.execute("SET lock_configuration = true")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def private_temp_dir() -> Iterator[str]:
-    """A temp folder for DuckDB to spill into, removed afterwards (a killed run's: see ``clean_stale``)."""
-    path = tempfile.mkdtemp(prefix="blens-sql-")
+    """A temp folder for DuckDB to spill into (``blens-sql-<pid>-*``), removed afterwards; those of killed
+    runs (their pid is gone) are removed here, so spill files never pile up in the temp folder."""
+    for stale in Path(tempfile.gettempdir()).glob("blens-sql-*"):
+        pid = stale.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=f"blens-sql-{os.getpid()}-")
     try:
         yield path
     finally:

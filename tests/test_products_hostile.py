@@ -4,6 +4,7 @@ like math, HTML, Markdown or a local path neither crashes the report nor reaches
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -108,3 +109,40 @@ def test_public_name_keeps_hub_ids_and_drops_folders():
     assert public_name("smollm2-135m") == "smollm2-135m"
     assert public_name("/home/u/models/tiny/") == "tiny"
     assert public_name("~/m/x") == "x" and public_name("./m/x") == "x" and public_name("C:\\m\\x") == "x"
+
+
+def test_stages_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    """kill -9 during publish/report left `.<out>.partial-*` folders that nothing removed; the next run
+    removes those whose process is gone (and an older blens's, without a pid), never a running one's."""
+    import subprocess
+    import sys
+
+    from blens.publish.output import stage_dir
+
+    out = tmp_path / "dataset"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".dataset.partial-{dead.pid}-abcd1234", tmp_path / ".dataset.partial-0a1b2c3d",
+             tmp_path / f".dataset.old-{dead.pid}-abcd1234"]
+    live = tmp_path / f".dataset.partial-{os.getpid()}-live0000"
+    for d in stale + [live]:
+        (d / "data").mkdir(parents=True)
+    stage = stage_dir(out)
+    assert not any(d.exists() for d in stale) and live.exists() and stage.is_dir()
+
+
+def test_sql_spill_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from blens.store.sandbox import private_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"blens-sql-{dead.pid}-x1").mkdir()
+    (tmp_path / f"blens-sql-{os.getpid()}-x2").mkdir()
+    with private_temp_dir() as mine:
+        assert os.path.isdir(mine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"blens-sql-{os.getpid()}-x2"]
