@@ -34,7 +34,7 @@ from typing import Iterator
 import duckdb
 
 from .files import catalog_files
-from .lake import DATA_DIR, LAKE, extension_dir, is_remote, sql_str
+from .lake import DATA_DIR, extension_dir, is_remote, sql_str
 
 
 class QueryRefused(ValueError):
@@ -260,4 +260,4 @@ def memory_error(exc: duckdb.Error, memory_limit: str) -> QueryLimit | None:
 
 
 __all__ = ["ALLOWED_TABLE_FUNCTIONS", "QueryLimit", "QueryRefused", "check_query", "lock_down", "run_query",
-           "time_limit", "LAKE"]
+           "time_limit"]
