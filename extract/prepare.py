@@ -35,6 +35,19 @@ SEGMENT_SUBJECT, SEGMENT_LAST, SEGMENT_OTHER = "subject", "last", "other"
 ROLES = ("bos", "before_subject", "first_subject", "middle_subject", "last_subject", "first_subsequent",
          "further", "last")
 
+_LONGEST: dict[int, int] = {}
+
+
+def longest_token(tokenizer) -> int:
+    """The most characters one token of ``tokenizer`` covers (its longest vocabulary entry, at least 1 per
+    byte for byte-level vocabularies, plus the 2-character margin of a space marker), so a text longer than
+    n x this has more than n tokens: an exact bound, checked without tokenizing."""
+    key = id(tokenizer)
+    if key not in _LONGEST:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _LONGEST[key] = max((len(t) for t in vocab), default=64) + 2
+    return _LONGEST[key]
+
 
 @dataclass(frozen=True)
 class PreparedPrompt:
@@ -144,6 +157,12 @@ def prepare(record: EditRecord, tokenizer, max_tokens: int | None,
     def error(field: str, message: str) -> RecordError:
         return RecordError(case_id=record.case_id, field=field, message=message, source=record.source)
 
+    bound = min((b for b in (max_tokens, max_prompt_tokens) if b is not None), default=None)
+    if bound is not None and len(record.prompt) > bound * longest_token(tokenizer):
+        # Before tokenizing: a 200 MB prompt aborted the whole process inside the tokenizer (SIGABRT).
+        return error("prompt", f"prompt is {len(record.prompt):,} characters, more than {bound} tokens can hold "
+                               f"(at most {longest_token(tokenizer)} characters each); refused before tokenizing "
+                               "(raise the limit with --max-prompt-tokens)")
     enc = tokenizer(record.prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
     ids = list(enc["input_ids"])
     if not ids:

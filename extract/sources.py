@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 import re
@@ -35,11 +36,44 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _Row = tuple[str, Any]  # (source label, parsed record or a RecordError for an unparsable line)
 
 
-def _read_bytes(path: Path) -> bytes:
+# Limits checked before anything is parsed: a source file is read whole, so an endless or huge one must be
+# refused by its size, and a record far beyond any CounterFact record (a few KB) by its length, before the
+# parser (or the tokenizer, which aborted the whole process on a 200 MB prompt) sees it.
+MAX_SOURCE_BYTES = 1 << 30  # 1 GiB per file (CounterFact's largest file is ~30 MB)
+MAX_LINE_BYTES = 1 << 20  # 1 MiB per JSONL line (one record)
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """``path``'s stat if it is a regular file within MAX_SOURCE_BYTES; else one DataSourceError naming what it
+    is. Checked with stat, which never blocks: opening a FIFO waits for a writer, forever."""
     try:
-        return path.read_bytes()
+        st = path.stat()
     except OSError as exc:
         raise DataSourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise DataSourceError(f"{path} is {kind}, not a regular .json/.jsonl file")
+    if st.st_size > MAX_SOURCE_BYTES:
+        raise DataSourceError(f"{path} is {st.st_size:,} bytes, more than the {MAX_SOURCE_BYTES:,}-byte limit of a "
+                              "data file; split it into several files in a directory")
+    return st
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The whole file, refused by type and size first, and read with a bound (a file that grows while read,
+    or reports size 0 like /proc files, stops at the limit instead of filling memory)."""
+    check_regular_file(path)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            data = f.read(MAX_SOURCE_BYTES + 1)
+    except OSError as exc:
+        raise DataSourceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_SOURCE_BYTES:
+        raise DataSourceError(f"{path} holds more than the {MAX_SOURCE_BYTES:,}-byte limit of a data file")
+    return data
 
 
 def _json_rows(path: Path, data: bytes | None = None) -> list[_Row]:
@@ -73,6 +107,10 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
 def _jsonl_lines(path: Path, data: bytes) -> Iterator[_Row]:
     for lineno, line in enumerate(data.splitlines(), start=1):
         label = f"{path.name}:{lineno}"
+        if len(line) > MAX_LINE_BYTES:
+            yield label, RecordError(None, "json", f"line is {len(line):,} bytes, more than the {MAX_LINE_BYTES:,}-byte "
+                                     "limit of one record", label)
+            continue
         try:
             text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as exc:
@@ -109,7 +147,8 @@ def _dir_rows(path: Path) -> Iterator[_Row]:
     anywhere in the directory is a DataSourceError naming it *now* (the CLI checks the source before it
     loads a model), not after the records of the files before it were processed.
     """
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".json", ".jsonl"))
+    # Not only regular files: a FIFO or device named *.json is refused by name (_read_bytes), not skipped.
+    files = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in (".json", ".jsonl"))
     if not files:
         raise DataSourceError(f"no .json or .jsonl files in directory {path}")
     parts: list[Iterable[_Row]] = []

@@ -40,7 +40,7 @@ import threading
 import types
 from typing import Any, Callable, Iterator
 
-__all__ = ["SERVE_PID_ENV", "api_for_child_processes", "arm_ephemeral_server", "bind_to_serving_process",
+__all__ = ["SERVE_PID_ENV", "api_for_child_processes", "exit_after", "server_reachable", "watch_server", "arm_ephemeral_server", "bind_to_serving_process",
            "ensure_local_api", "forget_terminations", "parent_death_preexec", "prepare_process", "quiet_sigterm_bridge", "termination_kept",
            "termination_raised"]
 
@@ -269,7 +269,72 @@ def bind_to_serving_process(sig: int = signal.SIGTERM) -> bool:
         prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != int(expected):  # it died before the death signal was armed
         os.kill(os.getpid(), sig)
+    termination_hooks.append(lambda signum: exit_after(FLOW_RUN_EXIT_GRACE_S, 128 + signum))
+    url = os.environ.get("PREFECT_API_URL", "")
+    if url:
+        watch_server(url, on_lost=_end_flow_run_without_server)
     return True
+
+
+# --- losing the Prefect server ------------------------------------------------------------------------------
+#
+# When the server of a `blens serve` dies mid-run, Prefect's clients in the flow-run process retry their
+# events and logs for good (35-65 % CPU), and its SIGTERM handler reports the crash to the dead server, so
+# the death signal `blens serve` arranged did not end it either: it lived on, orphaned (parent 1, 1.3 GB).
+# A flow-run process of `blens serve` therefore watches the server and ends itself when it is gone (every
+# batch commits on its own, so ending at any moment loses nothing committed), and after a SIGTERM it exits
+# within FLOW_RUN_EXIT_GRACE_S whatever Prefect is still trying to report.
+
+FLOW_RUN_EXIT_GRACE_S = 15.0
+SERVER_CHECK_INTERVAL_S = 5.0
+SERVER_LOST_AFTER = 3  # consecutive failed health checks (~15 s): a restart of the server is not a loss
+EXIT_SERVER_LOST = 1
+
+
+def server_reachable(url: str, timeout: float = 3.0) -> bool:
+    """The Prefect API at ``url`` answers its health check (stdlib only: no client, no retries)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            return resp.status == 200
+    except Exception:  # noqa: BLE001 - refused, reset, timed out, HTTP error: all "not reachable"
+        return False
+
+
+def watch_server(url: str, *, on_lost: Callable[[str], None], interval: float = SERVER_CHECK_INTERVAL_S,
+                 failures: int = SERVER_LOST_AFTER) -> threading.Thread:
+    """A daemon thread calling ``on_lost(url)`` once the server failed ``failures`` checks in a row."""
+
+    def run() -> None:
+        missed = 0
+        while True:
+            missed = 0 if server_reachable(url, timeout=min(3.0, interval)) else missed + 1
+            if missed >= failures:
+                on_lost(url)
+                return
+            threading.Event().wait(interval)
+
+    thread = threading.Thread(target=run, name="blens-server-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_after(seconds: float, code: int) -> None:
+    """End the process with ``code`` in ``seconds`` unless it has ended by then (a daemon timer)."""
+    timer = threading.Timer(seconds, os._exit, (code,))
+    timer.daemon = True
+    timer.start()
+
+
+def _end_flow_run_without_server(url: str) -> None:
+    logging.disable(logging.CRITICAL)  # Prefect's handlers would only retry the dead server
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"blens: the Prefect server at {url} has not answered for "
+                         f"{SERVER_LOST_AFTER * SERVER_CHECK_INTERVAL_S:.0f} s: ending this flow run (its committed "
+                         "batches are kept; the next run extracts the rest)\n")
+        sys.stderr.flush()
+    os._exit(EXIT_SERVER_LOST)
 
 
 def prepare_process() -> None:

@@ -18,14 +18,18 @@ Flow runs are processes the Runner starts (``python -m prefect.engine`` with the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import threading
+import time
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from .prefect_runtime import SERVE_PID_ENV
 
-__all__ = ["Serving", "ServeFailed"]
+__all__ = ["Serving", "ServeFailed", "end_children"]
 
 
 class ServeFailed(RuntimeError):
@@ -112,6 +116,45 @@ class Serving:
             except RuntimeError:  # the loop closed in the meantime
                 pass
         return self._finished.wait(timeout)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def end_children(grace: float = 5.0) -> int:
+    """End this process's children (the Runner's flow-run processes) and their groups ourselves: SIGTERM,
+    then SIGKILL after ``grace`` s. For a stop without a server, when the Runner cannot cancel runs in
+    order (it would report each step to the dead server first). Returns how many there were."""
+    kids = _children(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for kid in kids:
+            with contextlib.suppress(OSError):
+                if os.getpgid(kid) == kid:
+                    os.killpg(kid, sig)  # the run's own group (bind_to_serving_process): its children too
+                else:
+                    os.kill(kid, sig)
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and any(_running(k) for k in kids):
+            time.sleep(0.1)
+    return len(kids)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` (our child) has not ended; reaps it if it has."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _describe(exc: BaseException) -> str:

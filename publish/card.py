@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from blens.store.schema import SCHEMA_VERSION
@@ -143,13 +144,59 @@ def dataset_name(source: str) -> str:
     return text
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]{}|$~#!<>&])")
+
+
 def _md_escape(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A value as literal Markdown text on one line: no HTML (``<script>``), no code span or emphasis from
+    backticks or stars, no math from ``$...$`` and no table cell split by ``|``, whatever a file or model
+    name holds. Every Markdown punctuation character that could start one is backslash-escaped (CommonMark
+    shows the character itself); ``<``, ``>`` and ``&`` too, so raw HTML never reaches a renderer."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+class Raw(str):
+    """A table cell this module wrote itself (code spans of schema names): put into the Markdown as it is."""
+
+
+def _code(value: object) -> str:
+    """A code span for an identifier (run id, revision, fingerprint) made of safe characters; anything else
+    is escaped text."""
+    text = str(value)
+    return Raw(f"`{text}`" if re.fullmatch(r"[\w.:+-]+", text) else _md_escape(text))
+
+
+def _fence(text: str, lang: str = "") -> str:
+    """``text`` in a code block whose fence is longer than any backtick run inside it (it cannot close early)."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def public_name(name: object) -> str:
+    """How a card names a model or file: a local path by its last part (a card is published; the folders
+    of the machine that extracted are not part of the data), a hub id or plain name as it is."""
+    text = str(name)
+    if re.match(r"^(/|~|\.{1,2}[/\\]|[A-Za-z]:[/\\]|\\\\)", text) or os.path.exists(text):
+        windows = re.match(r"^([A-Za-z]:[/\\\\]|\\\\)", text)
+        return re.split(r"[/\\\\]" if windows else "/", text.rstrip("/\\" if windows else "/"))[-1] or text
+    return text
+
+
+def _scrub_paths(value):
+    """Settings with every local path replaced by its last part (see :func:`public_name`)."""
+    if isinstance(value, dict):
+        return {k: _scrub_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_paths(v) for v in value]
+    if isinstance(value, str):
+        return public_name(value)
+    return value
 
 
 def _md_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c if isinstance(c, Raw) else _md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -232,7 +279,7 @@ def _stats_sections(con) -> list[str]:
     out: list[str] = []
     models = [r[0] for r in con.sql("SELECT DISTINCT model FROM prompts ORDER BY 1").fetchall()]
     for model in models:
-        out.append(f"### {model}\n")
+        out.append(f"### {_md_escape(public_name(model))}\n")
         rows = con.execute(
             "SELECT layer, matrix, rate, mean_rank, mean_n_tokens, n FROM rank_equals_length WHERE model = ? "
             f"AND {_MAIN} ORDER BY layer, matrix", [model]).fetchall()
@@ -279,14 +326,15 @@ def _stats_sections(con) -> list[str]:
     return out
 
 
-def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
+def render_card(con, splits: dict, *, repo_id: str | None = None, snapshot: int | None = None) -> str:
     import yaml
 
     runs = con.sql("SELECT run_id, model, model_revision, dataset, dataset_fingerprint, config_json, "
                    "created_at, code_version, kind FROM runs ORDER BY created_at").fetchall()
     per_run = dict(con.sql("SELECT run_id, count(*) FROM prompts GROUP BY run_id").fetchall())
     errors = dict(con.sql("SELECT run_id, count(*) FROM errors GROUP BY run_id").fetchall())
-    models = sorted({r[1] for r in runs} | {r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
+    models = sorted({public_name(r[1]) for r in runs}
+                    | {public_name(r[0]) for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
     n_prompts = splits["prompts"].num_rows
     pretty = "Backward Lens gradients" + (f" ({', '.join(models)})" if models else "")
     license_meta, license_line = model_license(models)
@@ -294,7 +342,7 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
 
     md: list[str] = []
     md.append("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000) + "---\n")
-    md.append(f"# {pretty}\n")
+    md.append(f"# {_md_escape(pretty)}\n")
     md.append(
         "Gradients of a language model's MLP matrices for CounterFact knowledge-editing prompts, in the form the "
         "paper *Backward Lens: Projecting Language Model Gradients into the Vocabulary Space* (Katz, Belinkov, "
@@ -306,12 +354,15 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
         "*shift*), and optionally the vectors themselves. The loss is the cross-entropy of the first token of "
         "the counterfactual `target_new` at the prompt's last position.\n")
     md.append(f"It has {n_prompts:,} prompts from {len(runs)} extraction run(s). Every number below was computed "
-              "from these rows by the SQL views of the `blens` warehouse.\n")
+              "from these rows by the SQL views of the `blens` warehouse"
+              + (f", all read at one DuckLake snapshot (version {int(snapshot)})" if snapshot is not None else "")
+              + ".\n")
 
     md.append("## Source\n")
     run_rows = []
     for run_id, model, rev, dataset, fp, cfg, created, code, kind in runs:
-        run_rows.append([f"`{run_id}`", model, f"`{rev}`", dataset_name(dataset), f"`{fp[:16]}`", per_run.get(run_id, 0),
+        run_rows.append([_code(run_id), public_name(model), _code(rev), dataset_name(dataset), _code(fp[:16]),
+                         per_run.get(run_id, 0),
                          errors.get(run_id, 0), kind, str(created)[:19], code])
     md.append(_md_table(["run", "model", "revision", "dataset", "fingerprint", "prompts", "skipped records",
                          "kind", "created (UTC)", "code"], run_rows) + "\n")
@@ -325,10 +376,10 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
             settings.pop("warehouse", None)  # a path on the machine that extracted: not part of the data
             if "data" in settings:
                 settings["data"] = dataset_name(settings["data"])
-            cfg = json.dumps(settings, indent=2, sort_keys=True)
-        except (TypeError, ValueError):
-            pass
-        md.append(f"Run `{run_id}`:\n\n```json\n{cfg}\n```\n")
+            cfg = json.dumps(_scrub_paths(settings), indent=2, sort_keys=True)
+        except (TypeError, ValueError, AttributeError):
+            cfg = "(settings not readable as JSON)"
+        md.append(f"Run {_code(run_id)}:\n\n{_fence(cfg, 'json')}\n")
 
     md.append("## Tables\n")
     md.append("Locally (`datasets.load_from_disk`) each table is a split of one `DatasetDict`; on the Hub and in "
@@ -336,7 +387,8 @@ def render_card(con, splits: dict, *, repo_id: str | None = None) -> str:
     for name, s in splits.items():
         md.append(f"### `{name}` — {s.num_rows:,} rows\n")
         md.append(SPLIT_DOCS.get(name, "") + "\n")
-        rows = [[f"`{col}`", f"`{_feature_repr(feat)}`", COLUMN_DOCS.get(col, "")] for col, feat in s.features.items()]
+        rows = [[Raw(f"`{col}`"), Raw(f"`{_feature_repr(feat)}`"), Raw(COLUMN_DOCS.get(col, ""))]
+                for col, feat in s.features.items()]
         md.append(_md_table(["column", "type", "meaning"], rows) + "\n")
 
     md.append("## Headline statistics\n")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -29,12 +28,12 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blens.store.connect import connect
+from blens.store.connect import connect_pinned
 from blens.store.lake import sql_str
 from blens.store.schema import TABLES
 
 from .card import render_card
-from .output import output_dir_problem, replace_directory
+from .output import output_dir_problem, replace_directory, stage_dir
 
 REQUIRED_SPLITS = ("prompts", "tokens", "gradient_ranks", "projections")
 # Published only when non-empty (a config with no rows cannot be loaded): runs, models and errors always
@@ -87,6 +86,7 @@ class PublishResult:
     splits: dict[str, SplitInfo]
     card: Path
     pushed_to: str | None = None
+    snapshot: int | None = None  # the DuckLake snapshot version every table was read at
 
 
 # ----------------------------------------------------------------------------------------- schema
@@ -161,7 +161,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
     out = Path(out)
     _prepare_out(out, warehouse)
     try:
-        con = connect(warehouse)
+        con, snapshot = connect_pinned(warehouse)  # every table at one snapshot, named in the card
     except FileNotFoundError as exc:
         raise PublishError(str(exc)) from None
     if count_rows(con, "prompts") == 0:
@@ -169,9 +169,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
 
     if not progress:
         datasets.disable_progress_bars()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
+    stage = stage_dir(out)
     try:
         con.execute(f"SET memory_limit = '{PUBLISH_MEMORY_LIMIT}'")
         con.execute(f"SET temp_directory = {sql_str(stage / '.spill')}")
@@ -194,7 +192,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
         del dsets
         shutil.rmtree(stage / ".cache", ignore_errors=True)
         shutil.rmtree(stage / ".spill", ignore_errors=True)
-        card = render_card(con, splits, repo_id=repo_id)
+        card = render_card(con, splits, repo_id=repo_id, snapshot=snapshot)
         (stage / "README.md").write_text(card, encoding="utf-8")
         replace_directory(stage, out)
     finally:
@@ -203,7 +201,7 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
         con.close()
     for s in splits.values():
         s.files = [out / "data" / s.name / PARQUET_NAME]
-    return PublishResult(out=out, splits=splits, card=out / "README.md")
+    return PublishResult(out=out, splits=splits, card=out / "README.md", snapshot=snapshot)
 
 
 # ------------------------------------------------------------------------------------------ push

@@ -41,6 +41,9 @@ def _plt():
         "font.family": "DejaVu Sans", "font.size": 10, "axes.titlesize": 11, "axes.spines.top": False,
         "axes.spines.right": False, "figure.dpi": 100, "savefig.dpi": 110, "axes.grid": True,
         "grid.alpha": 0.3,
+        # Titles and labels carry model names and tokens from the warehouse: never math ("$...$" made
+        # mathtext raise and `blens report` crash) and never TeX.
+        "text.parse_math": False, "text.usetex": False,
     })
     return plt
 

@@ -24,10 +24,42 @@ def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the staging and swap-out folders of ``out`` (``.<name>.partial-<pid>-*``, ``.<name>.old-<pid>-*``)
+    whose process is gone: a publish or report killed with -9 left them, and nothing else would."""
+    removed = []
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if path.is_dir() and (not pid.isdigit() or not _alive(int(pid))):  # no pid: an older blens's
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def stage_dir(out: Path) -> Path:
+    """A fresh folder beside ``out`` to build the new output in (named with our pid, see remove_stale)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    return stage
+
+
 def replace_directory(stage: Path, out: Path) -> None:
     """Swap a fully built directory into place: readers see the old one or the new one, never a mix."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(stage, out)
         shutil.rmtree(old, ignore_errors=True)

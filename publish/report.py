@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blens.store.connect import connect
+from blens.store.connect import connect_pinned
 
 from . import figures as F
-from .output import output_dir_problem, replace_directory
+from .output import output_dir_problem, replace_directory, stage_dir
 from .tokens import _plain, case_grid, grid_caption
 
 DEFAULT_N_CASES = 2
@@ -47,6 +46,7 @@ class ReportResult:
     index: Path
     sections: list[Section]
     cases: list[int]
+    snapshot: int | None = None  # the DuckLake snapshot version every figure was read at
 
     @property
     def figure_files(self) -> list[Path]:
@@ -185,7 +185,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
     if problem:
         raise ReportError(problem)
     try:
-        con = connect(warehouse)
+        con, snapshot = connect_pinned(warehouse)  # every figure from one snapshot, named in the page
     except FileNotFoundError as exc:
         raise ReportError(str(exc)) from None
     n_prompts = con.sql("SELECT count(*) FROM prompts").fetchall()[0][0]
@@ -199,8 +199,7 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
                           "`blens extract` command once (it computes nothing again and updates the views)")
     chosen = resolve_cases(con, cases)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    stage = stage_dir(out)
     figs = stage / "figures"
     figs.mkdir(parents=True)
     try:
@@ -230,11 +229,12 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
         runs = [(run_id, model, describe(model), *rest) for run_id, model, *rest in runs]
         models = sorted({r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
         title = f"Backward Lens report — {', '.join(models)}"
-        generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f" from warehouse snapshot {snapshot}"
         (stage / "index.html").write_text(render_html(title, runs, sections, generated), encoding="utf-8")
         replace_directory(stage, out)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
         con.close()
-    return ReportResult(out=out, index=out / "index.html", sections=sections, cases=[c[0] for c in chosen])
+    return ReportResult(out=out, index=out / "index.html", sections=sections, cases=[c[0] for c in chosen],
+                        snapshot=snapshot)

@@ -147,3 +147,59 @@ def test_a_sibling_writers_half_made_warehouse_is_not_foreign(tmp_path):
     (other / "data" / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(WarehouseError, match="not empty and is not a warehouse"):
         init_warehouse(other)
+
+
+def test_repair_after_a_damaged_prompts_file_leaves_no_orphans_and_the_rerun_counts_exactly(warehouse):
+    """Issue 24: quarantining a `prompts` file used to leave its tokens/ranks/projections behind ("ok"), and
+    the rerun added them again (rank_equals_length said n = 10 for 8 prompts). Now the repair removes every
+    row whose key lost its prompts row, `check` is clean after it, and the rerun's counts are exact."""
+    from blens.store.schema import RESULT_TABLES
+
+    wh, args = warehouse
+    victim = sorted((wh / "data" / "main" / "prompts").glob("*.parquet"))[0]
+    victim.write_bytes(b"not a parquet file at all" * 100)
+    r = blens("check", "--repair", "--warehouse", str(wh))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = blens("check", "--warehouse", str(wh))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout
+    con = connect(wh)
+    for t in RESULT_TABLES[1:]:
+        assert con.execute(f"SELECT count(*) FROM {t} WHERE key NOT IN (SELECT key FROM prompts)").fetchone()[0] == 0, t
+    lost = 4 - con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+    con.close()
+    assert lost > 0
+    r = blens(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"{4 - lost} record(s) already in the warehouse (skipped), {lost} to go" in r.stderr
+    assert blens("check", "--warehouse", str(wh)).returncode == 0
+    con = connect(wh)
+    assert {r[0] for r in con.execute("SELECT DISTINCT n FROM rank_equals_length").fetchall()} == {4}
+    assert con.execute("SELECT (SELECT count(*) FROM tokens) = (SELECT sum(n_tokens) FROM prompts)").fetchone()[0]
+    assert con.execute("SELECT count(*), count(DISTINCT key) FROM prompts").fetchone() == (4, 4)
+    con.close()
+
+
+def test_check_finds_orphan_and_duplicate_rows_in_every_result_table(warehouse):
+    """The invariant is generic over `RESULT_TABLES`: a row of any result table whose key has no prompts row
+    is found and repaired, and so is a key stored twice."""
+    from blens.store.check import check
+    from blens.store.lake import attach
+    from blens.store.schema import RESULT_TABLES
+
+    wh, _ = warehouse
+    con = attach(wh, read_only=False)
+    planted = []
+    try:
+        for t in RESULT_TABLES[1:]:
+            if con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]:
+                con.execute(f"INSERT INTO {t} SELECT * REPLACE ('orphan-{t}' AS key) FROM {t} LIMIT 1")
+                planted.append(f"orphan-{t}")
+        dup = con.execute("SELECT key FROM prompts LIMIT 1").fetchone()[0]
+        con.execute(f"INSERT INTO prompts SELECT * FROM prompts WHERE key = '{dup}'")
+    finally:
+        con.close()
+    assert len(planted) >= 3
+    res = check(wh)
+    assert set(res.incomplete) == set(planted) | {dup}
+    res = check(wh, repair=True)
+    assert res.incomplete == [] and check(wh).ok

@@ -37,6 +37,8 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("blens.store.lake", "WarehouseError"),
     ("blens.store.writer", "WarehouseError"),
     ("blens.store.connect", "QueryRefused"),
+    ("blens.store.sandbox", "QueryRefused"),
+    ("blens.store.sandbox", "QueryLimit"),
     ("blens.flows.extract_flow", "WorkersUnavailable"),
     ("blens.publish.dataset", "PublishError"),
     ("blens.publish.report", "ReportError"),
@@ -146,12 +148,22 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+RESUME_NOTE = "everything committed before it is kept (rerun the same command to resume)"
+_interrupt_note: list[str] = []  # what the interrupted line says after "stopped;" (set by the command)
+
+
+def set_interrupt_note(note: str) -> None:
+    """What an interrupt of this command means for the user. The default is the writers' (extract, edit):
+    a read-only command (``blens sql``) says so instead of promising a resume."""
+    _interrupt_note[:] = [note]
+
+
 def _say_interrupted(signum: int, exit: bool = True) -> None:
     if not _said:
         _said.append(signum)
-        err_console.print(f"[bold red]interrupted[/] by {signal.Signals(signum).name}: stopped; everything "
-                          "committed before it is kept (rerun the same command to resume)", highlight=False,
-                          soft_wrap=True)
+        note = _interrupt_note[0] if _interrupt_note else RESUME_NOTE
+        err_console.print(f"[bold red]interrupted[/] by {signal.Signals(signum).name}: stopped; {note}",
+                          highlight=False, soft_wrap=True)
     if exit:
         sys.exit(128 + signum)
 
@@ -170,6 +182,7 @@ def run_guarded(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     _interrupted.clear()
     _said.clear()
+    _interrupt_note.clear()
     prefect_runtime.forget_terminations()
     if _on_termination not in prefect_runtime.termination_hooks:
         prefect_runtime.termination_hooks.append(_on_termination)

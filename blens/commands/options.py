@@ -7,6 +7,7 @@ rendering ``--help`` never needs to import torch.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Literal, Optional, get_args
 
@@ -36,9 +37,18 @@ Limit = Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
 Warehouse = Annotated[Path, typer.Option("--warehouse", metavar="DIR", help="Warehouse directory (Parquet + views).")]
 Device = Annotated[str, typer.Option("--device", metavar="DEVICE",
                                      help="auto (a GPU when present, else the CPU), cpu, cuda or cuda:N.")]
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# More threads than cores only adds contention (and --threads 1000 was accepted): capped at the usable cores.
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, metavar="N",
-    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).")]
+    "--threads", min=1, max=usable_cores(), metavar="N",
+    help="torch CPU threads, at most the usable cores (default: torch's choice; 1 is faster on a busy machine).")]
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", min=1, metavar="N", show_default="32 on CPU, 256 on CUDA",
     help="Most prompts per backward pass and per Prefect task.")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -91,14 +92,33 @@ def serve_until_stopped(dep, *, cron: str, timezone: str | None) -> None:
     except ServeFailed as exc:
         fail(f"serving {full_name} failed: {exc}", code=1)
     except Interrupted as exc:
-        stopped = serving.stop(STOP_GRACE_S)
         how = signal.Signals(exc.signum).name
+        from blens.flows.prefect_runtime import server_reachable
+
+        if not server_reachable(api_url):
+            _stop_without_server(full_name, how, api_url)
+        stopped = serving.stop(STOP_GRACE_S)
         if not stopped:  # the runner did not finish in time: leave hard (flow runs die with us)
             err_console.print(f"stopped serving {full_name} ({how}) without waiting for the runner "
                               f"after {STOP_GRACE_S:.0f} s", highlight=False, soft_wrap=True)
             raise typer.Exit(128 + exc.signum)
         err_console.print(f"stopped serving {full_name} ({how}): schedule paused, any run in progress cancelled "
                           "(the next run extracts what it left)", highlight=False, soft_wrap=True)
+
+
+def _stop_without_server(full_name: str, how: str, api_url: str) -> None:
+    """The server is gone: the Runner's ordered stop would report each step to it, retrying (47 s, then exit
+    143, and the run's process left orphaned). End the run processes here and exit 0 at once: there is
+    nothing left to report to (Prefect's exit hooks would only retry the dead server too)."""
+    from blens.flows.serving import end_children
+
+    n = end_children(grace=5.0)
+    err_console.print(f"stopped serving {full_name} ({how}): the Prefect server at {api_url} is unreachable, so "
+                      f"{n} run process(es) were ended here and the schedule could not be paused",
+                      highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,19 +1,20 @@
-"""`blens sql`: SQL over the warehouse, read-only and sandboxed."""
+"""`blens sql`: SQL over the warehouse, read-only and confined (``blens.store.sandbox``)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import typer
 
 from . import options
-from ._common import fail
+from ._common import fail, one_line, set_interrupt_note
 from ._tables import print_table
 
 Format = Literal["table", "csv", "json", "markdown"]
+FETCH = 2048  # rows per fetch: a huge result streams out instead of filling memory
 
 
 def sql(
@@ -31,55 +32,96 @@ def sql(
                                         help="Query the warehouse as it was at a snapshot: a version number "
                                         "(`SELECT * FROM ducklake_snapshots('lake')` lists them) or a timestamp "
                                         "such as '2026-11-26 12:00:00+00'."),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.1, max=86400.0, metavar="SECONDS",
+                                  help="Stop a query that runs longer than this."),
+    memory_limit: str = typer.Option("2GB", "--memory-limit", metavar="SIZE",
+                                     help="DuckDB's memory limit for the query (and as much again for spilling "
+                                     "to a private temporary folder), e.g. 512MB or 8GB."),
 ) -> None:
     """Run a read-only SQL query over the warehouse.
 
-    The session is locked down: it attaches the warehouse read-only, and no query can read files or URLs
-    outside the warehouse's own data, install or load extensions, or change settings.
+    The session is locked down: it attaches the warehouse read-only, runs only queries whose table functions
+    are on an allow-list (no file readers, no DuckLake maintenance), can open only the files the catalog
+    lists, and has a time and a memory limit. Every error is one line.
 
     Example: blens sql "SELECT * FROM rank_equals_length ORDER BY layer"
     """
     import duckdb
 
-    from blens.store.connect import QueryRefused, connect, run_query
+    from blens.store import sandbox
+    from blens.store.connect import connect
     from blens.store.lake import WarehouseError
 
+    set_interrupt_note("the query was cancelled; nothing was written")
     if not query.strip():
         fail("the query is empty; e.g. blens sql \"SELECT * FROM rank_equals_length ORDER BY layer\"")
     try:
-        con = connect(warehouse, snapshot=as_of, sandbox=True)
-    except (FileNotFoundError, WarehouseError) as exc:
+        limit = sandbox.check_memory_limit(memory_limit)
+    except sandbox.QueryRefused as exc:
         fail(str(exc))
-    try:
-        rel = run_query(con, query)
-        cols = [d[0] for d in rel.description] if rel.description else []
-        rows = rel.fetchall() if rel.description else []
-        _say_mixed_settings(con)
-    except QueryRefused as exc:
-        fail(str(exc))
-    except duckdb.Error as exc:
-        fail(str(exc).strip())  # DuckDB's whole message: the hints (candidates, LINE n) are the useful part
-    finally:
-        con.close()
-    text = [["NULL" if v is None else str(v) for v in r] for r in rows]
+    with sandbox.private_temp_dir() as tmp:
+        try:
+            con = connect(warehouse, snapshot=as_of, sandbox=True, memory_limit=limit, temp_dir=tmp)
+        except (FileNotFoundError, WarehouseError) as exc:
+            fail(one_line(exc))
+        try:
+            with sandbox.time_limit(con, timeout):
+                rel = sandbox.run_query(con, query)
+                cols = [d[0] for d in rel.description] if rel.description else []
+                _print(rel if rel.description else None, cols, fmt, max_rows)
+                _say_mixed_settings(con)
+        except (sandbox.QueryRefused, sandbox.QueryLimit) as exc:
+            fail(one_line(exc))
+        except duckdb.Error as exc:
+            limit_exc = sandbox.memory_error(exc, limit)
+            # DuckDB's whole message, on one line: the hints (candidates, LINE n) are the useful part
+            fail(one_line(limit_exc or exc))
+        finally:
+            con.close()
+
+
+def _batches(rel) -> Iterator[list[tuple]]:
+    while rel is not None:
+        rows = rel.fetchmany(FETCH)
+        if not rows:
+            return
+        yield rows
+
+
+def _print(rel, cols: list[str], fmt: str, max_rows: int) -> None:
+    """Stream the result: only table format keeps rows (at most ``max_rows``) in memory."""
+    text = lambda r: ["NULL" if v is None else str(v) for v in r]  # noqa: E731
     if fmt == "csv":
         import csv
         w = csv.writer(sys.stdout)
         w.writerow(cols)
-        w.writerows(rows)
+        for rows in _batches(rel):
+            w.writerows(rows)
     elif fmt == "json":
-        sys.stdout.write(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1) + "\n")
+        first = True
+        sys.stdout.write("[")
+        for rows in _batches(rel):
+            for r in rows:
+                item = json.dumps(dict(zip(cols, r)), default=str, indent=1)
+                sys.stdout.write(("\n" if first else ",\n") + "\n".join(" " + line for line in item.splitlines()))
+                first = False
+        sys.stdout.write("\n]\n" if not first else "]\n")
     elif fmt == "markdown":
         esc = lambda v: v.replace("|", "\\|").replace("\n", " ")  # noqa: E731
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-        lines += ["| " + " | ".join(esc(v) for v in r) + " |" for r in text]
-        print("\n".join(lines))
+        print("| " + " | ".join(cols) + " |\n|" + "|".join("---" for _ in cols) + "|")
+        for rows in _batches(rel):
+            print("\n".join("| " + " | ".join(esc(v) for v in text(r)) + " |" for r in rows))
     else:
-        print_table(f"{len(rows)} row(s)", cols, text[:max_rows])
-        if len(rows) > max_rows:
+        shown: list[list[str]] = []
+        n = 0
+        for rows in _batches(rel):
+            shown.extend(text(r) for r in rows[: max(0, max_rows - len(shown))])
+            n += len(rows)
+        print_table(f"{n} row(s)", cols, shown)
+        if n > max_rows:
             from ._common import err_console
 
-            err_console.print(f"({len(rows)} rows, {max_rows} shown; --max-rows or --format csv for all)")
+            err_console.print(f"({n} rows, {max_rows} shown; --max-rows or --format csv for all)")
 
 
 def _say_mixed_settings(con) -> None:
