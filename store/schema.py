@@ -96,7 +96,9 @@ TABLES: dict[str, pa.Schema] = {
         _opt("locality_unchanged", _f32), _opt("target_new_prob", _f32), _opt("target_true_prob", _f32),
         _opt("new_gt_true", _f32), _opt("rephrase_new_gt_true", _f32),
         _opt("update_grad_cosine", _f32), _opt("update_norm", _f32), _opt("error", _str),
-        doc="One row per edit: top-1 efficacy/generalization/locality after editing, ROME-style probability tests.",
+        _opt("converged", _bool), _opt("fluency", _f32),
+        doc="One row per edit: top-1 efficacy/generalization/locality after editing, ROME-style probability tests, "
+            "whether a step-size search converged (NULL: no search), ROME's generation n-gram entropy.",
     ),
     "supersessions": _schema(
         _req("slot", _str), _req("old_key", _str), _req("new_key", _str), _req("superseded_at", _ts),
