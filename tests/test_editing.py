@@ -234,7 +234,7 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
     got = con.execute("SELECT method, n_not_converged, fluency >= 0, mean_update_grad_cosine FROM edit_summary "
                       "ORDER BY method").fetchall()
     assert [g[:3] for g in got] == [("none", 0, True), ("sgd", 0, True), ("shift", 0, True)]
-    assert got[1][3] == pytest.approx(1.0, abs=1e-5) and got[2][3] < 0.99  # each method's own update
+    assert got[1][3] == pytest.approx(1.0, abs=1e-5) and got[2][3] < got[1][3] - 1e-4  # each method's own update
     errs = con.execute("SELECT case_id, stage, field FROM errors ORDER BY case_id").fetchall()
     assert errs == [(10, "edit", "prompt"), (11, "load", "target_new")]
     # defaults are chosen per method from one run's rows (what sweep_flow returns)
