@@ -76,7 +76,7 @@ def our_tables(con) -> list[Table]:
                    avg(locality_unchanged) FILTER (WHERE converged IS NOT FALSE),
                    avg(fluency) FILTER (WHERE converged IS NOT FALSE),
                    count(DISTINCT case_id) AS n_records
-            FROM ok GROUP BY ALL
+            FROM ok GROUP BY method, layer, lr
             ORDER BY CASE method WHEN 'none' THEN 0 WHEN 'shift' THEN 1 WHEN 'shift-minimal' THEN 2
                      WHEN 'shift-normalized' THEN 3 WHEN 'sgd' THEN 4 WHEN 'rome' THEN 5 ELSE 6 END, layer, lr""",
                            [model, dataset]).fetchall()
