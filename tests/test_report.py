@@ -385,7 +385,8 @@ def test_page_renders_in_chromium(report, tmp_path):
         errors = browser.console_errors()
     finally:
         browser.close()
-    assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"]
+    n_tables = sum(1 for sec in report.sections for f in sec.figures if f.table)  # the editing Table 1 (HTML)
+    assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"] - n_tables
     assert state["grids"] == 2
     assert all(w > 0 for w in state["widths"]), state
     assert state["ok"] == "true" and state["figures"] == 5
