@@ -35,7 +35,9 @@ from blens.extract.models import LoadedModel
 from blens.extract.records import EditRecord
 
 from .cases import EditCase
+from .fluency import fluency
 from .metrics import METRIC_COLUMNS, metrics
+from .rome import ROME_DEFAULTS, KeyStatistics, RomeHparams, context_prefixes, rome_update
 from .spec import MATRIX, EditSpec
 
 MINIMAL_START_C = 128.0  # minimal-step search starts at eta = c / (|x_n|^2 |E[t]|^2) with this c
@@ -54,13 +56,14 @@ def shift_update(x_n: torch.Tensor, e_t: torch.Tensor, eta: float) -> torch.Tens
     return eta * torch.outer(x_n, e_t)
 
 
-def update_grad_cosine(x_n: torch.Tensor, e_t: torch.Tensor, grad: torch.Tensor) -> float:
-    """cosine(outer(x_n, E[t]), -grad) (Frobenius), without forming the outer product; eta-free."""
-    x, e, g = x_n.double(), e_t.double(), grad.double()
-    denom = x.norm() * e.norm() * g.norm()
+def update_grad_cosine(update: torch.Tensor, grad: torch.Tensor) -> float:
+    """cosine(update, -grad) (Frobenius) of the update a method actually applies: 1 for sgd (its update is
+    -lr * grad), step-size-free for the shift (its direction is x_n^T E[t] whatever eta)."""
+    u, g = update.double(), grad.double()
+    denom = u.norm() * g.norm()
     if denom == 0:
         return float("nan")
-    return float(-(x @ g @ e) / denom)
+    return float(-(u * g).sum() / denom)
 
 
 @contextlib.contextmanager
@@ -120,12 +123,17 @@ class Probe:
 class Editor:
     """Edits one loaded model, one case at a time, and scores each edit."""
 
-    def __init__(self, lm: LoadedModel, matrix: str = MATRIX):
+    def __init__(self, lm: LoadedModel, matrix: str = MATRIX, *, fluency_tokens: int = 0,
+                 rome_stats: KeyStatistics | None = None, rome_hparams: RomeHparams = ROME_DEFAULTS):
         self.lm = lm
         self.view = lm.view
         self.matrix = matrix
         self.pad_id = lm.tokenizer.pad_token_id
         self.device = self.view.unembedding.device
+        self.fluency_tokens = fluency_tokens
+        self.rome_stats = rome_stats
+        self.rome_hparams = rome_hparams
+        self._prefixes: list[str] | None = None
 
     # -- the pre-edit pass ------------------------------------------------------------------------
     def probe(self, case: EditCase, layers: Iterable[int], *, grad: bool = True) -> Probe:
@@ -191,25 +199,45 @@ class Editor:
     def e_t(self, case: EditCase) -> torch.Tensor:
         return self.view.unembedding[case.target_new_id].detach()
 
-    def update_for(self, spec: EditSpec, probe: Probe) -> tuple[torch.Tensor, float]:
-        """The (d_in, d_out) update of a spec for a probed case, and the effective step size."""
+    def update_for(self, spec: EditSpec, probe: Probe) -> tuple[torch.Tensor, float | None, bool | None]:
+        """The (d_in, d_out) update of a spec for a probed case, the effective step size, and whether a
+        search converged (None for methods without a search: fixed/normalized shift, sgd, rome)."""
         layer = spec.layer
         if spec.method == "sgd":
-            return -spec.lr * probe.grad[layer], spec.lr
+            return -spec.lr * probe.grad[layer], spec.lr, None
+        if spec.method == "rome":
+            return self.rome_update(probe.case, layer), None, None
         x, e = probe.x_n[layer], self.e_t(probe.case)
         scale = float(x.double().norm() ** 2 * e.double().norm() ** 2)
+        converged = None
         if spec.step == "fixed":
             eta = spec.lr
         elif spec.step == "normalized":
             eta = spec.lr / scale
         else:
-            eta = spec.lr * self.minimal_eta(probe, layer, start=MINIMAL_START_C / scale)
-        return shift_update(x, e, eta), eta
+            eta, converged = self.minimal_eta(probe, layer, start=MINIMAL_START_C / scale)
+            eta = spec.lr * eta
+        return shift_update(x, e, eta), eta, converged
 
-    def minimal_eta(self, probe: Probe, layer: int, *, start: float, doublings: int = 16, bisections: int = 5) -> float:
+    def rome_update(self, case: EditCase, layer: int) -> torch.Tensor:
+        """ROME's rank-one update for the case (``blens.edit.rome``); C^-1 from :attr:`rome_stats`."""
+        hp = self.rome_hparams
+        if self._prefixes is None:
+            self._prefixes = context_prefixes(self.lm.model, self.lm.tokenizer, self.device, hp)
+        c_inv = None
+        if hp.mom2_adjustment:
+            if self.rome_stats is None:
+                raise ValueError("ROME needs key statistics (rome_stats) when mom2_adjustment is on")
+            c_inv = self.rome_stats.inverse(layer)
+        r = case.record
+        return rome_update(self.view, self.lm.tokenizer, prompt=r.prompt, subject=r.subject, target_new=r.target_new,
+                           layer=layer, c_inv=c_inv, prefixes=self._prefixes, device=self.device, hp=hp).update
+
+    def minimal_eta(self, probe: Probe, layer: int, *, start: float, doublings: int = 16,
+                    bisections: int = 5) -> tuple[float, bool]:
         """Smallest eta (to ~3%) for which target_new is the argmax after the edit prompt: doubling from
         ``start`` (or halving, when ``start`` already works), then bisection; only the edit prompt is run.
-        Returns the cap if never reached.
+        Returns (eta, converged): (the cap, False) if no step up to the cap makes target_new the argmax.
 
         Halving matters where a small step is enough: Gemma normalises FF2's output before the residual add,
         so its threshold is c ~ 1-10 in normalised units, far below ``start`` (c = 128); bisecting [0, start]
@@ -223,7 +251,7 @@ class Editor:
             return int(logits[0].argmax()) == case.target_new_id
 
         if int(probe.logits[0].argmax()) == case.target_new_id:
-            return 0.0
+            return 0.0, True
         lo, hi = 0.0, start
         if works(hi):
             for _ in range(doublings):  # the same number of halvings: down to start / 2^16, then lo = 0
@@ -237,14 +265,16 @@ class Editor:
                 if works(hi):
                     break
             else:
-                return hi * 2
+                if not works(hi * 2):
+                    return hi * 2, False
+                lo, hi = hi, hi * 2
         for _ in range(bisections):
             mid = (lo + hi) / 2
             if works(mid):
                 hi = mid
             else:
                 lo = mid
-        return hi
+        return hi, True
 
     # -- one case, several specs ---------------------------------------------------------------
     def run_case(self, case: EditCase, specs: Sequence[EditSpec]) -> list[dict]:
@@ -263,30 +293,48 @@ class Editor:
             t0 = time.perf_counter()
             if spec.method == "none":
                 rows.append(self._row(case, spec, metrics=metrics(case, probe.logits, probe.logits),
-                                      seconds=time.perf_counter() - t0))
+                                      fluency=self.fluency(case), seconds=time.perf_counter() - t0))
                 continue
-            cosine = update_grad_cosine(probe.x_n[spec.layer], self.e_t(case), probe.grad[spec.layer])
+            cosine = None
             try:
-                update, eta = self.update_for(spec, probe)
+                update, eta, converged = self.update_for(spec, probe)
                 if not bool(torch.isfinite(update).all()):
                     raise EditError(f"the {spec.label} update is not finite (NaN/inf)")
+                cosine = update_grad_cosine(update, probe.grad[spec.layer])
                 with applied(self.view, spec.layer, update, self.matrix):
                     logits = self.replay(probe, spec.layer)
+                    flu = self.fluency(case)
                 m = metrics(case, logits, probe.logits)
                 rows.append(self._row(case, spec, metrics=m, cosine=cosine, norm=float(update.double().norm()),
-                                      eta=eta, seconds=time.perf_counter() - t0))
+                                      eta=eta, converged=converged, fluency=flu, seconds=time.perf_counter() - t0))
             except Exception as exc:  # noqa: BLE001 - the policy decides
                 if not is_record_failure(exc):
                     raise
                 rows.append(self._row(case, spec, cosine=cosine, error=describe(exc)))
         return rows
 
+    def fluency(self, case: EditCase) -> float | None:
+        """ROME's generation entropy of the model as it is now, on the edit prompt and its paraphrases
+        (``blens.edit.fluency``); None when ``fluency_tokens`` is 0. Continuations are cut to the context."""
+        if not self.fluency_tokens:
+            return None
+        prompts = [case.prompt_ids, *case.rephrase_ids]
+        limit = self.view.max_positions
+        n = self.fluency_tokens
+        if limit is not None:
+            n = min(n, limit - max(len(p) for p in prompts))
+        if n < 3:
+            return None
+        return fluency(self.lm.model, self.lm.tokenizer, prompts, n, self.device)
+
     def _row(self, case: EditCase | EditRecord, spec: EditSpec, *, metrics: dict | None = None,
              cosine: float | None = None, norm: float | None = None, eta: float | None = None,
-             seconds: float | None = None, error: str | None = None) -> dict:
+             converged: bool | None = None, fluency: float | None = None, seconds: float | None = None,
+             error: str | None = None) -> dict:
         record = case.record if isinstance(case, EditCase) else case
         row = {"case_id": record.case_id, "method": spec.label, "layer": spec.layer, "lr": spec.lr,
                "update_grad_cosine": cosine, "update_norm": norm, "error": error,
+               "converged": converged, "fluency": fluency,
                "_eta": eta, "_seconds": seconds, "_source": record.source}
         row.update({k: None for k in METRIC_COLUMNS})
         if metrics:

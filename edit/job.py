@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
@@ -24,7 +25,8 @@ from blens.store.writer import commit_batch, init_warehouse
 from .cases import prepare_case
 from .editor import Editor
 from .metrics import METRIC_COLUMNS
-from .spec import MATRIX, EditConfig, EditSpec, check_layer
+from .rome import ROME_DEFAULTS, KeyStatistics, RomeHparams, stats_texts
+from .spec import MATRIX, TRAIN_FILE, EditConfig, EditSpec, check_layer
 
 
 @dataclass
@@ -45,9 +47,11 @@ class EditBatchResult:
 
 
 def edit_records(lm: LoadedModel, records: Sequence[EditRecord], specs: Sequence[EditSpec],
-                 progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[RecordError]]:
+                 progress: Callable[[int], None] | None = None, *, fluency_tokens: int = 0,
+                 rome_stats: KeyStatistics | None = None,
+                 rome_hparams: RomeHparams = ROME_DEFAULTS) -> tuple[list[dict], list[RecordError]]:
     """Run every spec on every record; returns (result rows, error rows). ``progress(n)`` after each case."""
-    editor = Editor(lm)
+    editor = Editor(lm, fluency_tokens=fluency_tokens, rome_stats=rome_stats, rome_hparams=rome_hparams)
     for spec in specs:
         check_layer(editor.view, spec.layer)
     max_tokens = editor.view.max_positions
@@ -79,23 +83,65 @@ def results_table(rows: Sequence[dict], run_id: str, model: str) -> pa.Table:
         "layer": pa.array([r["layer"] for r in rows], pa.int32()),
         "lr": pa.array([r["lr"] for r in rows], f32),
     }
+    def floats(c: str) -> pa.Array:
+        vals = [r.get(c) for r in rows]
+        return pa.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in vals], f32)
+
     for c in (*METRIC_COLUMNS, "update_grad_cosine", "update_norm"):
-        vals = [r[c] for r in rows]
-        cols[c] = pa.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in vals], f32)
+        cols[c] = floats(c)
     cols["error"] = pa.array([r["error"] for r in rows], pa.string())
+    cols["converged"] = pa.array([r.get("converged") for r in rows], pa.bool_())
+    cols["fluency"] = floats("fluency")
     return pa.table(cols)
+
+
+# v2 (issue 23): each method's own update_grad_cosine, converged, fluency; rows of v1 are not reused.
+METRICS_VERSION = "top1_last_position+rome_prob_tests+v2_own_cosine_converged_fluency"
+
+
+def stats_source(cfg: EditConfig) -> str:
+    """The records whose text estimates ROME's C: ``cfg.stats_data``, else the train split beside the
+    edited data (never held-out text when it is there), else the edited data itself."""
+    if cfg.stats_data:
+        return cfg.stats_data
+    sibling = Path(cfg.data).parent / TRAIN_FILE
+    return str(sibling) if sibling.exists() else cfg.data
+
+
+def rome_statistics(cfg: EditConfig, lm: LoadedModel) -> KeyStatistics | None:
+    """ROME's key statistics for a run, or None when no spec is ROME."""
+    if not any(s.method == "rome" for s in cfg.specs):
+        return None
+    source = stats_source(cfg)
+    loaded = load_records(source, limit=cfg.stats_limit)
+    return KeyStatistics(lm, stats_texts(loaded.records), description=f"{Path(source).name}[:{cfg.stats_limit}]")
+
+
+def spec_identity(spec: EditSpec, cfg: EditConfig | None = None) -> dict:
+    """What besides the record changes an edit's row."""
+    out = {"edit": spec.as_dict(), "matrix": MATRIX, "metrics": METRICS_VERSION,
+           "fluency_tokens": cfg.fluency_tokens if cfg is not None else 0}
+    if spec.method == "rome":
+        out["rome"] = ROME_DEFAULTS.as_dict()
+        if cfg is not None:
+            out["rome_stats"] = {"source": Path(stats_source(cfg)).name, "limit": cfg.stats_limit}
+    return out
 
 
 def edit_settings(cfg: EditConfig) -> dict:
     """What changes an editing run's rows (its identity besides model and data)."""
-    return {"kind": cfg.kind, "matrix": MATRIX, "specs": [s.as_dict() for s in cfg.specs],
-            "metrics": "top1_last_position+rome_prob_tests", "loss": "nll_first_target_token_last_position"}
+    out = {"kind": cfg.kind, "matrix": MATRIX, "specs": [s.as_dict() for s in cfg.specs],
+           "metrics": METRICS_VERSION, "loss": "nll_first_target_token_last_position",
+           "fluency_tokens": cfg.fluency_tokens}
+    if any(s.method == "rome" for s in cfg.specs):
+        out["rome"] = ROME_DEFAULTS.as_dict()
+        out["rome_stats"] = {"source": Path(stats_source(cfg)).name, "limit": cfg.stats_limit}
+    return out
 
 
-def edit_key(lm: LoadedModel, record: EditRecord, spec: EditSpec) -> str:
+def edit_key(lm: LoadedModel, record: EditRecord, spec: EditSpec, cfg: EditConfig | None = None) -> str:
     """An edit result's identity: model, record content and the spec (a rerun skips what is stored)."""
-    settings = {"edit": spec.as_dict(), "matrix": MATRIX, "metrics": "top1_last_position+rome_prob_tests"}
-    return result_key(lm.name, lm.revision, settings, record)
+    return result_key(lm.name, lm.revision, spec_identity(spec, cfg), record)
 
 
 def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
@@ -110,9 +156,9 @@ def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
     store_runs.register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
                             fingerprint=loaded.fingerprint, config=config, kind=cfg.kind, model_facts=model_facts(lm),
                             errors=[store_runs.errors_table(run_id, loaded.errors, "load")])
-    keys = [edit_key(lm, r, s) for r in loaded.records for s in cfg.specs]
+    keys = [edit_key(lm, r, s, cfg) for r in loaded.records for s in cfg.specs]
     stored = existing_results(root, keys, table="edit_results")
-    todo = [r for r in loaded.records if any(edit_key(lm, r, s) not in stored for s in cfg.specs)]
+    todo = [r for r in loaded.records if any(edit_key(lm, r, s, cfg) not in stored for s in cfg.specs)]
     return EditPlan(run_id=run_id, model_name=lm.name, records=todo, n_load_errors=len(loaded.errors),
                     n_skipped_done=len(loaded.records) - len(todo))
 
@@ -120,10 +166,11 @@ def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
 def process_edit_batch(cfg: EditConfig, lm: LoadedModel, run_id: str, records: Sequence[EditRecord]) -> EditBatchResult:
     """Edit and score a batch of records under every spec; commit edit_results + errors atomically."""
     t0 = time.perf_counter()
-    rows, errors = edit_records(lm, records, cfg.specs)
+    rows, errors = edit_records(lm, records, cfg.specs, fluency_tokens=cfg.fluency_tokens,
+                                rome_stats=rome_statistics(cfg, lm))
     by_case = {r.case_id: r for r in records}
     specs = {(s.label, s.layer, s.lr): s for s in cfg.specs}
-    keys = [edit_key(lm, by_case[r["case_id"]], specs[(r["method"], r["layer"], r["lr"])]) for r in rows]
+    keys = [edit_key(lm, by_case[r["case_id"]], specs[(r["method"], r["layer"], r["lr"])], cfg) for r in rows]
     table = results_table(rows, run_id, lm.name)
     commit_batch(cfg.warehouse, {"edit_results": table.add_column(0, "key", pa.array(keys, pa.string())),
                                  "errors": store_runs.errors_table(run_id, errors, "edit")}, kind="edit")

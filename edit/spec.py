@@ -13,7 +13,11 @@ Step-size variants of the shift (``step``):
                   target's logit moves by ~c (times the final norm's gain) whatever the layer's
                   activation scale (lr column = c).
 * ``minimal``     the smallest eta (doubling, then bisection on the edit prompt alone) that makes
-                  target_new the argmax, times a margin factor (lr column = the margin).
+                  target_new the argmax, times a margin factor (lr column = the margin). A search that
+                  never reaches the target stores ``converged = false`` (kept out of edit_summary's means).
+
+Baseline "rome" (``blens.edit.rome``): ROME's rank-one update of the same matrix with ROME's published
+hyper-parameters; it has no step size (lr column NULL).
 """
 
 from __future__ import annotations
@@ -27,18 +31,22 @@ from pydantic import BaseModel, Field
 from blens.extract.adapters import ModelView
 from blens.extract.models import EMBEDDED_NAME
 
-METHODS = ("none", "shift", "sgd")
+from .fluency import FLUENCY_TOKENS
+
+METHODS = ("none", "shift", "sgd", "rome")
 STEPS = ("fixed", "normalized", "minimal")
 MATRIX = "ff2"  # the matrix every method edits (the paper's FF2)
+STATS_LIMIT = 1000  # records of the text sample for ROME's C (EasyEdit layout: 3,000 prompts, ~30,000 tokens)
+TRAIN_FILE = "counterfact-train.json"
 
 
 @dataclass(frozen=True)
 class EditSpec:
     """One editing configuration: which method, where, how big a step."""
 
-    method: str  # none | shift | sgd
+    method: str  # none | shift | sgd | rome
     layer: int | None = None
-    lr: float | None = None  # shift: eta (fixed) / c (normalized) / margin (minimal); sgd: learning rate
+    lr: float | None = None  # shift: eta (fixed) / c (normalized) / margin (minimal); sgd: learning rate; rome: None
     step: str = "fixed"  # shift only
 
     def __post_init__(self) -> None:
@@ -46,6 +54,12 @@ class EditSpec:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.step not in STEPS:
             raise ValueError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
+        if self.method != "shift" and self.step != "fixed":
+            raise ValueError(f"step {self.step!r} applies to method 'shift' only")
+        if self.method == "rome":
+            if self.layer is None or self.lr is not None:
+                raise ValueError("method 'rome' needs a layer and takes no learning rate (ROME's own hyper-parameters)")
+            return
         if self.method != "none" and (self.layer is None or self.lr is None):
             raise ValueError(f"method {self.method!r} needs a layer and a learning rate")
         if self.method != "none" and not (math.isfinite(self.lr) and self.lr > 0):
@@ -81,3 +95,10 @@ class EditConfig(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     kind: Literal["edit", "sweep"] = "edit"
     min_efficacy: float = Field(default=0.95, ge=0, le=1)
+    # Fluency (blens.edit.fluency): greedy new tokens per prompt; 0 = not measured (column NULL).
+    fluency_tokens: int = Field(default=FLUENCY_TOKENS, ge=0)
+    # ROME's key statistics C = E[k k^T] (blens.edit.rome): CounterFact records whose prompts, paraphrases and
+    # neighbourhood prompts are the text sample; None = counterfact-train.json beside ``data`` if it exists,
+    # else ``data`` itself. Only read when a spec is 'rome'.
+    stats_data: str | None = None
+    stats_limit: int = Field(default=STATS_LIMIT, ge=1)

@@ -16,6 +16,7 @@ import pyarrow as pa
 # 4: every result row carries ``settings`` (table ``settings`` maps it to its JSON); tokens and projections
 #    gained ``role`` (ROME's causal-tracing segmentation); prompts the model's own answer, projections its rank;
 #    table ``vjp_similarity`` (Appendix G). Attention matrices joined gradient_ranks (new ``matrix`` values).
+#    edit_results gained ``converged`` and ``fluency`` (issue 23; NULL for older edits).
 SCHEMA_VERSION = 4
 
 _str = pa.string()
@@ -127,7 +128,9 @@ TABLES: dict[str, pa.Schema] = {
         _opt("locality_unchanged", _f32), _opt("target_new_prob", _f32), _opt("target_true_prob", _f32),
         _opt("new_gt_true", _f32), _opt("rephrase_new_gt_true", _f32),
         _opt("update_grad_cosine", _f32), _opt("update_norm", _f32), _opt("error", _str),
-        doc="One row per edit: top-1 efficacy/generalization/locality after editing, ROME-style probability tests.",
+        _opt("converged", _bool), _opt("fluency", _f32),
+        doc="One row per edit: top-1 efficacy/generalization/locality after editing, ROME-style probability tests, "
+            "whether a step-size search converged (NULL: no search), ROME's generation n-gram entropy.",
     ),
     "supersessions": _schema(
         _req("slot", _str), _req("old_key", _str), _req("new_key", _str), _req("superseded_at", _ts),

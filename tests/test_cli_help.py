@@ -74,7 +74,7 @@ def test_help_lists_the_choices(rendered):
     assert re.search(r"--lens-dtype\s+fp32\|bf16\s", h["100 extract"])
     assert re.search(r"--vectors\s+none\|spanning\|all\s", h["100 serve"])
     assert re.search(r"--format\s+table\|csv\|json\|markdown\s", h["100 sql"])
-    assert re.search(r"--method\s+none\|shift\|sgd\s", h["100 edit"])
+    assert re.search(r"--method\s+none\|shift\|sgd\|rome\s", h["100 edit"])
     assert re.search(r"--step\s+fixed\|normalized\|minimal\s", h["100 edit"])
     assert re.search(r"--vector-dtype\s+float32\|float16\s", h["100 publish"])
     assert re.search(r"--force\s{2,}Recompute", h["100 extract"]), "a flag shows no type"

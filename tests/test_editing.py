@@ -55,7 +55,8 @@ def test_shift_update_value_and_orientation(tiny_lm):
     assert torch.allclose(probe.x_n[LAYER], seen["x"], atol=1e-5)
     eta = 0.37
     spec = EditSpec("shift", LAYER, eta)
-    update, eff = ed.update_for(spec, probe)
+    update, eff, converged = ed.update_for(spec, probe)
+    assert converged is None  # a fixed step has no search
     e = tiny_lm.view.unembedding[case.target_new_id]
     assert eff == eta and torch.equal(update, eta * torch.outer(probe.x_n[LAYER], e))
     raw = ed.view.matrix(LAYER, "ff2").weight
@@ -89,13 +90,19 @@ def test_sgd_update_is_minus_lr_autograd_gradient(tiny_lm):
     g_io = g if ed.view.family.weight_is_in_by_out else g.T
     assert torch.allclose(probe.grad[LAYER], g_io, rtol=1e-4, atol=1e-5)
     lr = 2.5
-    update, _ = ed.update_for(EditSpec("sgd", LAYER, lr), probe)
+    update, _, _ = ed.update_for(EditSpec("sgd", LAYER, lr), probe)
     assert torch.equal(update, -lr * probe.grad[LAYER])
     # cosine(shift update, -grad) against a hand computation on the flattened matrices
     e = tiny_lm.view.unembedding[case.target_new_id]
     hand = torch.nn.functional.cosine_similarity(torch.outer(probe.x_n[LAYER], e).flatten().double(),
                                                  -g_io.flatten().double(), dim=0)
-    assert math.isclose(update_grad_cosine(probe.x_n[LAYER], e, g_io), float(hand), rel_tol=1e-6, abs_tol=1e-9)
+    shift_cos = update_grad_cosine(torch.outer(probe.x_n[LAYER], e), g_io)
+    assert math.isclose(shift_cos, float(hand), rel_tol=1e-6, abs_tol=1e-9)
+    # each method's own update: sgd's is -lr * grad, so its cosine is 1 (issue 23: it was the shift's)
+    rows = ed.run_case(case, [EditSpec("sgd", LAYER, lr), EditSpec("shift", LAYER, 0.1)])
+    assert rows[0]["update_grad_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[1]["update_grad_cosine"] == pytest.approx(shift_cos, rel=1e-5)
+    assert rows[1]["update_grad_cosine"] < 0.99
     # the cosine depends on the direction only, not on eta
     row_a = ed.run_case(case, [EditSpec("shift", LAYER, 0.1)])[0]
     row_b = ed.run_case(case, [EditSpec("shift", LAYER, 10.0)])[0]
@@ -113,7 +120,7 @@ def test_weights_restored_bit_exactly_even_on_nan_and_exceptions(tiny_lm, monkey
     assert_same(tiny_lm.model, snap)
     # an update with a NaN: recorded as an error row, model untouched
     monkeypatch.setattr(Editor, "update_for", lambda self, spec, probe: (
-        torch.full_like(self.view.weight(spec.layer, "ff2"), float("nan")), 1.0))
+        torch.full_like(self.view.weight(spec.layer, "ff2"), float("nan")), 1.0, None))
     rows = ed.run_case(case, [EditSpec("shift", LAYER, 0.5)])
     assert rows[0]["error"] and "finite" in rows[0]["error"] and rows[0]["efficacy"] is None
     assert_same(tiny_lm.model, snap)
@@ -215,7 +222,8 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
     name = str(tiny_model_dir)
     snap = snapshot(cached_model(name, "cpu").model)
     specs = [EditSpec("none"), EditSpec("shift", 2, 0.5), EditSpec("sgd", 2, 1.0)]
-    s = edit_flow(EditConfig(model=name, data=str(data), specs=specs, warehouse=str(wh), batch_size=4))
+    s = edit_flow(EditConfig(model=name, data=str(data), specs=specs, warehouse=str(wh), batch_size=4,
+                             fluency_tokens=4))
     assert s.n_records == 6 and s.n_load_errors == 1 and s.n_errors == 1
     assert_same(cached_model(name, "cpu").model, snap)
     con = connect(wh)
@@ -223,6 +231,10 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
                       "ORDER BY method").fetchall()
     assert got == [("none", None, 5, 1, "edit", True), ("sgd", 2, 5, 1, "edit", True),
                    ("shift", 2, 5, 1, "edit", True)]
+    got = con.execute("SELECT method, n_not_converged, fluency >= 0, mean_update_grad_cosine FROM edit_summary "
+                      "ORDER BY method").fetchall()
+    assert [g[:3] for g in got] == [("none", 0, True), ("sgd", 0, True), ("shift", 0, True)]
+    assert got[1][3] == pytest.approx(1.0, abs=1e-5) and got[2][3] < got[1][3] - 1e-4  # each method's own update
     errs = con.execute("SELECT case_id, stage, field FROM errors ORDER BY case_id").fetchall()
     assert errs == [(10, "edit", "prompt"), (11, "load", "target_new")]
     # defaults are chosen per method from one run's rows (what sweep_flow returns)
@@ -235,7 +247,7 @@ def test_cli_rejects_bad_layer_up_front(tiny_model_dir, records_file, tmp_path):
 
     from blens.cli import app
 
-    res = CliRunner().invoke(app, ["edit", "--method", "shift", "--layer", "7", "--lr", "0.1", "--model",
+    res = CliRunner().invoke(app, ["edit", "--method", "shift", "--step", "fixed", "--layer", "7", "--lr", "0.1", "--model",
                                    str(tiny_model_dir), "--data", str(records_file), "--warehouse",
                                    str(tmp_path / "wh")])
     assert res.exit_code != 0 and "out of range" in res.output
@@ -246,11 +258,18 @@ def test_cli_rejects_bad_layer_up_front(tiny_model_dir, records_file, tmp_path):
 
 
 def test_cli_defaults_resolve_to_the_sweep_choice():
+    import typer
+
     from blens.commands.edit import DEFAULTS, resolve_spec
 
     d = DEFAULTS["smollm2-135m"]
     assert resolve_spec("shift", None, None, None, "smollm2-135m") == EditSpec("shift", *d["shift-minimal"], "minimal")
-    assert resolve_spec("shift", None, 24, 0.24, "gpt2") == EditSpec("shift", 24, 0.24, "fixed")  # the paper's eta
+    assert resolve_spec("shift", "fixed", 24, 0.24, "gpt2") == EditSpec("shift", 24, 0.24, "fixed")  # the paper's eta
+    with pytest.raises(typer.Exit):  # --lr never switches the step silently (issue 23)
+        resolve_spec("shift", None, 24, 0.24, "gpt2")
+    assert resolve_spec("rome", None, None, None, "smollm2-135m") == EditSpec("rome", d["rome"][0], None)
+    with pytest.raises(typer.Exit):
+        resolve_spec("rome", None, 3, 0.5, "smollm2-135m")
     assert resolve_spec("shift", "fixed", None, None, "smollm2-135m") == EditSpec("shift", *d["shift"])
     assert resolve_spec("sgd", None, None, None, "smollm2-135m") == EditSpec("sgd", *d["sgd"])
     assert resolve_spec("none", None, None, None, "x") == EditSpec("none")
@@ -264,7 +283,7 @@ def test_rerun_of_an_edit_says_what_was_done_and_skips_it(tiny_model_dir, record
 
     from conftest import ROOT
 
-    args = [sys.executable, "-m", "blens.cli", "edit", "--method", "shift", "--layer", "1", "--lr", "0.5",
+    args = [sys.executable, "-m", "blens.cli", "edit", "--method", "shift", "--step", "fixed", "--layer", "1", "--lr", "0.5",
             "--model", str(tiny_model_dir), "--data", str(records_file), "--warehouse", str(tmp_path / "wh")]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

@@ -177,7 +177,7 @@ def test_edit_replay_uses_each_blocks_own_mask_and_rotary(gemma):
                      locality_prompts=("The Louvre is in",), locality_ground_truths=("Paris",), source="t#0")
     case = prepare_case(rec, gemma.tokenizer)
     probe = ed.probe(case, [0])
-    update, _ = ed.update_for(EditSpec("shift", 0, 5.0), probe)
+    update, _, _ = ed.update_for(EditSpec("shift", 0, 5.0), probe)
     with applied(ed.view, 0, update):
         replay = ed.replay(probe, 0)
         only_edit = ed.replay(probe, 0, rows=slice(0, 1))
@@ -197,11 +197,16 @@ def test_edit_defaults_are_keyed_by_model():
 
     assert set(DEFAULTS) == {SMOLLM2, GEMMA3}
     for model, d in DEFAULTS.items():
-        assert set(d) == {"shift", "shift-normalized", "shift-minimal", "sgd"}
+        assert set(d) == {"shift", "shift-normalized", "shift-minimal", "sgd", "rome"}
         assert resolve_spec("shift", None, None, None, model) == EditSpec("shift", *d["shift-minimal"], "minimal")
         assert resolve_spec("shift", "fixed", None, None, model) == EditSpec("shift", *d["shift"])
         assert resolve_spec("sgd", None, None, None, model) == EditSpec("sgd", *d["sgd"])
+        assert resolve_spec("rome", None, None, None, model) == EditSpec("rome", d["rome"][0], None)
         assert all(0 <= layer < (30 if model == SMOLLM2 else 18) for layer, _ in d.values())
+    # ROME's default layer is its GPT-2 XL depth (17 of 48) on each model
+    from blens.edit.rome import default_layer
+
+    assert DEFAULTS[SMOLLM2]["rome"][0] == default_layer(30) and DEFAULTS[GEMMA3]["rome"][0] == default_layer(18)
 
 
 # -- the embedded-model registry --------------------------------------------------------------------------
@@ -353,7 +358,7 @@ def test_minimal_step_halves_when_the_first_probe_already_works(tiny_lm):
         probe = ed.probe(case, [layer], grad=False)
         x, e = probe.x_n[layer], ed.e_t(case)
         start = 1e-3 / float(x.norm() ** 2 * e.norm() ** 2)  # c = 1e-3 in normalised units: below any threshold
-        from_below = ed.minimal_eta(probe, layer, start=start)
-        assert start < from_below < start * 2**16, lm.name  # found by doubling
-        from_above = ed.minimal_eta(probe, layer, start=from_below * 1000)
-        assert from_above == pytest.approx(from_below, rel=0.1), lm.name
+        from_below, converged = ed.minimal_eta(probe, layer, start=start)
+        assert converged and start < from_below < start * 2**16, lm.name  # found by doubling
+        from_above, converged = ed.minimal_eta(probe, layer, start=from_below * 1000)
+        assert converged and from_above == pytest.approx(from_below, rel=0.1), lm.name

@@ -69,8 +69,9 @@ def test_page_has_every_figure_with_caption(report):
             continue
         imgs = re.findall(r'<img src="([^"]+)"', sec)
         grids = re.findall(r'<div class="blens-grid"', sec)
-        assert imgs or grids, sec[:200]
-        assert len(re.findall(r"<figcaption>[^<]{60,}</figcaption>", sec)) == len(imgs) + len(grids)
+        tables = re.findall(r'<figure>\s*<table class="runs numbers"', sec)  # the editing Table 1
+        assert imgs or grids or tables, sec[:200]
+        assert len(re.findall(r"<figcaption>[^<]{60,}</figcaption>", sec)) == len(imgs) + len(grids) + len(tables)
         for src in imgs:
             assert not src.startswith(("/", "http", "file:")), src  # relative: opens from disk
             w, h = png_size(report.out / src)
@@ -79,6 +80,11 @@ def test_page_has_every_figure_with_caption(report):
     assert len(report.figure_files) == 1 + 2 + 1 + 2  # rank; norms by role and by segment; target rank; edits
     assert all(p.exists() for p in report.figure_files)
     assert "efficacy" in page and "update_grad_cosine" in page
+    # Table 1: the paper's GPT-2 XL rows beside ours, locality shown as accuracy and as preservation
+    table1 = re.search(r'<figure>\s*<table class="runs numbers".*?</figure>', secs[4], flags=re.S).group(0)
+    assert "Katz, Belinkov, Geva, Wolf, EMNLP 2024, Table 1" in table1 and "71.9" in table1 and "99.4" in table1
+    assert "neighbourhood unchanged (locality_unchanged)" in table1 and "Ours: tiny-gpt2" in table1
+    assert re.search(r"<td>rome</td><td>2</td><td></td><td>\d+</td>", table1)
 
 
 def test_without_edits_four_sections_and_default_cases(warehouses, tmp_path):
@@ -382,7 +388,8 @@ def test_page_renders_in_chromium(report, tmp_path):
         errors = browser.console_errors()
     finally:
         browser.close()
-    assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"]
+    n_tables = sum(1 for sec in report.sections for f in sec.figures if f.table)  # the editing Table 1 (HTML)
+    assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"] - n_tables
     assert state["grids"] == 2
     assert all(w > 0 for w in state["widths"]), state
     assert state["ok"] == "true" and state["figures"] == 5

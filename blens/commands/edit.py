@@ -23,6 +23,7 @@ DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
         "shift-normalized": (24, 1024.0),
         "shift-minimal": (24, 1.25),
         "sgd": (24, 3.0),
+        "rome": (11, None),  # ROME's relative depth (GPT-2 XL layer 17 of 48), blens.edit.rome.default_layer
     },
     # 100 train edits x 33 cells (run 55864b3899728c7a); the post-FF norm saturates large steps, so sgd's lr and
     # the normalized c are orders of magnitude below SmolLM2's.
@@ -31,6 +32,7 @@ DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
         "shift-normalized": (15, 2.0),
         "shift-minimal": (15, 1.25),
         "sgd": (12, 0.01),
+        "rome": (6, None),
     },
 }
 # The sweep's minimal step beat the paper's fixed eta on train (97% efficacy / 52% neighbourhood unchanged
@@ -38,28 +40,41 @@ DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
 DEFAULT_SHIFT_STEP = "minimal"
 # The choices of --method and --step, declared here so that --help never imports torch; they are
 # blens.edit.spec's METHODS and STEPS (a test checks).
-Method = Literal["none", "shift", "sgd"]
+Method = Literal["none", "shift", "sgd", "rome"]
 Step = Literal["fixed", "normalized", "minimal"]
 
 
 def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Optional[float], model: str):
     """The EditSpec the options ask for; defaults only for the models they were tuned on (:data:`DEFAULTS`).
 
-    --step defaults to 'minimal' for shift when no --lr is given (the sweep's winner on train), and to
-    'fixed' (the paper's eta) when an --lr is given without --step.
+    --step defaults to 'minimal' for shift (the sweep's winner on train). --lr never changes the step: what
+    --lr means depends on the step (eta, c or a margin), so --lr with --method shift needs --step.
     """
     from blens.edit.spec import METHODS, STEPS, EditSpec
 
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
-    if step is None:
-        step = DEFAULT_SHIFT_STEP if method == "shift" and lr is None else "fixed"
-    if step not in STEPS:
+    if step is not None and step not in STEPS:
         fail(f"--step must be one of {', '.join(STEPS)} (got {step!r})")
-    if method != "shift" and step != "fixed":
+    if method != "shift" and step is not None:
         fail("--step applies to --method shift only")
     if method == "none":
         return EditSpec("none")
+    if method == "rome":
+        if lr is not None:
+            fail("--lr does not apply to --method rome (it uses ROME's published hyper-parameters, blens.edit.rome)")
+        if layer is None:
+            if model not in DEFAULTS:
+                fail(f"--method rome on {model!r} needs --layer (ROME's relative depth 17/48 of the layers is a "
+                     "sensible start; defaults exist for " + " and ".join(DEFAULTS) + ")")
+            layer = DEFAULTS[model]["rome"][0]
+        return EditSpec("rome", layer, None)
+    if method == "shift" and step is None:
+        if lr is not None:
+            fail("--lr with --method shift needs --step: fixed (--lr = eta, the paper), normalized (--lr = c) or "
+                 f"minimal (--lr = margin over the smallest eta; the default step)")
+        step = DEFAULT_SHIFT_STEP
+    step = step or "fixed"
     key = method if step == "fixed" else f"{method}-{step}"
     if layer is None or lr is None:
         if model not in DEFAULTS:
@@ -73,11 +88,24 @@ def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Opt
     return EditSpec(method, layer, lr, step)
 
 
+def describe_spec(spec) -> str:
+    """One line naming every setting an edit run uses, printed before it starts."""
+    if spec.method == "none":
+        return "method none (the unedited model)"
+    if spec.method == "rome":
+        return f"method rome: layer {spec.layer}, ROME's hyper-parameters (blens.edit.rome.RomeHparams)"
+    if spec.method == "sgd":
+        return f"method sgd: layer {spec.layer}, lr {spec.lr:g}"
+    meaning = {"fixed": "eta", "normalized": "c", "minimal": "margin"}[spec.step]
+    return f"method shift: layer {spec.layer}, step {spec.step}, {meaning} {spec.lr:g} (column method = {spec.label})"
+
+
 def edit(
     method: Method = typer.Option(..., "--method", metavar=options.choices(Method),
                                   help="none (unedited baseline) | shift (the paper: W += lr * "
                                "x_n^T E_t on FF2 of --layer, forward pass only) | sgd (one gradient step "
-                               "W -= lr * dL/dW on the same matrix)."),
+                               "W -= lr * dL/dW on the same matrix) | rome (ROME's rank-one update of the same "
+                               "matrix, ROME's hyper-parameters)."),
     data: str = typer.Option(..., "--data", metavar="PATH",
                              help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). "
                              "Report on held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
@@ -90,21 +118,31 @@ def edit(
     lr: Optional[float] = typer.Option(None, "--lr", metavar="X",
                                        help="shift: eta (step=fixed), c in eta = c/(|x_n|^2|E_t|^2) (normalized), or "
                                        "the margin over the smallest eta that makes target_new the argmax (minimal); "
-                                       "sgd: the learning rate. Default: the sweep's choice."),
+                                       "sgd: the learning rate; rome: not used. With --method shift it needs --step. "
+                                       "Default: the sweep's choice."),
     step: Optional[Step] = typer.Option(None, "--step", metavar=options.choices(Step),
                                         help="Step size of --method shift: fixed (the paper's eta), normalized, "
-                                        "minimal. Default: minimal (the sweep's winner) unless --lr is given, then "
-                                        "fixed."),
+                                        "minimal. Default: minimal (the sweep's winner); --lr never changes it."),
     device: options.Device = "auto",
     batch_size: int = typer.Option(16, "--batch-size", min=1, metavar="N",
                                    help="Edits per Prefect task (one commit each)."),
     threads: options.Threads = None,
+    fluency_tokens: int = typer.Option(30, "--fluency-tokens", min=0, metavar="N",
+                                       help="Greedy new tokens per prompt for the fluency column (ROME's "
+                                       "generation n-gram entropy); 0 = skip."),
+    stats_data: Optional[str] = typer.Option(None, "--stats-data", metavar="PATH",
+                                             help="rome only: CounterFact records whose prompts, paraphrases and "
+                                             "neighbourhood prompts estimate the key covariance C. Default: "
+                                             "counterfact-train.json beside --data, else --data."),
 ) -> None:
-    """Edit CounterFact facts one at a time and score each edit (top-1 efficacy, paraphrase, neighborhood).
+    """Edit CounterFact facts one at a time and score each edit.
 
-    Every edit starts from the original weights: the edited matrix is restored bit-exactly after each one.
-    Rows land in edit_results; compare methods with
-    `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality FROM edit_summary"`.
+    Metrics (edit_summary columns; the paper's names in brackets): efficacy, generalization [paraphrase],
+    locality [neighbourhood accuracy], locality_unchanged [neighbourhood predictions kept], fluency [ROME's
+    generation n-gram entropy], update_grad_cosine, n_not_converged. Every edit starts from the original
+    weights: the edited matrix is restored bit-exactly after each one. Rows land in edit_results; compare with
+    `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged, fluency
+    FROM edit_summary"`.
     """
     quiet_prefect()
     from blens.edit.spec import check_layer
@@ -113,6 +151,7 @@ def edit(
     from blens.store.writer import WarehouseError, init_warehouse
 
     spec = resolve_spec(method, step, layer, lr, model)
+    err_console.print(describe_spec(spec), highlight=False, soft_wrap=True)
     set_threads(threads)
     if not Path(data).exists() and data.endswith((".json", ".jsonl")):
         fail(f"data path not found: {data}")
@@ -127,7 +166,8 @@ def edit(
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
     summary = run_edit(dict(model=model, data=data, specs=[spec], warehouse=str(warehouse), limit=limit,
-                            device=device, batch_size=batch_size, kind="edit"))
+                            device=device, batch_size=batch_size, kind="edit", fluency_tokens=fluency_tokens,
+                            stats_data=stats_data))
     print_summary(str(warehouse), summary.run_id, summary)
 
 
@@ -163,21 +203,26 @@ def run_edit(settings: dict):
         fail(str(exc))
 
 
+# The edit_summary columns `blens edit` and `blens sweep` print, under their own names (the paper's in --help).
+SUMMARY_COLUMNS = ("efficacy", "generalization", "locality", "locality_unchanged", "new_gt_true",
+                   "rephrase_new_gt_true", "fluency", "mean_update_grad_cosine", "n_not_converged")
+
+
 def print_summary(warehouse: str, run_id: str, summary) -> None:
     from blens.store.connect import connect
 
     con = connect(warehouse)
-    rows = con.execute("""
-        SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged, new_gt_true,
-               rephrase_new_gt_true, mean_update_grad_cosine
+    rows = con.execute(f"""
+        SELECT method, layer, lr, n, {', '.join(SUMMARY_COLUMNS)}
         FROM edit_summary WHERE run_id = ? ORDER BY method, layer, lr""", [run_id]).fetchall()
     con.close()
     fmt = lambda v: "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    print_table(f"run {run_id}: {summary.n_records} edits in {summary.seconds:.0f} s ({summary.rate:.2f} edits/s)",
-                ["method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood", "nbhd unchanged",
-                 "P(new)>P(true)", "rephr. P(new)>P(true)", "cos(update,-grad)"],
-                [[r[0], fmt(r[1]), fmt(r[2]), str(r[3]), *(pct(v) for v in r[4:10]), fmt(r[10])] for r in rows])
+    print_table(f"run {run_id}: {summary.n_records} edits in {summary.seconds:.0f} s ({summary.rate:.2f} edits/s); "
+                "% except fluency (bits), cosine and counts",
+                ["method", "layer", "lr", "n", *SUMMARY_COLUMNS],
+                [[r[0], fmt(r[1]), fmt(r[2]), str(r[3]), *(pct(v) for v in r[4:10]), fmt(r[10]), fmt(r[11]),
+                  str(r[12])] for r in rows])
     report_errors(summary.n_errors + summary.n_load_errors, "edit(s)/record(s) failed", warehouse, run_id)
 
 

@@ -86,6 +86,9 @@ def sweep(
     device: options.Device = "auto",
     batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Edits per Prefect task."),
     threads: options.Threads = None,
+    fluency_tokens: int = typer.Option(0, "--fluency-tokens", min=0, metavar="N",
+                                       help="Greedy new tokens per prompt for the fluency column; 0 (default) = "
+                                       "skip: the selection rule does not use it and it costs a generation per cell."),
 ) -> None:
     """Grid over layers x step sizes for shift and sgd (+ shift step variants) on the train split; writes every
     cell to edit_results (kind 'sweep') and prints the chosen default per method.
@@ -132,11 +135,12 @@ def sweep(
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
     summary = run_edit(dict(model=model, data=data, specs=specs, warehouse=str(warehouse), limit=limit,
-                            device=device, batch_size=batch_size, kind="sweep", min_efficacy=min_efficacy))
+                            device=device, batch_size=batch_size, kind="sweep", min_efficacy=min_efficacy,
+                            fluency_tokens=fluency_tokens))
     print_summary(str(warehouse), summary.run_id, summary)
     print_table(f"chosen defaults (efficacy >= {min_efficacy}, then most neighbourhood predictions unchanged; "
-                "else highest efficacy)", ["method", "layer", "lr", "n", "efficacy", "paraphrase", "neighborhood",
-                                          "nbhd unchanged"],
+                "else highest efficacy)", ["method", "layer", "lr", "n", "efficacy", "generalization", "locality",
+                                          "locality_unchanged"],
                 [[m, str(d["layer"]), f"{d['lr']:.3g}", str(d["n"]),
                   *(f"{100 * (d[k] or 0):.1f}" for k in ("efficacy", "generalization", "locality", "locality_unchanged"))]
                  for m, d in sorted(summary.defaults.items())])
