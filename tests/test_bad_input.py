@@ -35,7 +35,7 @@ BAD = [  # (record, expected (case_id, stage, field), words the message must con
      (103, "load", "subject"), "empty"),
     ({"case_id": 104, "prompt": "   ", "subject": "x", "target_new": "a", "ground_truth": "b"},
      (104, "load", "prompt"), "empty"),
-    ({"case_id": 105, "prompt": "Paris " * 1666 + "is in", "subject": "Paris", "target_new": "a", "ground_truth": "b"},
+    ({"case_id": 105, "prompt": "Paris " * 100 + "is in", "subject": "Paris", "target_new": "a", "ground_truth": "b"},
      (105, "prepare", "prompt"), "longer than the model's context of 64"),
     ({"case_id": 106, "prompt": "Lone \ud800 surrogate", "subject": "Lone", "target_new": "a", "ground_truth": "b"},
      (106, "load", "prompt"), "lone surrogate"),

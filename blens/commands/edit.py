@@ -137,9 +137,9 @@ def edit(
 ) -> None:
     """Edit CounterFact facts one at a time and score each edit.
 
-    Metrics (edit_summary columns; the paper's names in brackets): efficacy, generalization [paraphrase],
-    locality [neighbourhood accuracy], locality_unchanged [neighbourhood predictions kept], fluency [ROME's
-    generation n-gram entropy], update_grad_cosine, n_not_converged. Every edit starts from the original
+    Metrics (edit_summary columns = the paper's names): efficacy, generalization = paraphrase, locality =
+    neighbourhood accuracy, locality_unchanged = neighbourhood predictions kept, fluency = ROME's generation
+    n-gram entropy, update_grad_cosine, n_not_converged. Every edit starts from the original
     weights: the edited matrix is restored bit-exactly after each one. Rows land in edit_results; compare with
     `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged, fluency
     FROM edit_summary"`.
