@@ -228,7 +228,8 @@ def model_license(models: list[str]) -> tuple[dict, str]:
         text = (f"the {e.license_name} ({e.license_url}), the licence of {', '.join(x.name for x in known)}, "
                 "whose outputs these rows are")
     else:
-        unknown = [m for m, e in zip(models, entries) if e is None or not e.license] or ["each model"]
+        unknown = [_md_escape(public_name(m)) for m, e in zip(models, entries)
+                   if e is None or not e.license] or ["each model"]  # a name may hold Markdown or a path
         named = "".join(f"{e.name}: {e.license_name} ({e.license_url}); " for e in known)
         meta = {"license": "other", "license_name": "the licence of each model named in this card"}
         text = (f"each model's own licence, which these rows follow; {named}check the licence of "

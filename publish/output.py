@@ -8,6 +8,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from blens.store.sandbox import process_alive
+
 
 def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os.PathLike | None = None) -> str | None:
     """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
@@ -24,16 +26,6 @@ def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale(out: Path) -> list[Path]:
     """Remove the staging and swap-out folders of ``out`` (``.<name>.partial-<pid>-*``, ``.<name>.old-<pid>-*``)
     whose process is gone: a publish or report killed with -9 left them, and nothing else would."""
@@ -41,7 +33,7 @@ def remove_stale(out: Path) -> list[Path]:
     for kind in ("partial", "old"):
         for path in out.parent.glob(f".{out.name}.{kind}-*"):
             pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
-            if path.is_dir() and (not pid.isdigit() or not _alive(int(pid))):  # no pid: an older blens's
+            if path.is_dir() and (not pid.isdigit() or not process_alive(int(pid))):  # no pid: an older blens's
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

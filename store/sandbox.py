@@ -189,7 +189,9 @@ def lock_down(con: duckdb.DuckDBPyConnection, warehouse: str | os.PathLike, *, m
     con.execute("SET lock_configuration = true")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive): how a temp folder named
+    after its process is told to be a killed run's leftover."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -205,7 +207,7 @@ def private_temp_dir() -> Iterator[str]:
     runs (their pid is gone) are removed here, so spill files never pile up in the temp folder."""
     for stale in Path(tempfile.gettempdir()).glob("blens-sql-*"):
         pid = stale.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     path = tempfile.mkdtemp(prefix=f"blens-sql-{os.getpid()}-")
     try:
