@@ -260,7 +260,15 @@ def test_sigint_of_sql_promises_no_resume(site):
     p = subprocess.Popen([sys.executable, "-m", "blens.cli", "sql", "SELECT count(*) FROM range(1000000000000) a",
                           "--warehouse", str(wh)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    time.sleep(4)
+    # signal once the session is open (its spill folder exists), not after a fixed sleep: on a loaded machine the
+    # imports alone can take longer than any sleep, and a Ctrl-C during them is another test's subject
+    import tempfile
+    from pathlib import Path
+
+    deadline = time.monotonic() + 120
+    while not list(Path(tempfile.gettempdir()).glob(f"blens-sql-{p.pid}-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # into the query
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
