@@ -392,7 +392,7 @@ def test_page_renders_in_chromium(report, tmp_path):
     assert state["total"] == len(report.figure_files) == state["captions"] - state["grids"] - n_tables
     assert state["grids"] == 2
     assert all(w > 0 for w in state["widths"]), state
-    assert state["ok"] == "true" and state["figures"] == 5
+    assert state["ok"] == "true" and state["figures"] == 6  # rank, cases, norms, target rank, edits, paper vs ours
     assert errors == []
     assert png_size(shot)[0] == 1400
 

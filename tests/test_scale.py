@@ -22,7 +22,7 @@ from builders import kill_session
 from blens.extract.config import ExtractConfig
 from blens.store.connect import connect
 
-N_LAYERS, N_MATRICES, N_SITES = 3, 3, 2
+N_LAYERS, N_MATRICES, N_SITES = 3, 7, 3  # tiny Llama: MLP ff1, ff1_gate, ff2 + attn_q, _k, _v, _o; lens ff1_input, ff2_vjp, attn_vjp
 SUBJECTS = [
     ("Danielle Darrieux", "English", "French"), ("Paris", "Italy", "France"), ("the Eiffel Tower", "Rome", "Paris"),
     ("Toko Yasuda", "piano", "guitar"), ("Madrid", "Sweden", "Spain"), ("Berlin", "Japan", "Germany"),
