@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/bench_overlap.py [--shape smollm2-135m/4L] [--prompts 96] [--vectors spanning]
 
 Three measurements over the same batches (random-weight model, random 4-16-token prompts, 512-token
-batches, a Parquet commit per batch to a temp dir, ``blens.extract.overlap.run_overlapped`` with depth 1):
+batches, a Parquet commit per batch to a temp dir, ``blens.run.overlap.run_overlapped`` with depth 1):
 
 1. sequential: ``compute_batch`` then ``build_tables`` + commit, batch after batch;
 2. overlapped on CPU: the same with the host stage of batch k in the writer thread beside ``compute_batch``
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from bench.gpu_check import IdTokenizer, ParquetSink, build_model, random_prompts, token_budget_batches  # noqa: E402
 from blens.extract.lens import LogitLens  # noqa: E402
 from blens.extract.models import wrap_model  # noqa: E402
-from blens.extract.overlap import run_overlapped  # noqa: E402
+from blens.run.overlap import run_overlapped  # noqa: E402
 from blens.extract.tables import build_tables, compute_batch  # noqa: E402
 
 

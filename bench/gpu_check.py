@@ -19,7 +19,7 @@ float ties (within 1e-5 of the row's largest |logit| in float64), which are coun
 Throughput (random weights, prompts of 4-16 random tokens): per shape, one sequential pass with the
 device synchronised between stages gives the time split (capture / lens / ranks / copy in
 ``compute_batch``, then Arrow building and a Parquet commit to a temp dir), and one pass with the host
-work of batch k overlapped with the device work of batch k+1 (``blens.extract.overlap``) gives the
+work of batch k overlapped with the device work of batch k+1 (``blens.run.overlap``) gives the
 overlapped rate. Peak memory: ``torch.cuda.max_memory_allocated`` per shape on CUDA, the process's VmHWM
 on CPU. On CUDA the fp32 / TF32 / bf16 GEMM rates at the lens shape are printed too: the input for
 deciding whether a bf16 shortlist with exact rescoring would pay on that device.
@@ -47,7 +47,7 @@ import torch
 from blens.extract.capture import auto_batch_tokens
 from blens.extract.lens import LogitLens
 from blens.extract.models import wrap_model
-from blens.extract.overlap import run_overlapped
+from blens.run.overlap import run_overlapped
 from blens.extract.prepare import PreparedPrompt
 from blens.extract.records import EditRecord
 from blens.extract.tables import build_tables, compute_batch

@@ -13,7 +13,7 @@
 Why there is no second implementation: a batch goes through exactly the functions a ``blens extract``
 batch task calls (``records.record_from_dict``, ``prepare.prepare``, ``batching.token_budget_batches``,
 ``tables.compute_batch`` then ``tables.build_tables``, which together are ``tables.extract_batch``), with the
-model from ``models.cached_model`` and the lens from ``job.make_lens``. So a result's rows are the
+model from ``models.cached_model`` and the lens from ``lens.lens_for``. So a result's rows are the
 warehouse's rows for the same record and settings, ``key`` included; only ``run_id`` differs
 (:data:`RUN_ID`), and the warehouse's ``batch_id`` is not there (it names a commit). Records batched as
 ``blens extract`` batched them (the same records, sorted and cut the same way) give bit-identical rows;
@@ -60,7 +60,7 @@ from blens.extract.adapters import Site
 from blens.extract.config import ExtractConfig
 from blens.extract.identity import result_key, result_slot
 from blens.extract.batching import batch_limits, token_budget_batches
-from blens.extract.job import make_lens
+from blens.extract.lens import lens_for
 from blens.extract.models import EMBEDDED_NAME, LoadedModel, cached_model, resolve_device
 from blens.extract.prepare import DEFAULT_MAX_PROMPT_TOKENS, PreparedPrompt, prepare
 from blens.extract.records import EditRecord, RecordError, record_from_dict, record_from_text
@@ -258,7 +258,7 @@ class Lens:
     def __init__(self, lm: LoadedModel, cfg: ExtractConfig):
         self.lm = lm
         self.cfg = cfg
-        self._lens = make_lens(lm, cfg.lens_dtype)
+        self._lens = lens_for(lm)
 
     @property
     def model(self) -> str:

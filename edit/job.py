@@ -1,49 +1,28 @@
-"""The editing job as plain functions: plan a run, edit and score one batch of records, choose defaults.
+"""Editing as pure functions: edit and score records, build ``edit_results`` rows, name each result, and
+choose a sweep's defaults from its summary rows.
 
-Prefect tasks in ``blens.flows.edit_flow`` call exactly these; tests call them without Prefect. Rows go
-to the warehouse through ``blens.store`` (this module never touches files or SQL itself).
+The run layer (``blens.run.edit``) plans a run with these and commits what they return; nothing here reads or
+writes the warehouse.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pyarrow as pa
 
 from blens.extract.identity import result_key
-from blens.extract.models import LoadedModel, model_facts
+from blens.extract.models import LoadedModel
 from blens.extract.records import EditRecord, RecordError
 from blens.extract.sources import load_records
-from blens.store import runs as store_runs
-from blens.store.reads import edit_summary_rows, existing_results
-from blens.store.writer import commit_batch, init_warehouse
 
 from .cases import prepare_case
 from .editor import Editor
 from .metrics import METRIC_COLUMNS
 from .rome import ROME_DEFAULTS, KeyStatistics, RomeHparams, stats_texts
 from .spec import MATRIX, TRAIN_FILE, EditConfig, EditSpec, check_layer
-
-
-@dataclass
-class EditPlan:
-    run_id: str
-    model_name: str
-    records: list[EditRecord]  # those with at least one spec not yet in the warehouse
-    n_load_errors: int
-    n_skipped_done: int = 0
-
-
-@dataclass
-class EditBatchResult:
-    n_cases: int
-    n_rows: int
-    n_errors: int
-    seconds: float
 
 
 def edit_records(lm: LoadedModel, records: Sequence[EditRecord], specs: Sequence[EditSpec],
@@ -108,13 +87,11 @@ def stats_source(cfg: EditConfig) -> str:
     return str(sibling) if sibling.exists() else cfg.data
 
 
-def rome_statistics(cfg: EditConfig, lm: LoadedModel) -> KeyStatistics | None:
-    """ROME's key statistics for a run, or None when no spec is ROME."""
-    if not any(s.method == "rome" for s in cfg.specs):
-        return None
-    source = stats_source(cfg)
-    loaded = load_records(source, limit=cfg.stats_limit)
-    return KeyStatistics(lm, stats_texts(loaded.records), description=f"{Path(source).name}[:{cfg.stats_limit}]")
+def rome_statistics(lm: LoadedModel, source: str, limit: int) -> KeyStatistics:
+    """ROME's key statistics for a run: the text of the first ``limit`` records of ``source``
+    (:func:`stats_source`)."""
+    loaded = load_records(source, limit=limit)
+    return KeyStatistics(lm, stats_texts(loaded.records), description=f"{Path(source).name}[:{limit}]")
 
 
 def spec_identity(spec: EditSpec, cfg: EditConfig | None = None) -> dict:
@@ -144,42 +121,10 @@ def edit_key(lm: LoadedModel, record: EditRecord, spec: EditSpec, cfg: EditConfi
     return result_key(lm.name, lm.revision, spec_identity(spec, cfg), record)
 
 
-def plan_edit_run(cfg: EditConfig, lm: LoadedModel) -> EditPlan:
-    """Load records, fix the run identity, and commit the run row plus records rejected on load."""
-    for spec in cfg.specs:
-        check_layer(lm.view, spec.layer)
-    root = init_warehouse(cfg.warehouse)
-    loaded = load_records(cfg.data, limit=cfg.limit)
-    settings = edit_settings(cfg)
-    run_id = store_runs.run_id_for(lm.name, lm.revision, loaded.fingerprint, settings)
-    config = {"data": cfg.data, "limit": cfg.limit, **settings}
-    store_runs.register_run(root, run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
-                            fingerprint=loaded.fingerprint, config=config, kind=cfg.kind, model_facts=model_facts(lm),
-                            errors=[store_runs.errors_table(run_id, loaded.errors, "load")])
-    keys = [edit_key(lm, r, s, cfg) for r in loaded.records for s in cfg.specs]
-    stored = existing_results(root, keys, table="edit_results")
-    todo = [r for r in loaded.records if any(edit_key(lm, r, s, cfg) not in stored for s in cfg.specs)]
-    return EditPlan(run_id=run_id, model_name=lm.name, records=todo, n_load_errors=len(loaded.errors),
-                    n_skipped_done=len(loaded.records) - len(todo))
-
-
-def process_edit_batch(cfg: EditConfig, lm: LoadedModel, run_id: str, records: Sequence[EditRecord]) -> EditBatchResult:
-    """Edit and score a batch of records under every spec; commit edit_results + errors atomically."""
-    t0 = time.perf_counter()
-    rows, errors = edit_records(lm, records, cfg.specs, fluency_tokens=cfg.fluency_tokens,
-                                rome_stats=rome_statistics(cfg, lm))
-    by_case = {r.case_id: r for r in records}
-    specs = {(s.label, s.layer, s.lr): s for s in cfg.specs}
-    keys = [edit_key(lm, by_case[r["case_id"]], specs[(r["method"], r["layer"], r["lr"])], cfg) for r in rows]
-    table = results_table(rows, run_id, lm.name)
-    commit_batch(cfg.warehouse, {"edit_results": table.add_column(0, "key", pa.array(keys, pa.string())),
-                                 "errors": store_runs.errors_table(run_id, errors, "edit")}, kind="edit")
-    return EditBatchResult(n_cases=len(records), n_rows=len(rows), n_errors=len(errors),
-                           seconds=time.perf_counter() - t0)
-
-
-def choose_defaults(warehouse: str, run_id: str, *, min_efficacy: float = 0.95) -> dict[str, dict]:
-    """Per method label, the sweep config to use by default.
+def choose_defaults(summary_rows: Sequence[tuple], *, min_efficacy: float = 0.95) -> dict[str, dict]:
+    """Per method label, the sweep config to use by default. ``summary_rows``: a sweep's
+    (method, layer, lr, n, efficacy, generalization, locality, locality_unchanged) per config (the
+    ``edit_summary`` view, ``blens.store.reads.edit_summary_rows``).
 
     Rule (the efficacy-vs-locality trade-off): among configs whose efficacy >= ``min_efficacy``, the one
     that leaves the most neighbourhood predictions unchanged (locality_unchanged; ties: efficacy, then
@@ -188,7 +133,7 @@ def choose_defaults(warehouse: str, run_id: str, *, min_efficacy: float = 0.95) 
     scores 100% paraphrase and 0% locality.
     """
     best: dict[str, dict] = {}
-    for method, layer, lr, n, eff, gen, loc, unch in edit_summary_rows(warehouse, run_id):
+    for method, layer, lr, n, eff, gen, loc, unch in summary_rows:
         ok = eff >= min_efficacy
         key = (ok, (unch or 0.0) if ok else eff, eff if ok else (unch or 0.0), gen or 0.0)
         cand = {"method": method, "layer": layer, "lr": lr, "n": n, "efficacy": eff, "generalization": gen,

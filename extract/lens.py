@@ -386,3 +386,12 @@ class LogitLens:
             bot_ids[bad], bot_v[bad] = fb.bottom_ids[bad], fb.bottom_logits[bad]
             ranks[bad] = fb.target_ranks[bad]
         return LensResult(top_ids, top_v, bot_ids, bot_v, ranks)
+
+
+def lens_for(lm) -> LogitLens:
+    """A loaded model's logit lens, built once per model: packing the unembedding is not a per-batch expense
+    (it copies the whole (V, d) matrix). ``lm``: a :class:`blens.extract.models.LoadedModel`."""
+    lens = lm.__dict__.get("_lens")
+    if lens is None:
+        lens = lm.__dict__["_lens"] = LogitLens.of(lm.view)
+    return lens

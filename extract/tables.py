@@ -1,6 +1,6 @@
 """One batch of prompts in, warehouse-shaped Arrow tables out. Plain functions, no orchestration.
 
-Two stages, so that a caller can overlap them (``blens.extract.overlap``): :func:`compute_batch` runs
+Two stages, so that a caller can overlap them (``blens.run.overlap``): :func:`compute_batch` runs
 everything that touches the model's device (capture, lens, ranks) and ends in *one* device-to-host copy
 (:func:`to_host`) into a :class:`HostBatch` of numpy arrays; :func:`build_tables` turns that into Arrow
 tables on the host alone. :func:`extract_batch` is the two in a row.

@@ -1,24 +1,24 @@
 """`blens extract` as a Prefect flow: one task plans the run, one task per batch of prompts.
 
-Thin on purpose: every task calls a plain function from ``blens.extract.job``, and the flow takes one
-``ExtractConfig``. Tasks receive the config (each worker process loads and caches its own model by
-name), never the model object, and have caching off, so Prefect never tries to hash or pickle 500 MB
-of weights. The ephemeral local Prefect API is used unless PREFECT_API_URL points at a server.
+Thin on purpose: the flow takes one ``ExtractConfig`` and hands it to the plan task alone
+(``blens.run.extract.plan_extract``); below the plan, tasks get the plan's values (an ``ExtractJob`` and a batch
+of keyed items) and the run's ``Committer``, the only writer (``blens.run.commit``). Tasks have caching off, so
+Prefect never tries to hash or pickle 500 MB of weights: each worker process loads its model by name. The
+ephemeral local Prefect API is used unless PREFECT_API_URL points at a server.
 
-Scale-out: with the default task runner batches run one after another in this process (on CUDA the
-commit of each batch overlaps the next batch's device work: ``ExtractConfig.overlap``). With
-``workers > 1`` (prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes) batch tasks are
-``.submit()``ted and fan out; every worker loads the model by name and writes its own batch files
-(each commit is its own transaction). A batch that still fails after its retries for a reason of its
-own becomes ``errors`` rows (stage "extract") and the run goes on; an environmental failure (disk full,
-permissions, I/O) stops the run (``blens.extract.failures``).
+Scale-out: with the default task runner batches run one after another in this process (on CUDA the commit of
+each batch overlaps the next batch's device work: ``ExtractConfig.overlap``). With ``workers > 1``
+(prefect-dask's DaskTaskRunner on a LocalCluster of N worker processes) batch tasks are ``.submit()``ted and fan
+out; every worker loads the model by name and commits its own batches (each commit is its own transaction). A
+batch that still fails after its retries for a reason of its own becomes ``errors`` rows (stage "extract") and
+the run goes on; an environmental failure (disk full, permissions, I/O) stops the run
+(``blens.extract.failures``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -27,14 +27,10 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blens.extract.config import ExtractConfig
-from blens.extract.failures import describe, is_record_failure
-from blens.extract.job import BatchResult, RunPlan, background_commits, plan_run, process_batch
-from blens.extract.models import cached_model
-from blens.extract.prepare import PreparedPrompt
-from blens.extract.records import RecordError
-from blens.extract.resume import ExtractSummary
-from blens.store.runs import errors_table
-from blens.store.writer import commit_batch
+from blens.extract.failures import is_record_failure
+from blens.run.commit import Committer
+from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, extract_items, failed_batch, plan_extract
+from blens.run.resume import ExtractSummary
 
 from . import prefect_runtime
 from .progress import emit
@@ -45,23 +41,15 @@ prefect_runtime.prepare_process()
 
 # termination_kept: a signal landing in a DuckDB query must end the run, not become a retried failure or be lost.
 @task(name="plan-run", cache_policy=NO_CACHE)
-def plan_task(cfg: ExtractConfig) -> RunPlan:
+def plan_task(cfg: ExtractConfig) -> ExtractPlan:
     with prefect_runtime.termination_kept():
-        return plan_run(cfg, cached_model(cfg.model, cfg.device))
+        return plan_extract(cfg)
 
 
 @task(name="extract-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def batch_task(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]) -> BatchResult:
+def batch_task(job: ExtractJob, items: list[Item], commit: Committer) -> BatchResult:
     with prefect_runtime.termination_kept():
-        return process_batch(cfg, run_id, prompts)
-
-
-def _failed_batch(cfg: ExtractConfig, run_id: str, batch: list[PreparedPrompt], exc: BaseException) -> BatchResult:
-    """A batch that failed for good (after Prefect's retries): its prompts become error rows."""
-    msg = f"batch failed after retries: {describe(exc)}"
-    errs = [RecordError(case_id=p.record.case_id, field="batch", message=msg, source=p.record.source) for p in batch]
-    commit_batch(cfg.warehouse, {"errors": errors_table(run_id, errs, "extract")}, kind="meta")
-    return BatchResult(0, len(batch), 0.0)
+        return extract_items(job, items, commit)
 
 
 def _fans_out() -> bool:
@@ -69,37 +57,38 @@ def _fans_out() -> bool:
     return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
 
 
+def _settle(batch: list[Item], commit: Committer, get) -> BatchResult:
+    """A batch's result; one that failed for good (Prefect's retries spent) for a reason of its own becomes error
+    rows, an environmental failure (disk full, permissions, I/O) stops the run and records nothing."""
+    try:
+        res = get()
+    except Exception as exc:  # noqa: BLE001 - retries are spent: the policy decides
+        if not is_record_failure(exc):
+            raise
+        res = failed_batch(batch, commit, exc)
+    emit("batch", res, len(batch))
+    return res
+
+
 @flow(name="blens-extract", log_prints=False)
 def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     plan = plan_task(cfg)
-    emit("plan", plan, plan.n_todo)
-    extracted = failed = 0
-
-    def account(batch: list[PreparedPrompt], get: Callable[[], BatchResult]) -> None:
-        nonlocal extracted, failed
-        try:
-            res = get()
-        except Exception as exc:  # noqa: BLE001 - retries are spent: the policy decides
-            if not is_record_failure(exc):
-                raise  # the environment failed (disk full, permissions, I/O): stop the run, record nothing
-            res = _failed_batch(cfg, plan.run_id, batch, exc)
-        extracted, failed = extracted + res.n_prompts, failed + res.n_failed
-        emit("batch", res, len(batch))
-
-    if _fans_out():
-        futures = {batch_task.submit(cfg, plan.run_id, batch): batch for batch in plan.batches}
-        for fut in as_completed(list(futures)):
-            account(futures[fut], fut.result)
-    else:
-        # On CUDA batch k is committed in a background thread while the device computes batch k+1; leaving
-        # the block waits for the last commit and raises the first failed one (blens.extract.job).
-        with background_commits(plan.run_id, plan.overlap):
-            for batch in plan.batches:
-                account(batch, lambda batch=batch: batch_task(cfg, plan.run_id, batch))
+    fans_out = _fans_out()
+    # On CUDA batch k is committed in a background thread while the device computes batch k+1; leaving the block
+    # waits for the last commit and raises the first failed one. Dask workers commit their own batches.
+    with Committer(plan.job.warehouse, plan.run_id, background=plan.overlap and not fans_out) as commit:
+        commit.register(plan.registration)
+        emit("plan", plan, plan.n_todo)
+        if fans_out:
+            futures = {batch_task.submit(plan.job, batch, commit): batch for batch in plan.batches}
+            results = [_settle(futures[f], commit, f.result) for f in as_completed(list(futures))]
+        else:
+            results = [_settle(batch, commit, lambda batch=batch: batch_task(plan.job, batch, commit))
+                       for batch in plan.batches]
     return ExtractSummary(run_id=plan.run_id, n_records=plan.n_records, n_done_before=plan.n_skipped_done,
-                          n_extracted=extracted, n_failed=failed, n_skipped=len(plan.errors),
-                          seconds=time.perf_counter() - t0)
+                          n_extracted=sum(r.n_prompts for r in results), n_failed=sum(r.n_failed for r in results),
+                          n_skipped=len(plan.errors), seconds=time.perf_counter() - t0)
 
 
 class WorkersUnavailable(RuntimeError):

@@ -14,7 +14,7 @@ VECTOR_LEVELS = {"none": 0, "spanning": 1, "all": 2}
 def _keys_sql(keys: list[str]) -> str:
     """``keys`` as a SQL subquery. A literal, not a registered Arrow table or bound parameters: those make
     pyarrow and DuckDB import pandas (0.4-0.8 s), and the CLI asks these questions on its fast path
-    (``blens.extract.resume``). 20,000 keys: ~0.3 s as a literal, 0.05 s registered (plus that import)."""
+    (``blens.run.resume``). 20,000 keys: ~0.3 s as a literal, 0.05 s registered (plus that import)."""
     return f"SELECT unnest([{', '.join(sql_str(k) for k in keys)}]::VARCHAR[])"
 
 

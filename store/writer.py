@@ -121,7 +121,7 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
 
     One DuckDB connection must not run statements from two threads at once (they would share one
     transaction), and the extraction commits from a background thread while its main thread asks which
-    keys are stored (``blens.extract.job.background_commits``). So each thread gets its own cursor on the
+    keys are stored (``blens.run.commit.Committer``). So each thread gets its own cursor on the
     process's one attached database: same catalog, own transaction.
     """
     loc = _location_key(location)

@@ -2,7 +2,7 @@
 
 * A rerun with nothing left to do is answered from the files and the warehouse: no torch, no model, no
   Prefect. It must never skip work wrongly: a changed record, a changed model file, --force, more vectors
-  or another top-k all go the normal way (the decision is ``blens.extract.resume.nothing_to_do``).
+  or another top-k all go the normal way (the decision is ``blens.run.resume.nothing_to_do``).
 * `blens sql` imports neither torch nor Prefect nor pandas.
 * Offline, a hub model name is one line at once, not the hub client's retries.
 """
@@ -107,7 +107,7 @@ def test_a_changed_record_is_still_extracted(finished, tmp_path):
 
 def _decide(finished, **changes):
     from blens.extract.config import ExtractConfig
-    from blens.extract.resume import nothing_to_do
+    from blens.run.resume import nothing_to_do
     from blens.extract.sources import load_records
 
     cfg = ExtractConfig(**{"model": str(finished["model"]), "data": str(finished["data"]),

@@ -238,7 +238,9 @@ def test_flow_end_to_end_and_summary_view(tiny_model_dir, tmp_path):
     errs = con.execute("SELECT case_id, stage, field FROM errors ORDER BY case_id").fetchall()
     assert errs == [(10, "edit", "prompt"), (11, "load", "target_new")]
     # defaults are chosen per method from one run's rows (what sweep_flow returns)
-    d = choose_defaults(str(wh), s.run_id, min_efficacy=0.0)
+    from blens.store.reads import edit_summary_rows
+
+    d = choose_defaults(edit_summary_rows(str(wh), s.run_id), min_efficacy=0.0)
     assert set(d) == {"shift", "sgd"} and d["shift"]["layer"] == 2 and d["shift"]["n"] == 5
 
 

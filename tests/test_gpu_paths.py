@@ -30,7 +30,7 @@ from blens.extract.capture import (CPU_BATCH_TOKENS, activation_bytes_per_token,
                                    batch_tokens_for_memory, capture)
 from blens.extract.lens import LogitLens, fp32_exact, lens_block_rows  # noqa: E402
 from blens.extract.models import wrap_model  # noqa: E402
-from blens.extract.overlap import BackgroundWriter, WriterClosedError, run_overlapped  # noqa: E402
+from blens.run.overlap import BackgroundWriter, WriterClosedError, run_overlapped  # noqa: E402
 from blens.extract.tables import build_tables, compute_batch, extract_batch, to_host  # noqa: E402
 
 K = 10

@@ -181,8 +181,8 @@ def test_a_second_top_k_never_mixes_into_the_views(tmp_path, tiny_model_dir):
     from conftest import COUNTERFACT
 
     from blens.extract.config import ExtractConfig
-    from blens.extract.job import plan_run, process_batch
-    from blens.extract.models import cached_model
+    from blens.run.commit import Committer
+    from blens.run.extract import extract_items, plan_extract
     from blens.store.connect import connect
     from blens.store.reads import mixed_settings
 
@@ -193,10 +193,11 @@ def test_a_second_top_k_never_mixes_into_the_views(tmp_path, tiny_model_dir):
     for top_k, limit in ((10, 20), (20, 5)):
         cfg = ExtractConfig(model=str(tiny_model_dir), data=str(data), warehouse=str(wh), limit=limit, top_k=top_k,
                             device="cpu")
-        lm = cached_model(cfg.model, "cpu")
-        plan = plan_run(cfg, lm)
-        for batch in plan.batches:
-            process_batch(cfg, plan.run_id, batch, lm)
+        plan = plan_extract(cfg)
+        with Committer(cfg.warehouse, plan.run_id) as commit:
+            commit.register(plan.registration)
+            for batch in plan.batches:
+                extract_items(plan.job, batch, commit)
     con = connect(wh)
     ns = con.execute("SELECT settings, list(DISTINCT n) FROM rank_equals_length GROUP BY settings").fetchall()
     assert sorted(tuple(n) for _, n in ns) == [(5,), (20,)]

@@ -338,7 +338,7 @@ def test_scheduled_run_over_grown_dataset_extracts_only_new_records(tmp_path, ti
 # --- retries and failures ----------------------------------------------------------------------------
 
 def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir, monkeypatch):
-    import blens.extract.job as job
+    import blens.run.commit as job
     from blens.flows.extract_flow import extract_flow
 
     calls = {"n": 0, "failed": 0}
@@ -364,17 +364,17 @@ def test_transient_batch_failure_is_retried_by_prefect(tmp_path, tiny_model_dir,
 
 
 def test_prompt_that_always_fails_lands_in_errors_and_the_run_goes_on(tmp_path, tiny_model_dir, monkeypatch):
-    import blens.extract.job as job
+    import blens.run.extract as job
     from blens.flows.extract_flow import extract_flow
 
-    real = job.extract_batch
+    real = job.compute_batch
 
-    def poisoned(lm, prompts, run_id, **kw):
+    def poisoned(lm, prompts, **kw):
         if any(p.record.case_id == 1 for p in prompts):
             raise RuntimeError("CUDA error: an illegal memory access (injected)")
-        return real(lm, prompts, run_id, **kw)
+        return real(lm, prompts, **kw)
 
-    monkeypatch.setattr(job, "extract_batch", poisoned)
+    monkeypatch.setattr(job, "compute_batch", poisoned)
     data = write_records(tmp_path / "cf.json", make_records(5))
     summary = extract_flow(cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=2))
     assert (summary.n_extracted, summary.n_failed) == (4, 1)
@@ -390,7 +390,7 @@ def test_environment_failing_after_all_retries_stops_the_run_and_records_nothing
                                                                                  monkeypatch):
     """Issue 13: a full disk is not a bad record. Prefect retries the batch; then the run fails, and no
     errors row says the record was skipped (so a rerun after recovery redoes it)."""
-    import blens.extract.job as job
+    import blens.run.commit as job
     from blens.flows.extract_flow import extract_flow
 
     real = job.commit_batch
@@ -442,24 +442,23 @@ def test_token_budget_batches_bound_every_batch_and_pack_greedily():
     assert [len(b) for b in chunks] == [8] * 37 + [4]
 
 
-def test_plan_run_cuts_long_prompts_into_smaller_batches(tiny_model_dir, tmp_path):
+def test_plan_cuts_long_prompts_into_smaller_batches(tiny_model_dir, tmp_path):
     """The batches a run executes respect --batch-tokens, so the longest prompts of a big run do not make
     its biggest batch (and its peak memory) larger than a small run's."""
-    from blens.extract.job import plan_run
-    from blens.extract.models import cached_model
+    from blens.run.extract import plan_extract
 
     recs = make_records(40)
     for r in recs[::4]:  # a quarter of the prompts are several times longer
         r["prompt"] = "In the long and well documented history of the region, " * 3 + r["prompt"]
     data = write_records(tmp_path / "cf.json", recs)
     cfg = cfg_for(tiny_model_dir, data, tmp_path / "wh", batch_size=4, batch_tokens=64)
-    plan = plan_run(cfg, cached_model(cfg.model, cfg.device))
-    assert sum(len(b) for b in plan.batches) == 40
-    assert all(len(b) == 1 or _padded_tokens(b) <= 64 for b in plan.batches)
-    long = [b for b in plan.batches if b[-1].n_tokens > 32]  # two of them would exceed 64 tokens
+    batches = [[item.prompt for item in b] for b in plan_extract(cfg).batches]
+    assert sum(len(b) for b in batches) == 40
+    assert all(len(b) == 1 or _padded_tokens(b) <= 64 for b in batches)
+    long = [b for b in batches if b[-1].n_tokens > 32]  # two of them would exceed 64 tokens
     assert len(long) == 10 and all(len(b) == 1 for b in long)
-    assert max(p.n_tokens for b in plan.batches for p in b if p.n_tokens <= 32) <= 16
-    assert [len(b) for b in plan.batches if b[-1].n_tokens <= 16] == [4] * 7 + [2]  # short ones fill batches
+    assert max(p.n_tokens for b in batches for p in b if p.n_tokens <= 32) <= 16
+    assert [len(b) for b in batches if b[-1].n_tokens <= 16] == [4] * 7 + [2]  # short ones fill batches
 
 
 # --- the background committer (on by default on CUDA; forced on here) ---------------------------------
@@ -476,7 +475,7 @@ def test_background_commits_give_the_same_warehouse(tmp_path, tiny_model_dir, da
 
 def test_failed_background_commit_stops_the_run_and_nothing_after_it_is_committed(tmp_path, tiny_model_dir,
                                                                                  monkeypatch):
-    import blens.extract.job as job
+    import blens.run.commit as job
     from blens.flows.extract_flow import extract_flow
 
     monkeypatch.setattr(job, "COMMIT_RETRY_DELAY_S", 0.0)

@@ -146,7 +146,6 @@ def edit(
     """
     quiet_prefect()
     from blens.edit.spec import check_layer
-    from blens.extract.hub import check_hub_model
     from blens.extract.models import ModelLoadError, cached_model
     from blens.store.writer import WarehouseError, init_warehouse
 
@@ -155,8 +154,7 @@ def edit(
     set_threads(threads)
     if not Path(data).exists() and data.endswith((".json", ".jsonl")):
         fail(f"data path not found: {data}")
-    try:
-        check_hub_model(model)  # offline, a hub name fails now, not after the hub client's retries
+    try:  # offline, a hub name fails in load_model's first line, not after the hub client's retries
         with err_console.status(f"loading model {model} ..."):
             lm = cached_model(model, device)
         check_layer(lm.view, spec.layer)
@@ -184,11 +182,12 @@ def run_edit(settings: dict):
     from blens.extract.records import DataSourceError
     from blens.flows.edit_flow import edit_flow
 
-    cfg = EditConfig(**settings)
-    from blens.extract.sources import describe_source
+    from blens.extract.sources import summarize
+    from blens.run.source import read_source
 
+    cfg = EditConfig(**settings)
     try:  # a missing/truncated source (or one file of a directory) fails here: one line, no flow traceback
-        source = describe_source(cfg.data, limit=cfg.limit)
+        source = summarize(read_source(cfg.data, cfg.limit))  # read once: the flow's plan gets the same records
     except DataSourceError as exc:
         fail(str(exc))
     if source.all_rejected:  # something was there, but not one usable record: the wrong file or layout

@@ -37,10 +37,10 @@ def extract(
     from pydantic import ValidationError
 
     from blens.extract.config import ExtractConfig
-    from blens.extract.hub import check_hub_model
     from blens.extract.records import DataSourceError
     from blens.extract.registry import ModelLoadError
-    from blens.extract.sources import load_records, summarize
+    from blens.extract.sources import summarize
+    from blens.run.source import read_source
     from blens.store.writer import WarehouseError, init_warehouse
 
     if not Path(data).exists() and (data.endswith((".json", ".jsonl")) or "/" in data and Path(data).parent.exists()):
@@ -51,7 +51,7 @@ def extract(
     except ValidationError as exc:
         fail("; ".join(e["msg"] for e in exc.errors()))
     try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
-        loaded = load_records(cfg.data, limit=cfg.limit)
+        loaded = read_source(cfg.data, cfg.limit)  # read once: the flow's plan gets the same records
     except DataSourceError as exc:
         fail(str(exc))
     source = summarize(loaded)
@@ -62,8 +62,7 @@ def extract(
         return
     if answered_without_work(cfg, loaded):
         return
-    try:
-        check_hub_model(cfg.model)  # offline, a hub name fails now, not after the hub client's retries
+    try:  # offline, a hub name fails in load_model's first line, not after the hub client's retries
         from blens.extract.models import cached_model
 
         with err_console.status(f"loading model {cfg.model} ..."):
@@ -92,12 +91,12 @@ def extract(
 
 
 def answered_without_work(cfg, loaded) -> bool:
-    """A rerun with nothing left to do (``blens.extract.resume.nothing_to_do``): say so as the flow would, without
+    """A rerun with nothing left to do (``blens.run.resume.nothing_to_do``): say so as the flow would, without
     loading the model or starting Prefect. False when that cannot be decided; the normal path then runs (and
     reports a damaged warehouse in its own words)."""
     import duckdb
 
-    from blens.extract.resume import nothing_to_do
+    from blens.run.resume import nothing_to_do
     from blens.store.lake import WarehouseError
 
     try:

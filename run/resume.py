@@ -1,7 +1,7 @@
-"""Resuming a run: which results are done, and whether a rerun has anything left to do at all.
+"""Whether a rerun has anything left to do at all, decided before the model loads.
 
-Results are identified by content (``identity.py``), so "done" is a lookup of keys in the warehouse. The
-plan of a run (``job.plan_run``) asks it per record; :func:`nothing_to_do` asks it for a whole run before
+Results are identified by content (``blens.extract.identity``), so "done" is a lookup of keys in the
+warehouse. The plan of a run (``extract.plan_extract``) asks it per record; :func:`nothing_to_do` asks it for a whole run before
 anything expensive happens: when the model's revision and family are known from its files
 (``registry.local_model_dir``), every record of the source (in this shard) has its result
 stored with at least the vectors asked for, the run is registered and its rejected records are recorded,
@@ -22,16 +22,16 @@ import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from blens.extract.adapters import family_for, lens_sites
+from blens.extract.config import ExtractConfig
+from blens.extract.identity import result_key
+from blens.extract.registry import local_model_dir, model_type_of, revision_of_files
+from blens.extract.sources import LoadResult
 from blens.store.lake import is_warehouse
 from blens.store.reads import VECTOR_LEVELS, existing_results, run_registered, runs_holding
 from blens.store.runs import error_key, run_id_for
 from blens.store.writer import init_warehouse
 
-from .adapters import family_for, lens_sites
-from .config import ExtractConfig
-from .identity import result_key
-from .registry import local_model_dir, model_type_of, revision_of_files
-from .sources import LoadResult
 
 
 @dataclass
@@ -54,28 +54,26 @@ def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
     return case_id % n == i
 
 
-def needs_work(cfg: ExtractConfig, stored: dict[str, str], key: str) -> bool:
+def needs_work(force: bool, vectors: str, stored: dict[str, str], key: str) -> bool:
     """A key is done when stored with at least the vectors this run asks for (and not --force)."""
-    if cfg.force or key not in stored:
+    if force or key not in stored:
         return True
-    return VECTOR_LEVELS[stored[key]] < VECTOR_LEVELS[cfg.vectors]
+    return VECTOR_LEVELS[stored[key]] < VECTOR_LEVELS[vectors]
 
 
-def overlap_notes(cfg: ExtractConfig, root: str | os.PathLike, run_id: str, skipped: list[str]) -> list[str]:
+def overlap_notes(shard: str | None, limit: int | None, run_id: str, holders: list[tuple[str, str, int]]) -> list[str]:
     """Say when this shard's records were already extracted by a run with another shard or limit: they are
     skipped (each result is stored once), so this run alone is not the whole of that shard."""
-    if cfg.shard is None or not skipped:
-        return []
     notes = []
-    for other, config, n in runs_holding(root, skipped):
+    for other, config, n in holders:
         if other == run_id:
             continue
         try:
             theirs = json.loads(config or "{}")
         except ValueError:
             theirs = {}
-        if (theirs.get("shard"), theirs.get("limit")) != (cfg.shard, cfg.limit):
-            notes.append(f"warning: {n} of shard {cfg.shard}'s records were already extracted by run {other} "
+        if (theirs.get("shard"), theirs.get("limit")) != (shard, limit):
+            notes.append(f"warning: {n} of shard {shard}'s records were already extracted by run {other} "
                          f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
                          "recomputed (each result is stored once)")
     return notes
@@ -107,11 +105,12 @@ def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummar
     if not run_registered(cfg.warehouse, run_id):
         return None
     stored = existing_results(cfg.warehouse, keys)
-    if any(needs_work(cfg, stored, k) for k in keys):
+    if any(needs_work(cfg.force, cfg.vectors, stored, k) for k in keys):
         return None
     error_keys = [error_key("load", e) for e in load_errors]
     if error_keys and len(existing_results(cfg.warehouse, error_keys, table="errors")) < len(set(error_keys)):
         return None  # a rejected record the warehouse has not recorded yet: the run registers it
     summary = ExtractSummary(run_id=run_id, n_records=len(records), n_done_before=len(records), n_extracted=0,
                              n_failed=0, n_skipped=len(load_errors), seconds=time.perf_counter() - t0)
-    return summary, overlap_notes(cfg, cfg.warehouse, run_id, keys)
+    holders = runs_holding(cfg.warehouse, keys) if cfg.shard is not None else []
+    return summary, overlap_notes(cfg.shard, cfg.limit, run_id, holders)

@@ -1,0 +1,178 @@
+"""An extraction run: its plan (records, keys, stored results, batches) and its batch step.
+
+Results are identified by content (``blens.extract.identity``): a record whose result is already in the
+warehouse is skipped whatever run, file or shard put it there, so rerunning a command resumes it, and a grown
+file only costs its new records. Runs are provenance: (model + revision, dataset fingerprint, settings).
+
+The plan is the only place an :class:`~blens.extract.config.ExtractConfig` is read: it becomes an
+:class:`ExtractJob` of plain values, and batches of :class:`Item` (a prompt with its key), which is all the
+batch step and the commit phase get.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from blens.extract.batching import batch_limits, token_budget_batches
+from blens.extract.config import ExtractConfig
+from blens.extract.failures import describe, is_record_failure
+from blens.extract.identity import result_key, result_slot
+from blens.extract.lens import LogitLens, lens_for
+from blens.extract.models import LoadedModel, cached_model, model_facts
+from blens.extract.prepare import PreparedPrompt, prepare
+from blens.extract.records import RecordError
+from blens.extract.tables import build_tables, compute_batch
+from blens.store.reads import existing_results, runs_holding
+from blens.store.runs import run_id_for
+
+from .commit import Committer, Registration
+from .resume import ExtractSummary, in_shard, needs_work, overlap_notes  # noqa: F401 - ExtractSummary: the run's result
+from .source import read_source
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """What every batch of a run needs, as values (the flow's config stops at the plan)."""
+
+    run_id: str
+    model: str  # the name a worker process loads (``cached_model(model, device)``)
+    device: str  # as asked ("auto" included): a Dask worker resolves it on its own machine
+    warehouse: str
+    top_k: int
+    vectors: str
+    settings: dict  # the result settings, part of every key (``ExtractConfig.result_settings``)
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt to extract, with its identity, computed once by the plan."""
+
+    prompt: PreparedPrompt
+    key: str
+    slot: str
+    replace: bool = False  # stored rows of this key are replaced (--force, more vectors than stored)
+
+
+@dataclass
+class ExtractPlan:
+    job: ExtractJob
+    batches: list[list[Item]]
+    registration: Registration
+    n_records: int
+    n_skipped_done: int
+    errors: list[RecordError] = field(default_factory=list)  # rejected on load or when prepared
+    notes: list[str] = field(default_factory=list)  # things the user should hear before the run starts
+    device: str = "cpu"  # where the model runs (``--device auto`` resolved)
+    overlap: bool = False  # commit batch k while the device computes batch k+1
+
+    @property
+    def run_id(self) -> str:
+        return self.job.run_id
+
+    @property
+    def n_todo(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+@dataclass
+class BatchResult:
+    n_prompts: int
+    n_failed: int
+    seconds: float
+
+
+def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPlan:
+    """Read the records (once per process: ``source.read_source``), key every one, ask the warehouse which keys
+    it holds, tokenize what is left into length-sorted batches, and decide what registering the run writes.
+    Writes nothing: the flow commits the registration through its :class:`Committer`."""
+    lm = lm or cached_model(cfg.model, cfg.device)
+    loaded = read_source(cfg.data, cfg.limit)
+    settings = cfg.result_settings(lm.view.lens_sites)
+    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**settings, "vectors": cfg.vectors})
+    shard = cfg.shard_index()
+    records = [r for r in loaded.records if in_shard(r.case_id, shard)]
+    load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
+    keys = {r.case_id: (result_key(lm.name, lm.revision, settings, r), result_slot(lm.name, lm.revision, settings,
+                                                                                    r.case_id)) for r in records}
+
+    stored = existing_results(cfg.warehouse, [k for k, _ in keys.values()])
+    todo = [r for r in records if needs_work(cfg.force, cfg.vectors, stored, keys[r.case_id][0])]
+    todo_ids = {r.case_id for r in todo}
+    done = [keys[r.case_id][0] for r in records if r.case_id not in todo_ids] if cfg.shard is not None else []
+    holders = runs_holding(cfg.warehouse, done) if done else []
+
+    prepared: list[PreparedPrompt] = []
+    prep_errors: list[RecordError] = []
+    for rec in todo:
+        p = prepare(rec, lm.tokenizer, lm.view.max_positions, cfg.max_prompt_tokens)
+        (prep_errors if isinstance(p, RecordError) else prepared).append(p)
+    prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
+    items = {id(p): Item(p, *keys[p.record.case_id], replace=keys[p.record.case_id][0] in stored) for p in prepared}
+    batches = [[items[id(p)] for p in batch]
+               for batch in token_budget_batches(prepared, *batch_limits(lm, cfg.batch_size, cfg.batch_tokens))]
+
+    job = ExtractJob(run_id=run_id, model=cfg.model, device=cfg.device, warehouse=cfg.warehouse, top_k=cfg.top_k,
+                     vectors=cfg.vectors, settings=settings, threads=cfg.threads)
+    registration = Registration(
+        run_id=run_id, model=lm.name, revision=lm.revision, dataset=cfg.data, fingerprint=loaded.fingerprint,
+        config=cfg.model_dump_json(), kind="extract", model_facts=model_facts(lm),
+        rejected=(("load", tuple(load_errors), None),
+                  ("prepare", tuple(prep_errors), tuple(keys[e.case_id][0] for e in prep_errors))))
+    return ExtractPlan(job=job, batches=batches, registration=registration, n_records=len(records),
+                       n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors,
+                       notes=overlap_notes(cfg.shard, cfg.limit, run_id, holders), device=str(lm.device),
+                       overlap=cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda")
+
+
+def extract_items(job: ExtractJob, items: list[Item], commit: Committer, lm: LoadedModel | None = None,
+                  lens: LogitLens | None = None) -> BatchResult:
+    """Extract one batch and hand its tables to ``commit``. If the batch fails as a whole, retry prompt by prompt
+    so one bad prompt lands in ``errors`` instead of sinking its neighbours.
+
+    With a background committer only the device stage runs here and the Arrow building and the commit are
+    queued; a failure there then stops the run (it is not blamed on a record). Keys already stored are skipped
+    by the commit itself (exactly once per key, ``blens.store.writer``), so a racing writer costs at most a
+    recomputation, never a duplicate."""
+    t0 = time.perf_counter()
+    lm = lm or cached_model(job.model, job.device)
+    lens = lens or lens_for(lm)
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    prompts = [i.prompt for i in items]
+    try:
+        host = compute_batch(lm, prompts, top_k=job.top_k, vectors=job.vectors, lens=lens,
+                             identity=[(i.key, i.slot) for i in items], settings=job.settings)
+        if not commit.background:  # built here, so that a record's failure while building is still the record's
+            tables = build_tables(lm, host, job.run_id, top_k=job.top_k, vectors=job.vectors)
+    except Exception as exc:  # noqa: BLE001 - the policy decides what one record may cost
+        if not is_record_failure(exc):
+            raise
+        if len(items) == 1:
+            p = prompts[0]
+            commit.errors([RecordError(case_id=p.record.case_id, field="prompt", source=p.record.source,
+                                       message=f"extraction failed: {describe(exc)}")], "extract", [items[0].key])
+            return BatchResult(0, 1, time.perf_counter() - t0)
+        done = failed = 0
+        for item in items:
+            r = extract_items(job, [item], commit, lm, lens)
+            done, failed = done + r.n_prompts, failed + r.n_failed
+        return BatchResult(done, failed, time.perf_counter() - t0)
+    replace = [i.key for i in items if i.replace]
+    if commit.background:
+        commit.results(lambda: build_tables(lm, host, job.run_id, top_k=job.top_k, vectors=job.vectors),
+                       replace=replace)
+    else:
+        commit.results(lambda: tables, replace=replace)
+    return BatchResult(len(items), 0, time.perf_counter() - t0)
+
+
+def failed_batch(items: list[Item], commit: Committer, exc: BaseException) -> BatchResult:
+    """A batch that failed for good (after the task's retries): its prompts become error rows."""
+    msg = f"batch failed after retries: {describe(exc)}"
+    commit.errors([RecordError(case_id=i.prompt.record.case_id, field="batch", message=msg,
+                               source=i.prompt.record.source) for i in items], "extract", [i.key for i in items])
+    return BatchResult(0, len(items), 0.0)
