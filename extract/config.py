@@ -59,6 +59,11 @@ class ExtractConfig(BaseModel):
         i, n = (int(x) for x in self.shard.split("/"))
         return i, n
 
+    def in_shard(self, case_id: int) -> bool:
+        """This run's share of the records: case_id mod N == I (every record without --shard)."""
+        i, n = self.shard_index()
+        return case_id % n == i
+
     def result_settings(self, sites: Sequence[str] | None = None) -> dict:
         """Settings that change a result's rows (batching, device, sharding and stored vectors do not);
         ``sites``: the loaded model's lens sites (``ModelView.lens_sites``), default the two every family has."""

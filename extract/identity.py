@@ -7,6 +7,10 @@
   changed record (same case_id, new content) gets a new key in the same slot, and its result
   supersedes the old one (which stays reachable through the store's time travel).
 
+* ``run`` = :func:`run_id_for`: hash(model, revision, the dataset's fingerprint, the run's settings). Runs
+  are provenance, not identity of results: the same command on the same data always gets the same run id,
+  which is what makes a rerun resume.
+
 * ``settings`` = :func:`settings_id` of the result settings: a short id carried by every result row, so
   that every view groups by it and results computed under different settings are never averaged together
   (the ``settings`` table maps each id to its JSON).
@@ -70,3 +74,10 @@ def result_key(model: str, revision: str, settings: dict, record: EditRecord) ->
 
 def result_slot(model: str, revision: str, settings: dict, case_id: int) -> str:
     return _digest({"model": model, "revision": revision, "settings": settings, "case_id": case_id})
+
+
+def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
+    """A run's identity: the same model, data and settings always give the same run id (resume)."""
+    blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -92,12 +92,11 @@ class Committer:
     # --- what a run writes ---------------------------------------------------------------------------------
 
     def register(self, reg: Registration) -> None:
-        """The run's row, its model's row and the records it rejected before any work, in one transaction."""
-        errors = [errors_table(reg.run_id, errs, stage, None if keys is None else list(keys))
-                  for stage, errs, keys in reg.rejected]
-        self._submit(lambda: register_run(self.warehouse, reg.run_id, model=reg.model, revision=reg.revision,
-                                          dataset=reg.dataset, fingerprint=reg.fingerprint, config=reg.config,
-                                          kind=reg.kind, model_facts=reg.model_facts, errors=errors))
+        """The run's row, its model's row and the records it rejected before any work, in one transaction.
+        Always in the caller's thread, before any batch: a run that cannot register stops before its work."""
+        register_run(self.warehouse, reg.run_id, model=reg.model, revision=reg.revision, dataset=reg.dataset,
+                     fingerprint=reg.fingerprint, config=reg.config, kind=reg.kind, model_facts=reg.model_facts,
+                     rejected=reg.rejected)
 
     def results(self, make_tables: Callable[[], dict[str, pa.Table | None]], *, kind: str = "extract",
                 replace: Iterable[str] = ()) -> None:

@@ -17,10 +17,10 @@ import pyarrow as pa
 from blens.edit.job import choose_defaults, edit_key, edit_records, edit_settings, results_table, rome_statistics, \
     stats_source
 from blens.edit.spec import EditConfig, EditSpec, check_layer
+from blens.extract.identity import run_id_for
 from blens.extract.models import LoadedModel, cached_model, model_facts
 from blens.extract.records import EditRecord
 from blens.store.reads import edit_summary_rows, existing_results
-from blens.store.runs import run_id_for
 
 from .commit import Committer, Registration
 from .source import read_source

@@ -19,17 +19,16 @@ import torch
 from blens.extract.batching import batch_limits, token_budget_batches
 from blens.extract.config import ExtractConfig
 from blens.extract.failures import describe, is_record_failure
-from blens.extract.identity import result_key, result_slot
+from blens.extract.identity import result_key, result_slot, run_id_for
 from blens.extract.lens import LogitLens, lens_for
 from blens.extract.models import LoadedModel, cached_model, model_facts
 from blens.extract.prepare import PreparedPrompt, prepare
 from blens.extract.records import RecordError
 from blens.extract.tables import build_tables, compute_batch
-from blens.store.reads import existing_results, runs_holding
-from blens.store.runs import run_id_for
+from blens.store.reads import results_held
 
 from .commit import Committer, Registration
-from .resume import ExtractSummary, in_shard, needs_work, overlap_notes  # noqa: F401 - ExtractSummary: the run's result
+from .resume import ExtractSummary, what_is_left  # noqa: F401 - ExtractSummary: the run's result
 from .source import read_source
 
 
@@ -86,32 +85,30 @@ class BatchResult:
 
 
 def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPlan:
-    """Read the records (once per process: ``source.read_source``), key every one, ask the warehouse which keys
-    it holds, tokenize what is left into length-sorted batches, and decide what registering the run writes.
+    """Read the records (once per process: ``source.read_source``), key every one, ask the warehouse once which
+    keys it holds, tokenize what is left into length-sorted batches, and decide what registering the run writes.
     Writes nothing: the flow commits the registration through its :class:`Committer`."""
     lm = lm or cached_model(cfg.model, cfg.device)
+    facts = model_facts(lm)
     loaded = read_source(cfg.data, cfg.limit)
     settings = cfg.result_settings(lm.view.lens_sites)
+    records = [r for r in loaded.records if cfg.in_shard(r.case_id)]
+    load_errors = [e for e in loaded.errors if e.case_id is None or cfg.in_shard(e.case_id)]
     run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**settings, "vectors": cfg.vectors})
-    shard = cfg.shard_index()
-    records = [r for r in loaded.records if in_shard(r.case_id, shard)]
-    load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
-    keys = {r.case_id: (result_key(lm.name, lm.revision, settings, r), result_slot(lm.name, lm.revision, settings,
-                                                                                    r.case_id)) for r in records}
-
-    stored = existing_results(cfg.warehouse, [k for k, _ in keys.values()])
-    todo = [r for r in records if needs_work(cfg.force, cfg.vectors, stored, keys[r.case_id][0])]
-    todo_ids = {r.case_id for r in todo}
-    done = [keys[r.case_id][0] for r in records if r.case_id not in todo_ids] if cfg.shard is not None else []
-    holders = runs_holding(cfg.warehouse, done) if done else []
+    keys = {r.case_id: result_key(lm.name, lm.revision, settings, r) for r in records}
+    slots = {r.case_id: result_slot(lm.name, lm.revision, settings, r.case_id) for r in records}
+    held = results_held(cfg.warehouse, list(keys.values()))
+    todo, notes = what_is_left(cfg, run_id, keys, held)
 
     prepared: list[PreparedPrompt] = []
     prep_errors: list[RecordError] = []
-    for rec in todo:
-        p = prepare(rec, lm.tokenizer, lm.view.max_positions, cfg.max_prompt_tokens)
-        (prep_errors if isinstance(p, RecordError) else prepared).append(p)
+    for rec in records:
+        if rec.case_id in todo:
+            p = prepare(rec, lm.tokenizer, lm.view.max_positions, cfg.max_prompt_tokens)
+            (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
-    items = {id(p): Item(p, *keys[p.record.case_id], replace=keys[p.record.case_id][0] in stored) for p in prepared}
+    items = {id(p): Item(p, keys[p.record.case_id], slots[p.record.case_id], replace=keys[p.record.case_id] in held)
+             for p in prepared}
     batches = [[items[id(p)] for p in batch]
                for batch in token_budget_batches(prepared, *batch_limits(lm, cfg.batch_size, cfg.batch_tokens))]
 
@@ -119,13 +116,12 @@ def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPl
                      vectors=cfg.vectors, settings=settings, threads=cfg.threads)
     registration = Registration(
         run_id=run_id, model=lm.name, revision=lm.revision, dataset=cfg.data, fingerprint=loaded.fingerprint,
-        config=cfg.model_dump_json(), kind="extract", model_facts=model_facts(lm),
+        config=cfg.model_dump_json(), kind="extract", model_facts=facts,
         rejected=(("load", tuple(load_errors), None),
-                  ("prepare", tuple(prep_errors), tuple(keys[e.case_id][0] for e in prep_errors))))
+                  ("prepare", tuple(prep_errors), tuple(keys[e.case_id] for e in prep_errors))))
     return ExtractPlan(job=job, batches=batches, registration=registration, n_records=len(records),
-                       n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors,
-                       notes=overlap_notes(cfg.shard, cfg.limit, run_id, holders), device=str(lm.device),
-                       overlap=cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda")
+                       n_skipped_done=len(records) - len(todo), errors=load_errors + prep_errors, notes=notes,
+                       device=str(lm.device), overlap=cfg.overlap if cfg.overlap is not None else lm.device.type == "cuda")
 
 
 def extract_items(job: ExtractJob, items: list[Item], commit: Committer, lm: LoadedModel | None = None,

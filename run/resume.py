@@ -24,12 +24,12 @@ from types import SimpleNamespace
 
 from blens.extract.adapters import family_for, lens_sites
 from blens.extract.config import ExtractConfig
-from blens.extract.identity import result_key
+from blens.extract.identity import result_key, run_id_for
 from blens.extract.registry import local_model_dir, model_type_of, revision_of_files
 from blens.extract.sources import LoadResult
 from blens.store.lake import is_warehouse
 from blens.store.reads import VECTOR_LEVELS, existing_results, run_registered, runs_holding
-from blens.store.runs import error_key, run_id_for
+from blens.store.runs import error_key
 from blens.store.writer import init_warehouse
 
 
@@ -49,11 +49,6 @@ class ExtractSummary:
         return self.n_extracted / self.seconds if self.seconds else 0.0
 
 
-def in_shard(case_id: int, shard: tuple[int, int]) -> bool:
-    i, n = shard
-    return case_id % n == i
-
-
 def needs_work(force: bool, vectors: str, stored: dict[str, str], key: str) -> bool:
     """A key is done when stored with at least the vectors this run asks for (and not --force)."""
     if force or key not in stored:
@@ -63,7 +58,10 @@ def needs_work(force: bool, vectors: str, stored: dict[str, str], key: str) -> b
 
 def overlap_notes(shard: str | None, limit: int | None, run_id: str, holders: list[tuple[str, str, int]]) -> list[str]:
     """Say when this shard's records were already extracted by a run with another shard or limit: they are
-    skipped (each result is stored once), so this run alone is not the whole of that shard."""
+    skipped (each result is stored once), so this run alone is not the whole of that shard. ``holders``:
+    (run_id, its config JSON, how many of the skipped results it stored)."""
+    if shard is None:
+        return []
     notes = []
     for other, config, n in holders:
         if other == run_id:
@@ -77,6 +75,18 @@ def overlap_notes(shard: str | None, limit: int | None, run_id: str, holders: li
                          f"(shard {theirs.get('shard')}, limit {theirs.get('limit')}); they are skipped, not "
                          "recomputed (each result is stored once)")
     return notes
+
+
+def what_is_left(cfg: ExtractConfig, run_id: str, keys: dict[int, str], held: dict[str, tuple[str, str, str | None]]
+                 ) -> tuple[set[int], list[str]]:
+    """(the case_ids whose result still needs work, notes for the user) from the results the warehouse holds
+    (``blens.store.reads.results_held``); ``keys``: case_id -> result key."""
+    todo = {c for c, k in keys.items() if needs_work(cfg.force, cfg.vectors, {k: held[k][0]} if k in held else {}, k)}
+    holders: dict[tuple[str, str | None], int] = {}
+    for c, k in keys.items():
+        if c not in todo and k in held:
+            holders[held[k][1:]] = holders.get(held[k][1:], 0) + 1
+    return todo, overlap_notes(cfg.shard, cfg.limit, run_id, sorted((r, cf, n) for (r, cf), n in holders.items()))
 
 
 def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummary, list[str]] | None:
@@ -94,8 +104,8 @@ def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummar
     except (OSError, ValueError, KeyError, TypeError):  # unreadable or unsupported: the normal path says why
         return None
     shard = cfg.shard_index()
-    records = [r for r in loaded.records if in_shard(r.case_id, shard)]
-    load_errors = [e for e in loaded.errors if e.case_id is None or in_shard(e.case_id, shard)]
+    records = [r for r in loaded.records if cfg.in_shard(r.case_id)]
+    load_errors = [e for e in loaded.errors if e.case_id is None or cfg.in_shard(e.case_id)]
     if not records:
         return None
     settings = cfg.result_settings(lens_sites(family))

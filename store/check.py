@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .files import META, catalog_files
 from .lake import LAKE, RetryPolicy, attach, is_remote, is_warehouse, rollback
 from .schema import RESULT_TABLES
-from .writer import _local_queue
+from .lake import local_queue
 
 
 @dataclass
@@ -122,13 +122,13 @@ def check(location: str | os.PathLike, *, repair: bool = False) -> CheckResult:
             if why:
                 res.bad_files.append((table, path, why))
         if repair and res.bad_files:
-            with _local_queue(location):
+            with local_queue(location):
                 _quarantine(con, location, files, res)
         if res.bad_files and not repair:
             return res  # the completeness query would fail on the bad files: repair first
         res.incomplete = incomplete_keys(con)
         if repair and res.incomplete:
-            with _local_queue(location):
+            with local_queue(location):
                 res.removed = _remove(con, res.incomplete)
             res.incomplete = incomplete_keys(con)
     finally:

@@ -12,6 +12,8 @@ DuckDB 1.4.4): they are loaded from that directory, never downloaded, and autolo
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import random
@@ -211,3 +213,42 @@ def init_sql(location: str | os.PathLike, *, read_only: bool = True) -> str:
               attach_sql(location if remote else Path(location).absolute(), read_only=read_only) + ";",
               f"USE {LAKE};", ""]
     return "\n".join(lines)
+
+
+LOCK_FILE = "commit.lock"  # a local warehouse's writer queue (see local_queue)
+
+
+def may_precede_a_warehouse(entry: Path) -> bool:
+    """Files a new warehouse may find in its directory: a .gitignore or README, and what another writer makes
+    while it creates the warehouse (the queue's lock file, the empty data directory, the catalog and its SQLite
+    journal files): shards started together race there, and the one that looks in between must not take its
+    sibling's half-made warehouse for an unrelated directory."""
+    if entry.name in (".gitignore", "README.md", LOCK_FILE) or entry.name.startswith(CATALOG_FILE):
+        return True
+    return entry.name == DATA_DIR and entry.is_dir() and not any(entry.iterdir())
+
+
+def check_target(location: str | os.PathLike) -> None:
+    """Refuse to turn an unrelated, non-empty directory into a warehouse."""
+    if is_remote(location) or is_warehouse(location):
+        return
+    root = Path(location)
+    if root.exists() and not root.is_dir():
+        raise WarehouseError(f"warehouse {str(root)!r} exists and is not a directory")
+    if root.is_dir() and not all(may_precede_a_warehouse(p) for p in root.iterdir()):
+        raise WarehouseError(f"{str(root)!r} is not empty and is not a warehouse (no {root / 'catalog.sqlite'}); "
+                             "choose an empty or new directory")
+
+
+@contextlib.contextmanager
+def local_queue(location: str | os.PathLike):
+    """An flock around a commit on a local catalog: local writers queue instead of spending retries."""
+    if is_remote(location):
+        yield
+        return
+    with open(Path(location) / LOCK_FILE, "a+") as fd:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import duckdb
 
 from .lake import LAKE, RetryPolicy, attach, is_warehouse, sql_str
-from .writer import _local_queue
+from .lake import local_queue
 
 
 @dataclass
@@ -43,7 +43,7 @@ def compact(location: str | os.PathLike, *, expire_older_than: str | None = "7 d
     policy = RetryPolicy(max_tries=8)
     try:
         before = file_counts(con)
-        with _local_queue(location):
+        with local_queue(location):
             # Files carrying deletes (superseded or --force-replaced rows) are never merged: rewrite them first.
             policy.run(lambda: con.execute(f"CALL ducklake_rewrite_data_files({sql_str(LAKE)}, "
                                            "delete_threshold => 0.0)").fetchall())

@@ -27,6 +27,18 @@ def existing_results(warehouse: str | os.PathLike, keys: list[str], table: str =
     return dict(con.execute(f"SELECT DISTINCT key, {col} FROM {table} WHERE key IN ({_keys_sql(keys)})").fetchall())
 
 
+def results_held(warehouse: str | os.PathLike, keys: list[str]) -> dict[str, tuple[str, str, str | None]]:
+    """key -> (the ``vectors`` it was stored with, the run that stored it, that run's config JSON), for the given
+    keys that exist: what a plan needs to skip done work and to say which other runs did it."""
+    if not keys:
+        return {}
+    con = writer_connection(warehouse)
+    return {k: (v, r, c) for k, v, r, c in con.execute(f"""
+        SELECT p.key, any_value(p.vectors), any_value(p.run_id), any_value(r.config_json)
+        FROM prompts p LEFT JOIN runs r USING (run_id)
+        WHERE p.key IN ({_keys_sql(keys)}) GROUP BY p.key""").fetchall()}
+
+
 def run_registered(warehouse: str | os.PathLike, run_id: str) -> bool:
     """The run's row is in ``runs`` (registered with its model row and rejected records, one transaction)."""
     con = writer_connection(warehouse)

@@ -28,13 +28,6 @@ class ErrorLike(Protocol):
     source: str
 
 
-def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
-    """A run's identity: the same model, data and settings always give the same run id (resume)."""
-    blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def code_version() -> str:
     """git commit of the code that produced the rows (falls back to the package version)."""
     here = Path(__file__).resolve().parent
@@ -88,8 +81,10 @@ def models_table(facts: dict) -> pa.Table:
 
 
 def register_run(root: str | Path, run_id: str, *, model: str, revision: str, dataset: str, fingerprint: str,
-                 config: dict | str, kind: str, errors: Iterable[pa.Table] = (), model_facts: dict | None = None) -> None:
-    """Commit a run's row, its model's row and the records it rejected before any work, in one transaction."""
+                 config: dict | str, kind: str, model_facts: dict | None = None,
+                 rejected: Iterable[tuple[str, Iterable[ErrorLike], Iterable[str] | None]] = ()) -> None:
+    """Commit a run's row, its model's row and the records it rejected before any work, in one transaction.
+    ``rejected``: (stage, errors, their result keys or None) per stage (load, prepare)."""
     run_row = pa.table({
         "run_id": [run_id], "model": [model], "model_revision": [revision], "dataset": [str(dataset)],
         "dataset_fingerprint": [fingerprint],
@@ -98,6 +93,6 @@ def register_run(root: str | Path, run_id: str, *, model: str, revision: str, da
         "code_version": [code_version()], "schema_version": pa.array([SCHEMA_VERSION], pa.int32()),
         "kind": [kind],
     })
-    errors = [t for t in errors if t.num_rows]
+    errors = [t for t in (errors_table(run_id, errs, stage, keys) for stage, errs, keys in rejected) if t.num_rows]
     commit_batch(root, {"runs": run_row, "errors": pa.concat_tables(errors) if errors else None,
                         "models": models_table(model_facts) if model_facts else None}, kind="meta")

@@ -18,8 +18,6 @@ reader sees and ``blens compact`` deletes). Inside it:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 import threading
@@ -33,14 +31,13 @@ import pyarrow as pa
 
 from blens.queries import view_sql
 
-from .lake import CATALOG_FILE, DATA_DIR, LAKE, RetryPolicy, WarehouseError, attach, is_remote, is_warehouse, rollback
+from .lake import LAKE, RetryPolicy, WarehouseError, attach, check_target, is_remote, local_queue, rollback
 from .migrations import add_columns, missing_columns
 from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
 
 __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
 
 ANCHORS = {"extract": "prompts", "edit": "edit_results"}  # the table whose keys a batch of that kind adds
-LOCK_FILE = "commit.lock"  # a local warehouse's writer queue (see _local_queue)
 _CONNECTIONS: dict[str, duckdb.DuckDBPyConnection] = {}
 _OWNER: dict[str, int] = {}  # the thread that attached it; other threads use their own cursors
 _CONNECTIONS_LOCK = threading.Lock()
@@ -53,28 +50,6 @@ def writer_id() -> str:
 
 def _location_key(location: str | os.PathLike) -> str:
     return str(location) if is_remote(location) else str(Path(location).absolute())
-
-
-def _may_precede_a_warehouse(entry: Path) -> bool:
-    """Files a new warehouse may find in its directory: a .gitignore or README, and what another writer makes
-    while it creates the warehouse (the queue's lock file, the empty data directory, the catalog and its SQLite
-    journal files): shards started together race there, and the one that looks in between must not take its
-    sibling's half-made warehouse for an unrelated directory."""
-    if entry.name in (".gitignore", "README.md", LOCK_FILE) or entry.name.startswith(CATALOG_FILE):
-        return True
-    return entry.name == DATA_DIR and entry.is_dir() and not any(entry.iterdir())
-
-
-def _check_target(location: str | os.PathLike) -> None:
-    """Refuse to turn an unrelated, non-empty directory into a warehouse."""
-    if is_remote(location) or is_warehouse(location):
-        return
-    root = Path(location)
-    if root.exists() and not root.is_dir():
-        raise WarehouseError(f"warehouse {str(root)!r} exists and is not a directory")
-    if root.is_dir() and not all(_may_precede_a_warehouse(p) for p in root.iterdir()):
-        raise WarehouseError(f"{str(root)!r} is not empty and is not a warehouse (no {root / 'catalog.sqlite'}); "
-                             "choose an empty or new directory")
 
 
 def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -128,7 +103,7 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     with _CONNECTIONS_LOCK:
         con = _CONNECTIONS.get(loc)
         if con is None:
-            _check_target(location)  # before the queue's lock file is made there
+            check_target(location)  # before the queue's lock file is made there
             try:
                 if not is_remote(location):
                     Path(location).mkdir(parents=True, exist_ok=True)  # where the queue's lock file lives
@@ -138,8 +113,8 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
                 # and LoadStatsForSnapshot before). An InternalException invalidates the DuckDB instance, so
                 # no retry can recover it; only not racing does. Once the schema exists, commits only add
                 # files and snapshots, the path DuckLake's concurrent readers and writers are built for.
-                with _local_queue(location):
-                    _check_target(location)  # again, now that no other local writer is half-way through
+                with local_queue(location):
+                    check_target(location)  # again, now that no other local writer is half-way through
                     con = attach(location, read_only=False)
                     RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
             except OSError as exc:
@@ -161,20 +136,6 @@ def init_warehouse(location: str | os.PathLike) -> str | os.PathLike:
     """Create the warehouse (or check it) and its schema; fail with one clear line if it cannot be used."""
     writer_connection(location)
     return location
-
-
-@contextlib.contextmanager
-def _local_queue(location: str | os.PathLike):
-    """An flock around a commit on a local catalog: local writers queue instead of spending retries."""
-    if is_remote(location):
-        yield
-        return
-    with open(Path(location) / LOCK_FILE, "a+") as fd:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -278,7 +239,7 @@ def commit_batch(location: str | os.PathLike, tables: dict[str, pa.Table | None]
     policy = policy or RetryPolicy()
     tables = {k: v for k, v in tables.items() if v is not None}
     batch_id = uuid.uuid4().hex
-    with _local_queue(location):
+    with local_queue(location):
         attempt = {"n": 0}
 
         def once() -> CommitResult:
