@@ -1,9 +1,10 @@
 """`blens edit` and `blens sweep` as Prefect flows: one task plans the run, one task per batch of edits.
 
 Thin on purpose: the flow takes one ``EditConfig`` and hands it to the plan task alone
-(``blens.run.edit.plan_edit``); batch tasks get the plan's values and the run's ``Committer``, the only writer.
-Tasks get the model from :func:`blens.extract.models.cached_model` (one copy per worker process), with caching
-off, so Prefect never hashes or pickles the weights.
+(``blens.run.edit.plan_edit``); the run itself (registration, progress, the summary, a sweep's defaults) is
+``blens.run.edit.execute``, and the flow only makes each batch a Prefect task. Tasks get the model from
+:func:`blens.extract.models.cached_model` (one copy per worker process), with caching off, so Prefect never
+hashes or pickles the weights.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from blens.edit.spec import EditConfig
 from blens.extract.records import EditRecord
 from blens.run.commit import Committer
-from blens.run.edit import EditBatchResult, EditJob, EditPlan, EditSummary, edit_batch, plan_edit, sweep_defaults
+from blens.run.edit import EditBatchResult, EditJob, EditPlan, EditSummary, edit_batch, execute, plan_edit
 
 from . import prefect_runtime
-from .progress import emit
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_runtime.prepare_process()
@@ -35,9 +35,15 @@ def plan_edit_task(cfg: EditConfig) -> EditPlan:
 
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
-def edit_batch_task(job: EditJob, keys: dict, records: list[EditRecord], commit: Committer) -> EditBatchResult:
+def edit_batch_task(job: EditJob, records: list[EditRecord], commit: Committer) -> EditBatchResult:
     with prefect_runtime.termination_kept():
-        return edit_batch(job, keys, records, commit)
+        return edit_batch(job, records, commit)
+
+
+def _tasks_here(job: EditJob, batches: list[list[EditRecord]], commit: Committer):
+    """One batch task after another in this process."""
+    for batch in batches:
+        yield batch, lambda batch=batch: edit_batch_task(job, batch, commit)
 
 
 @flow(name="blens-edit", log_prints=False)
@@ -46,16 +52,4 @@ def edit_flow(cfg: EditConfig) -> EditSummary:
     (``cfg.kind == 'sweep'``) then picks the default config per method (``blens.edit.job.choose_defaults``)."""
     t0 = time.perf_counter()
     plan = plan_edit_task(cfg)
-    with Committer(plan.job.warehouse, plan.run_id) as commit:
-        commit.register(plan.registration)
-        emit("plan", plan, len(plan.records))
-        results = []
-        for batch in plan.batches():
-            results.append(edit_batch_task(plan.job, plan.keys, batch, commit))
-            emit("batch", results[-1], len(batch))
-    summary = EditSummary(run_id=plan.run_id, n_records=len(plan.records), n_load_errors=plan.n_load_errors,
-                          n_rows=sum(r.n_rows for r in results), n_errors=sum(r.n_errors for r in results),
-                          seconds=time.perf_counter() - t0)
-    if plan.job.kind == "sweep":
-        summary.defaults = sweep_defaults(plan.job)
-    return summary
+    return execute(plan, _tasks_here, started=t0)

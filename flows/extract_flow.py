@@ -1,8 +1,10 @@
 """`blens extract` as a Prefect flow: one task plans the run, one task per batch of prompts.
 
 Thin on purpose: the flow takes one ``ExtractConfig`` and hands it to the plan task alone
-(``blens.run.extract.plan_extract``); below the plan, tasks get the plan's values (an ``ExtractJob`` and a batch
-of keyed items) and the run's ``Committer``, the only writer (``blens.run.commit``). Tasks have caching off, so
+(``blens.run.extract.plan_extract``); the run itself (registration, progress, the failure policy, the summary) is
+``blens.run.extract.execute``, and the flow only says how batches run: as Prefect tasks here, or submitted to
+Dask workers. Batch tasks get the plan's values (an ``ExtractJob`` and a batch of keyed items) and the run's
+``Committer``, the only writer (``blens.run.commit``). Tasks have caching off, so
 Prefect never tries to hash or pickle 500 MB of weights: each worker process loads its model by name. The
 ephemeral local Prefect API is used unless PREFECT_API_URL points at a server.
 
@@ -27,13 +29,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blens.extract.config import ExtractConfig
-from blens.extract.failures import is_record_failure
 from blens.run.commit import Committer
-from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, extract_items, failed_batch, plan_extract
+from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, execute, extract_items, plan_extract
 from blens.run.resume import ExtractSummary
 
 from . import prefect_runtime
-from .progress import emit
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_runtime.prepare_process()
@@ -52,22 +52,22 @@ def batch_task(job: ExtractJob, items: list[Item], commit: Committer) -> BatchRe
         return extract_items(job, items, commit)
 
 
+def _tasks_here(job: ExtractJob, batches: list[list[Item]], commit: Committer):
+    """One batch task after another in this process (the default task runner)."""
+    for batch in batches:
+        yield batch, lambda batch=batch: batch_task(job, batch, commit)
+
+
+def _tasks_on_workers(job: ExtractJob, batches: list[list[Item]], commit: Committer):
+    """Every batch task submitted at once to the task runner's workers (Dask); results as they complete."""
+    futures = {batch_task.submit(job, batch, commit): batch for batch in batches}
+    for future in as_completed(list(futures)):
+        yield futures[future], future.result
+
+
 def _fans_out() -> bool:
     ctx = FlowRunContext.get()
     return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
-
-
-def _settle(batch: list[Item], commit: Committer, get) -> BatchResult:
-    """A batch's result; one that failed for good (Prefect's retries spent) for a reason of its own becomes error
-    rows, an environmental failure (disk full, permissions, I/O) stops the run and records nothing."""
-    try:
-        res = get()
-    except Exception as exc:  # noqa: BLE001 - retries are spent: the policy decides
-        if not is_record_failure(exc):
-            raise
-        res = failed_batch(batch, commit, exc)
-    emit("batch", res, len(batch))
-    return res
 
 
 @flow(name="blens-extract", log_prints=False)
@@ -75,20 +75,7 @@ def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     plan = plan_task(cfg)
     fans_out = _fans_out()
-    # On CUDA batch k is committed in a background thread while the device computes batch k+1; leaving the block
-    # waits for the last commit and raises the first failed one. Dask workers commit their own batches.
-    with Committer(plan.job.warehouse, plan.run_id, background=plan.overlap and not fans_out) as commit:
-        commit.register(plan.registration)
-        emit("plan", plan, plan.n_todo)
-        if fans_out:
-            futures = {batch_task.submit(plan.job, batch, commit): batch for batch in plan.batches}
-            results = [_settle(futures[f], commit, f.result) for f in as_completed(list(futures))]
-        else:
-            results = [_settle(batch, commit, lambda batch=batch: batch_task(plan.job, batch, commit))
-                       for batch in plan.batches]
-    return ExtractSummary(run_id=plan.run_id, n_records=plan.n_records, n_done_before=plan.n_skipped_done,
-                          n_extracted=sum(r.n_prompts for r in results), n_failed=sum(r.n_failed for r in results),
-                          n_skipped=len(plan.errors), seconds=time.perf_counter() - t0)
+    return execute(plan, _tasks_on_workers if fans_out else _tasks_here, fans_out=fans_out, started=t0)
 
 
 class WorkersUnavailable(RuntimeError):

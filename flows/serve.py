@@ -22,7 +22,7 @@ from blens.extract.config import ExtractConfig
 
 from . import prefect_runtime
 from .extract_flow import ExtractSummary, run_extract
-from .progress import logged
+from blens.run.progress import logged
 
 DEPLOYMENT_NAME = "blens-extract-scheduled"
 FLOW_NAME = "blens-scheduled-extract"

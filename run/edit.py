@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -23,6 +24,7 @@ from blens.extract.records import EditRecord
 from blens.store.reads import edit_summary_rows, existing_results
 
 from .commit import Committer, Registration
+from .progress import emit
 from .source import read_source
 
 
@@ -41,13 +43,13 @@ class EditJob:
     batch_size: int
     kind: str  # edit, sweep
     min_efficacy: float
+    keys: dict[tuple[int, str, int, float], str]  # (case_id, method label, layer, lr) -> result key
 
 
 @dataclass
 class EditPlan:
     job: EditJob
     records: list[EditRecord]  # those with at least one spec not yet in the warehouse
-    keys: dict[tuple[int, str, int, float], str]  # (case_id, method label, layer, lr) -> result key
     registration: Registration
     n_load_errors: int
     n_skipped_done: int = 0
@@ -102,28 +104,59 @@ def plan_edit(cfg: EditConfig, lm: LoadedModel | None = None) -> EditPlan:
     rome = any(s.method == "rome" for s in cfg.specs)
     job = EditJob(run_id=run_id, model=cfg.model, device=cfg.device, warehouse=cfg.warehouse, specs=tuple(cfg.specs),
                   fluency_tokens=cfg.fluency_tokens, stats_source=stats_source(cfg) if rome else None,
-                  stats_limit=cfg.stats_limit, batch_size=cfg.batch_size, kind=cfg.kind, min_efficacy=cfg.min_efficacy)
+                  stats_limit=cfg.stats_limit, batch_size=cfg.batch_size, kind=cfg.kind, min_efficacy=cfg.min_efficacy,
+                  keys=keys)
     registration = Registration(run_id=run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
                                 fingerprint=loaded.fingerprint, config={"data": cfg.data, "limit": cfg.limit, **settings},
                                 kind=cfg.kind, model_facts=model_facts(lm),
                                 rejected=(("load", tuple(loaded.errors), None),))
-    return EditPlan(job=job, records=todo, keys=keys, registration=registration, n_load_errors=len(loaded.errors),
+    return EditPlan(job=job, records=todo, registration=registration, n_load_errors=len(loaded.errors),
                     n_skipped_done=len(loaded.records) - len(todo))
 
 
-def edit_batch(job: EditJob, keys: dict[tuple[int, str, int, float], str], records: list[EditRecord],
-               commit: Committer, lm: LoadedModel | None = None) -> EditBatchResult:
+def edit_batch(job: EditJob, records: list[EditRecord], commit: Committer, lm: LoadedModel | None = None
+               ) -> EditBatchResult:
     """Edit and score a batch of records under every spec; their rows and error rows are one commit."""
     t0 = time.perf_counter()
     lm = lm or cached_model(job.model, job.device)
     stats = rome_statistics(lm, job.stats_source, job.stats_limit) if job.stats_source else None
     rows, errors = edit_records(lm, records, job.specs, fluency_tokens=job.fluency_tokens, rome_stats=stats)
-    row_keys = [keys[(r["case_id"], r["method"], r["layer"], r["lr"])] for r in rows]
+    row_keys = [job.keys[(r["case_id"], r["method"], r["layer"], r["lr"])] for r in rows]
     table = results_table(rows, job.run_id, lm.name).add_column(0, "key", pa.array(row_keys, pa.string()))
     errs = commit.error_rows(errors, "edit")
     commit.results(lambda: {"edit_results": table, "errors": errs}, kind="edit")
     return EditBatchResult(n_cases=len(records), n_rows=len(rows), n_errors=len(errors),
                            seconds=time.perf_counter() - t0)
+
+
+Schedule = Callable[[EditJob, list[list[EditRecord]], Committer],
+                    Iterator[tuple[list[EditRecord], Callable[[], EditBatchResult]]]]
+
+
+def in_process(job: EditJob, batches: list[list[EditRecord]], commit: Committer
+               ) -> Iterator[tuple[list[EditRecord], Callable[[], EditBatchResult]]]:
+    """Every batch in this process, one after another (no Prefect)."""
+    for batch in batches:
+        yield batch, lambda batch=batch: edit_batch(job, batch, commit)
+
+
+def execute(plan: EditPlan, schedule: Schedule = in_process, *, started: float | None = None) -> EditSummary:
+    """Run a plan: register the run, then every batch as ``schedule`` runs it, reporting progress, through the
+    run's :class:`Committer`. A sweep (``kind == 'sweep'``) then picks the default config per method."""
+    t0 = time.perf_counter() if started is None else started
+    with Committer(plan.job.warehouse, plan.run_id) as commit:
+        commit.register(plan.registration)
+        emit("plan", plan, len(plan.records))
+        results = []
+        for batch, get in schedule(plan.job, plan.batches(), commit):
+            results.append(get())
+            emit("batch", results[-1], len(batch))
+    summary = EditSummary(run_id=plan.run_id, n_records=len(plan.records), n_load_errors=plan.n_load_errors,
+                          n_rows=sum(r.n_rows for r in results), n_errors=sum(r.n_errors for r in results),
+                          seconds=time.perf_counter() - t0)
+    if plan.job.kind == "sweep":
+        summary.defaults = sweep_defaults(plan.job)
+    return summary
 
 
 def sweep_defaults(job: EditJob) -> dict[str, dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,6 +29,7 @@ from blens.extract.tables import build_tables, compute_batch
 from blens.store.reads import results_held
 
 from .commit import Committer, Registration
+from .progress import emit
 from .resume import ExtractSummary, what_is_left  # noqa: F401 - ExtractSummary: the run's result
 from .source import read_source
 
@@ -166,9 +168,45 @@ def extract_items(job: ExtractJob, items: list[Item], commit: Committer, lm: Loa
     return BatchResult(len(items), 0, time.perf_counter() - t0)
 
 
-def failed_batch(items: list[Item], commit: Committer, exc: BaseException) -> BatchResult:
-    """A batch that failed for good (after the task's retries): its prompts become error rows."""
-    msg = f"batch failed after retries: {describe(exc)}"
-    commit.errors([RecordError(case_id=i.prompt.record.case_id, field="batch", message=msg,
-                               source=i.prompt.record.source) for i in items], "extract", [i.key for i in items])
-    return BatchResult(0, len(items), 0.0)
+# How a run's batches are run: given the job, the batches and the run's committer, yield each batch with a
+# callable that returns its result (or raises its failure). The flow supplies Prefect tasks, in this process or
+# on Dask workers; :func:`in_process` is the plain one.
+Schedule = Callable[[ExtractJob, list[list[Item]], Committer], Iterator[tuple[list[Item], Callable[[], BatchResult]]]]
+
+
+def in_process(job: ExtractJob, batches: list[list[Item]], commit: Committer
+               ) -> Iterator[tuple[list[Item], Callable[[], BatchResult]]]:
+    """Every batch in this process, one after another (no Prefect)."""
+    for batch in batches:
+        yield batch, lambda batch=batch: extract_items(job, batch, commit)
+
+
+def execute(plan: ExtractPlan, schedule: Schedule = in_process, *, fans_out: bool = False,
+            started: float | None = None) -> ExtractSummary:
+    """Run a plan: register the run, then every batch as ``schedule`` runs it, reporting progress; the run's
+    :class:`Committer` is the only writer, and leaving waits for its last commit (raising the first that failed).
+
+    A batch that failed for good (a task's retries spent) for a reason of its own becomes ``errors`` rows and the
+    run goes on; an environmental failure (disk full, permissions, I/O) stops the run and records nothing
+    (``blens.extract.failures``). On CUDA (``plan.overlap``) batch k is committed on a background thread while
+    the device computes batch k+1; batches that ``fans_out`` to other processes commit there themselves."""
+    t0 = time.perf_counter() if started is None else started
+    with Committer(plan.job.warehouse, plan.run_id, background=plan.overlap and not fans_out) as commit:
+        commit.register(plan.registration)
+        emit("plan", plan, plan.n_todo)
+        results = []
+        for batch, get in schedule(plan.job, plan.batches, commit):
+            try:
+                results.append(get())
+            except Exception as exc:  # noqa: BLE001 - retries are spent: the policy decides
+                if not is_record_failure(exc):
+                    raise
+                msg = f"batch failed after retries: {describe(exc)}"
+                commit.errors([RecordError(case_id=i.prompt.record.case_id, field="batch", message=msg,
+                                           source=i.prompt.record.source) for i in batch], "extract",
+                              [i.key for i in batch])
+                results.append(BatchResult(0, len(batch), 0.0))
+            emit("batch", results[-1], len(batch))
+    return ExtractSummary(run_id=plan.run_id, n_records=plan.n_records, n_done_before=plan.n_skipped_done,
+                          n_extracted=sum(r.n_prompts for r in results), n_failed=sum(r.n_failed for r in results),
+                          n_skipped=len(plan.errors), seconds=time.perf_counter() - t0)

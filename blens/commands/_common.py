@@ -223,11 +223,11 @@ def quiet_prefect() -> None:
 
 @contextlib.contextmanager
 def progress_bar(kind: str, unit: str) -> Iterator[None]:
-    """A progress bar over a flow's ``plan``/``batch`` events (see ``blens.flows.progress``); on a
+    """A progress bar over a flow's ``plan``/``batch`` events (see ``blens.run.progress``); on a
     non-terminal (logs, CI) a plain line per batch instead of a live bar."""
     import logging
 
-    from blens.flows.progress import Event, watching
+    from blens.run.progress import Event, watching
 
     # A failing run is reported by the command in one line; Prefect's own record of it (a traceback per
     # retry) stays off the terminal whatever PREFECT_LOGGING_LEVEL says.

@@ -1,7 +1,7 @@
-"""Progress events from flows to whoever is watching (the CLI's progress bar, a notebook), without
-passing callbacks as flow parameters: a flow's parameters are its config, stored by Prefect as JSON.
+"""Progress events from runs to whoever is watching (the CLI's progress bar, a notebook, a served run's log),
+without passing callbacks as flow parameters: a flow's parameters are its config, stored by Prefect as JSON.
 
-The flow body calls :func:`emit`; a caller that wants to watch wraps the run in ``with watching(fn):``
+The run loop (``blens.run.extract.execute``, ``blens.run.edit.execute``) calls :func:`emit`; a caller that wants to watch wraps the run in ``with watching(fn):``
 (the CLI's progress bar), or in ``with logged(logger):`` where no terminal watches (a served deployment's
 runs: Prefect's run logger sends the lines to the server).
 Events are emitted from the flow's own process (batch results come back to it even under Dask), and
