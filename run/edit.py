@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from blens.edit.job import choose_defaults, edit_key, edit_records, edit_settings, results_table, rome_statistics, \
-    stats_source
+from blens.edit.job import (choose_defaults, edit_key, edit_records, edit_settings, results_table, rome_statistics,
+                            stats_source)
 from blens.edit.spec import EditConfig, EditSpec, check_layer
 from blens.extract.identity import run_id_for
 from blens.extract.models import LoadedModel, cached_model, model_facts
