@@ -1,7 +1,7 @@
 """Which models blens knows by name, and what a model's files say about it, without importing torch.
 
 * The embedded models (:data:`EMBEDDED`): GGUF files inside pinned wheels, converted once to safetensors
-  under ``$BLENS_CACHE/<name>/`` with ``blens.json`` = {"source", "gguf_sha256"} (``models.ensure_embedded``).
+  under ``$BLENS_CACHE/<name>/`` with ``blens.json`` = {"source", "gguf_sha256"} (``convert.ensure_embedded``).
 * A model's *revision*, part of every result's key (``identity.py``): for files on disk it is read from
   ``blens.json`` (:func:`revision_of_files`). :func:`local_model_dir` names the directories whose files
   alone say what ``models.load_model`` will report (revision, and through config.json's ``model_type`` the
@@ -103,12 +103,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def converted(target: Path) -> bool:
-    """A complete conversion of an embedded model sits in ``target`` (the last file written is blens.json,
-    and the directory appears atomically, see ``models.ensure_embedded``)."""
-    return (target / "model.safetensors").exists() and (target / "blens.json").exists()
-
-
 def source_of(path: str | os.PathLike) -> dict | None:
     """The ``blens.json`` beside converted weights: where they came from and the source file's sha256."""
     meta = Path(path) / "blens.json"
@@ -135,6 +129,8 @@ def local_model_dir(name: str) -> Path | None:
     embedded model not converted yet, a directory inside a hub cache snapshot."""
     if name in EMBEDDED:
         path = cache_dir() / name
+        from .convert import converted  # a cycle at import time otherwise (convert reads this registry)
+
         if not converted(path):
             return None
     elif Path(name).is_dir():

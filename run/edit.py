@@ -89,27 +89,26 @@ class EditSummary:
 def plan_edit(cfg: EditConfig, lm: LoadedModel | None = None) -> EditPlan:
     """Read the records, fix the run's identity and every result key, and skip records whose every spec is
     stored. Writes nothing: the flow commits the registration (run row, model row, records rejected on load)."""
+    loaded = read_source(cfg.data, cfg.limit)
     lm = lm or cached_model(cfg.model, cfg.device)
+    facts = model_facts(lm)
     for spec in cfg.specs:
         check_layer(lm.view, spec.layer)
-    loaded = read_source(cfg.data, cfg.limit)
     settings = edit_settings(cfg)
-    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, settings)
     keys = {(r.case_id, s.label, s.layer, s.lr): edit_key(lm, r, s, cfg) for r in loaded.records for s in cfg.specs}
+    rome_stats = stats_source(cfg) if any(s.method == "rome" for s in cfg.specs) else None
+    run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, settings)
 
     stored = existing_results(cfg.warehouse, list(keys.values()), table="edit_results")
 
     todo = [r for r in loaded.records if any(keys[(r.case_id, s.label, s.layer, s.lr)] not in stored
                                              for s in cfg.specs)]
-    rome = any(s.method == "rome" for s in cfg.specs)
     job = EditJob(run_id=run_id, model=cfg.model, device=cfg.device, warehouse=cfg.warehouse, specs=tuple(cfg.specs),
-                  fluency_tokens=cfg.fluency_tokens, stats_source=stats_source(cfg) if rome else None,
-                  stats_limit=cfg.stats_limit, batch_size=cfg.batch_size, kind=cfg.kind, min_efficacy=cfg.min_efficacy,
-                  keys=keys)
+                  fluency_tokens=cfg.fluency_tokens, stats_source=rome_stats, stats_limit=cfg.stats_limit,
+                  batch_size=cfg.batch_size, kind=cfg.kind, min_efficacy=cfg.min_efficacy, keys=keys)
     registration = Registration(run_id=run_id, model=lm.name, revision=lm.revision, dataset=cfg.data,
                                 fingerprint=loaded.fingerprint, config={"data": cfg.data, "limit": cfg.limit, **settings},
-                                kind=cfg.kind, model_facts=model_facts(lm),
-                                rejected=(("load", tuple(loaded.errors), None),))
+                                kind=cfg.kind, model_facts=facts, rejected=(("load", tuple(loaded.errors), None),))
     return EditPlan(job=job, records=todo, registration=registration, n_load_errors=len(loaded.errors),
                     n_skipped_done=len(loaded.records) - len(todo))
 

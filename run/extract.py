@@ -90,9 +90,9 @@ def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPl
     """Read the records (once per process: ``source.read_source``), key every one, ask the warehouse once which
     keys it holds, tokenize what is left into length-sorted batches, and decide what registering the run writes.
     Writes nothing: the flow commits the registration through its :class:`Committer`."""
+    loaded = read_source(cfg.data, cfg.limit)
     lm = lm or cached_model(cfg.model, cfg.device)
     facts = model_facts(lm)
-    loaded = read_source(cfg.data, cfg.limit)
     records = [r for r in loaded.records if cfg.in_shard(r.case_id)]
     load_errors = [e for e in loaded.errors if e.case_id is None or cfg.in_shard(e.case_id)]
     settings = cfg.result_settings(lm.view.lens_sites)

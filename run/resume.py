@@ -17,7 +17,6 @@ normal path runs. Like the normal path, it cannot see changed weights in a direc
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -103,7 +102,6 @@ def nothing_to_do(cfg: ExtractConfig, loaded: LoadResult) -> tuple[ExtractSummar
         family = family_for(SimpleNamespace(model_type=model_type_of(path)))
     except (OSError, ValueError, KeyError, TypeError):  # unreadable or unsupported: the normal path says why
         return None
-    shard = cfg.shard_index()
     records = [r for r in loaded.records if cfg.in_shard(r.case_id)]
     load_errors = [e for e in loaded.errors if e.case_id is None or cfg.in_shard(e.case_id)]
     if not records:

@@ -1,4 +1,5 @@
-"""Columns added to the schema after a warehouse was made: added to that warehouse, and its old rows filled.
+"""A warehouse's schema, made and kept current: tables and views created on first open (:func:`ensure_schema`),
+and columns added to the schema after a warehouse was made added to it, with its old rows filled.
 
 The schema only grows (``blens.store.schema``): a newer blens opening an older warehouse adds the missing
 columns with ``ALTER TABLE ... ADD COLUMN`` and fills them for the rows already there, in one transaction
@@ -19,8 +20,10 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
-from .lake import LAKE, sql_str
-from .schema import TABLES, sql_type
+from blens.queries import view_sql
+
+from .lake import LAKE, rollback, sql_str
+from .schema import SCHEMA_VERSION, TABLES, ddl, sql_type
 
 # DuckDB's memory cap while old rows are filled: the UPDATE then spills to a temporary folder (measured on the
 # 20,000-prompt warehouse, 9,858,300 projections rows: 9.4 GB peak RSS uncapped, 3.6 GB capped, 80 vs 84 s).
@@ -92,7 +95,7 @@ def _legacy_settings(con: duckdb.DuckDBPyConnection) -> pa.Table:
 
 def stored_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
     """Top-level column names of each live table, read from DuckLake's own catalog tables (see
-    ``writer._ensure_schema`` for why not information_schema)."""
+    ``ensure_schema`` for why not information_schema)."""
     meta = f"__ducklake_metadata_{LAKE}"
     rows = con.execute(
         f"SELECT t.table_name, c.column_name FROM {meta}.ducklake_table AS t "
@@ -155,3 +158,43 @@ def _memory_capped(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         yield
     finally:
         con.execute(f"SET memory_limit = {sql_str(before)}")
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Tables and catalog views, created once; views are re-created when their SQL changed; tables made by an
+    older blens gain the columns they lack (:func:`add_columns`). One transaction; an ordinary open writes nothing."""
+    # Names straight from the catalog's own tables: information_schema / duckdb_tables() also compute each
+    # table's storage stats, which, while other processes commit, tripped an internal DuckLake assertion
+    # (LoadStatsForSnapshot) in a concurrent-shards test.
+    have = {r[0] for r in con.execute(
+        f"SELECT table_name FROM __ducklake_metadata_{LAKE}.ducklake_table WHERE end_snapshot IS NULL "
+        f"UNION ALL SELECT view_name FROM __ducklake_metadata_{LAKE}.ducklake_view WHERE end_snapshot IS NULL"
+    ).fetchall()}
+    sql = view_sql()
+    meta = dict(con.execute("SELECT name, value FROM blens_meta").fetchall()) if "blens_meta" in have else {}
+    missing = [t for t in TABLES if t not in have]
+    current = meta.get("views") == sql and meta.get("schema_version") == str(SCHEMA_VERSION)
+    if not missing and current and "commit_lock" in have:
+        return  # an ordinary open writes no snapshot
+    con.execute("BEGIN")
+    try:
+        for t in missing:
+            con.execute(f"CREATE TABLE {t} ({ddl(t)})")
+        add_columns(con, missing_columns(con))  # a warehouse made by an older blens (schema only grows)
+        if "commit_lock" not in have:
+            con.execute("CREATE TABLE commit_lock (id INTEGER, batch_id VARCHAR)")
+        if "blens_meta" not in have:
+            con.execute("CREATE TABLE blens_meta (name VARCHAR, value VARCHAR)")
+        con.execute(sql)
+        con.execute("DELETE FROM blens_meta")
+        con.execute("INSERT INTO blens_meta VALUES ('views', ?), ('schema_version', ?)", [sql, str(SCHEMA_VERSION)])
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+    if "commit_lock" not in have:
+        # Kept inline in the catalog (no Parquet file, no schema change per commit): replacing its one row
+        # is what makes two overlapping commits conflict. Not COMMENT ON (bumps the schema version, and
+        # compaction never merges files across schema versions) and not UPDATE (writes a file each time).
+        con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 10, table_name => 'commit_lock')")
+        con.execute("INSERT INTO commit_lock SELECT 0, 'init' WHERE NOT EXISTS (SELECT 1 FROM commit_lock)")

@@ -29,11 +29,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from blens.queries import view_sql
-
 from .lake import LAKE, RetryPolicy, WarehouseError, attach, check_target, is_remote, local_queue, rollback
-from .migrations import add_columns, missing_columns
-from .schema import RESULT_TABLES, SCHEMA_VERSION, TABLES, conform, ddl
+from .migrations import ensure_schema
+from .schema import RESULT_TABLES, conform
 
 __all__ = ["WarehouseError", "CommitResult", "commit_batch", "init_warehouse", "writer_connection"]
 
@@ -50,45 +48,6 @@ def writer_id() -> str:
 
 def _location_key(location: str | os.PathLike) -> str:
     return str(location) if is_remote(location) else str(Path(location).absolute())
-
-
-def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Tables and catalog views, created once; views are re-created when their SQL changed."""
-    # Names straight from the catalog's own tables: information_schema / duckdb_tables() also compute each
-    # table's storage stats, which, while other processes commit, tripped an internal DuckLake assertion
-    # (LoadStatsForSnapshot) in a concurrent-shards test.
-    have = {r[0] for r in con.execute(
-        f"SELECT table_name FROM __ducklake_metadata_{LAKE}.ducklake_table WHERE end_snapshot IS NULL "
-        f"UNION ALL SELECT view_name FROM __ducklake_metadata_{LAKE}.ducklake_view WHERE end_snapshot IS NULL"
-    ).fetchall()}
-    sql = view_sql()
-    meta = dict(con.execute("SELECT name, value FROM blens_meta").fetchall()) if "blens_meta" in have else {}
-    missing = [t for t in TABLES if t not in have]
-    current = meta.get("views") == sql and meta.get("schema_version") == str(SCHEMA_VERSION)
-    if not missing and current and "commit_lock" in have:
-        return  # an ordinary open writes no snapshot
-    con.execute("BEGIN")
-    try:
-        for t in missing:
-            con.execute(f"CREATE TABLE {t} ({ddl(t)})")
-        add_columns(con, missing_columns(con))  # a warehouse made by an older blens (schema only grows)
-        if "commit_lock" not in have:
-            con.execute("CREATE TABLE commit_lock (id INTEGER, batch_id VARCHAR)")
-        if "blens_meta" not in have:
-            con.execute("CREATE TABLE blens_meta (name VARCHAR, value VARCHAR)")
-        con.execute(sql)
-        con.execute("DELETE FROM blens_meta")
-        con.execute("INSERT INTO blens_meta VALUES ('views', ?), ('schema_version', ?)", [sql, str(SCHEMA_VERSION)])
-        con.execute("COMMIT")
-    except BaseException:
-        rollback(con)
-        raise
-    if "commit_lock" not in have:
-        # Kept inline in the catalog (no Parquet file, no schema change per commit): replacing its one row
-        # is what makes two overlapping commits conflict. Not COMMENT ON (bumps the schema version, and
-        # compaction never merges files across schema versions) and not UPDATE (writes a file each time).
-        con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 10, table_name => 'commit_lock')")
-        con.execute("INSERT INTO commit_lock SELECT 0, 'init' WHERE NOT EXISTS (SELECT 1 FROM commit_lock)")
 
 
 def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
@@ -116,7 +75,7 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
                 with local_queue(location):
                     check_target(location)  # again, now that no other local writer is half-way through
                     con = attach(location, read_only=False)
-                    RetryPolicy(max_tries=8).run(lambda: _ensure_schema(con))
+                    RetryPolicy(max_tries=8).run(lambda: ensure_schema(con))
             except OSError as exc:
                 raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
             _CONNECTIONS[loc] = con

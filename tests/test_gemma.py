@@ -227,7 +227,7 @@ def test_registry_entries():
 
 
 def test_assemble_concatenates_parts_in_order_and_checks_sha(tmp_path):
-    from blens.extract.models import EmbeddedModel, ModelLoadError, _assemble
+    from blens.extract.convert import EmbeddedModel, ModelLoadError, _assemble
 
     parts = [bytes([k]) * (1000 + k) for k in range(4)]
     wheels = []
@@ -296,7 +296,8 @@ EIFFEL = EditRecord(case_id=2, prompt="The Eiffel Tower is located in the city o
 
 @pytest.mark.slow
 def test_real_gemma_knows_eiffel_and_ranks_equal_length(gemma270m):
-    from blens.extract.models import cache_dir, model_facts
+    from blens.extract.models import model_facts
+    from blens.extract.registry import cache_dir
 
     lm = gemma270m
     facts = model_facts(lm)

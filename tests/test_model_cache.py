@@ -18,7 +18,7 @@ from conftest import ROOT
 SCRIPT = """
 import shutil, sys, time
 from pathlib import Path
-from blens.extract.models import build_once
+from blens.extract.convert import build_once
 target, src, count, hold = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 def build(out):
     with open(count, "a") as f:
