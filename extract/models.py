@@ -26,7 +26,7 @@ from .adapters import ModelView, UnsupportedModelError, family_for
 from .convert import ensure_embedded
 from .hub import check_hub_model
 # The registry of embedded models lives in registry.py (no torch); these names are part of this module's API.
-from .registry import EMBEDDED, EMBEDDED_NAME, EmbeddedModel, ModelLoadError, revision_of_files, source_of  # noqa: F401
+from .registry import EMBEDDED, EMBEDDED_NAME, EmbeddedModel, ModelLoadError, revision_of, source_of  # noqa: F401
 
 
 @dataclass
@@ -57,15 +57,6 @@ def model_facts(lm: LoadedModel) -> dict:
         "source_file": lm.source_file,
         "source_sha256": lm.source_sha256,
     }
-
-
-def _revision_of(path_or_name: str, model) -> str:
-    """The hub commit transformers resolved, else what the files say (:func:`registry.revision_of_files`).
-    ``registry.revision_without_loading`` gives the same answer without loading, where it can."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return commit
-    return revision_of_files(path_or_name)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -111,7 +102,8 @@ def load_model(name: str = EMBEDDED_NAME, device: str | None = "cpu") -> LoadedM
     except OSError as exc:
         raise ModelLoadError(f"cannot load weights/tokenizer of {name!r}: {str(exc).splitlines()[0][:200]}") from None
     source = source_of(path) or {}
-    return wrap_model(model, tokenizer, name=name, revision=_revision_of(path, model), device=dev,
+    revision = revision_of(path, getattr(model.config, "_commit_hash", None))
+    return wrap_model(model, tokenizer, name=name, revision=revision, device=dev,
                       source_file=source.get("source"), source_sha256=source.get("gguf_sha256"))
 
 

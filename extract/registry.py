@@ -109,6 +109,12 @@ def source_of(path: str | os.PathLike) -> dict | None:
     return json.loads(meta.read_text()) if meta.exists() else None
 
 
+def revision_of(path: str | os.PathLike, hub_commit: str | None) -> str:
+    """A loaded model's revision: the hub commit transformers resolved, else what the files say
+    (:func:`revision_of_files`). ``revision_without_loading`` gives the same answer without loading, where it can."""
+    return hub_commit or revision_of_files(path)
+
+
 def revision_of_files(path: str | os.PathLike) -> str:
     """A model directory's revision when transformers resolved no hub commit: the GGUF it was converted
     from and that file's sha256 (so a different conversion is a different revision), else "local"."""
