@@ -4,7 +4,7 @@
 
 Where `bench/gpu_check.sh` drives the extraction core (``compute_batch``/``build_tables``) with a Parquet
 stand-in for the store, this drives the job exactly as the Prefect flow's tasks do
-(``blens.extract.job``: ``plan_run`` -> ``background_commits`` -> ``process_batch`` per batch), with the
+(``blens.run.extract``: ``plan_extract`` -> a ``Committer`` -> ``extract_items`` per batch), with the
 real CounterFact records, a real GPT-2 tokenizer and the store's DuckLake commits, only without Prefect
 (a bare GPU machine has none; the flow is a loop over these calls). The model is the GPT-2 small shape
 (12 layers, d = 768, V = 50,257) with seeded random weights, built in-process.
@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 
 from blens.extract.config import ExtractConfig
-from blens.extract.job import background_commits, make_lens, plan_run, process_batch
+from blens.extract.lens import lens_for
+from blens.run.commit import Committer
+from blens.run.extract import extract_items, plan_extract
 from blens.extract.models import wrap_model
 from blens.store.connect import connect
 
@@ -53,13 +55,14 @@ def tokenizer(path: str):
 def run_job(lm, data: str, wh: Path, limit: int, **cfg_kw) -> dict:
     cfg = ExtractConfig(model=lm.name, data=data, warehouse=str(wh), limit=limit, **cfg_kw)
     t0 = time.perf_counter()
-    plan = plan_run(cfg, lm)
-    lens = make_lens(lm, cfg.lens_dtype)
+    plan = plan_extract(cfg, lm)
+    lens = lens_for(lm)
     t1 = time.perf_counter()
     done = 0
-    with background_commits(plan.run_id, plan.overlap):
+    with Committer(plan.job.warehouse, plan.run_id, background=plan.overlap) as commit:
+        commit.register(plan.registration)
         for batch in plan.batches:
-            done += process_batch(cfg, plan.run_id, batch, lm, lens).n_prompts
+            done += extract_items(plan.job, batch, commit, lm, lens).n_prompts
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()

@@ -87,11 +87,11 @@ def child(form: str, rows: int) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from blens.extract.job import make_lens
+    from blens.extract.lens import lens_for
     from blens.extract.models import cached_model
 
     threading.Thread(target=allocating_thread, daemon=True).start()
-    lens = make_lens(cached_model("smollm2-135m", "cpu"), "fp32")
+    lens = lens_for(cached_model("smollm2-135m", "cpu"))
     g = torch.Generator().manual_seed(0)
     x, targets = torch.randn(rows, 576, generator=g), torch.randint(0, 49152, (rows, 2), generator=g)
     with open("/proc/self/clear_refs", "w") as f:

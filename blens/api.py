@@ -329,7 +329,7 @@ class Lens:
         keys = [None if p is None else result_key(self.lm.name, self.lm.revision, settings, p.record)
                 for p in prepared]
         todo = list({k: p for k, p in zip(keys, prepared) if p is not None}.values())
-        # plan_run's order (the same records batch alike); records without a case_id after those with one
+        # the plan's order (run/extract.py) (the same records batch alike); records without a case_id after those with one
         todo.sort(key=lambda p: (p.n_tokens, p.record.case_id is None, p.record.case_id or 0))
         done: dict[str, Result] = {}
         batches = token_budget_batches(todo, *batch_limits(self.lm, self.cfg.batch_size, self.cfg.batch_tokens))

@@ -20,6 +20,7 @@ from blens.run.commit import Committer
 from blens.run.edit import EditBatchResult, EditJob, EditPlan, EditSummary, edit_batch, execute, plan_edit
 
 from . import prefect_runtime
+from .schedules import one_after_another
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_runtime.prepare_process()
@@ -40,16 +41,10 @@ def edit_batch_task(job: EditJob, records: list[EditRecord], commit: Committer) 
         return edit_batch(job, records, commit)
 
 
-def _tasks_here(job: EditJob, batches: list[list[EditRecord]], commit: Committer):
-    """One batch task after another in this process."""
-    for batch in batches:
-        yield batch, lambda batch=batch: edit_batch_task(job, batch, commit)
-
-
 @flow(name="blens-edit", log_prints=False)
 def edit_flow(cfg: EditConfig) -> EditSummary:
     """Apply every spec to every record, one edit at a time; rows land in ``edit_results``. A sweep
     (``cfg.kind == 'sweep'``) then picks the default config per method (``blens.edit.job.choose_defaults``)."""
     t0 = time.perf_counter()
     plan = plan_edit_task(cfg)
-    return execute(plan, _tasks_here, started=t0)
+    return execute(plan, one_after_another(edit_batch_task), started=t0)

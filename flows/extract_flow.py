@@ -25,7 +25,6 @@ import time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blens.extract.config import ExtractConfig
@@ -34,6 +33,7 @@ from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, execut
 from blens.run.resume import ExtractSummary
 
 from . import prefect_runtime
+from .schedules import all_at_once, one_after_another
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_runtime.prepare_process()
@@ -52,19 +52,6 @@ def batch_task(job: ExtractJob, items: list[Item], commit: Committer) -> BatchRe
         return extract_items(job, items, commit)
 
 
-def _tasks_here(job: ExtractJob, batches: list[list[Item]], commit: Committer):
-    """One batch task after another in this process (the default task runner)."""
-    for batch in batches:
-        yield batch, lambda batch=batch: batch_task(job, batch, commit)
-
-
-def _tasks_on_workers(job: ExtractJob, batches: list[list[Item]], commit: Committer):
-    """Every batch task submitted at once to the task runner's workers (Dask); results as they complete."""
-    futures = {batch_task.submit(job, batch, commit): batch for batch in batches}
-    for future in as_completed(list(futures)):
-        yield futures[future], future.result
-
-
 def _fans_out() -> bool:
     ctx = FlowRunContext.get()
     return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
@@ -75,7 +62,8 @@ def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     plan = plan_task(cfg)
     fans_out = _fans_out()
-    return execute(plan, _tasks_on_workers if fans_out else _tasks_here, fans_out=fans_out, started=t0)
+    schedule = all_at_once(batch_task) if fans_out else one_after_another(batch_task)
+    return execute(plan, schedule, fans_out=fans_out, started=t0)
 
 
 class WorkersUnavailable(RuntimeError):
