@@ -58,7 +58,7 @@ import torch
 
 from blens.extract.adapters import Site
 from blens.extract.config import ExtractConfig
-from blens.extract.identity import result_key, result_slot
+from blens.extract.identity import result_identity
 from blens.extract.batching import batch_limits, token_budget_batches
 from blens.extract.lens import lens_for
 from blens.extract.models import EMBEDDED_NAME, LoadedModel, cached_model, resolve_device
@@ -326,8 +326,9 @@ class Lens:
         settings = self.cfg.result_settings(self.lm.view.lens_sites)
         if metric is not None:  # another loss is another result: never the default loss's key
             settings = {**settings, "loss": f"metric:{getattr(metric, '__qualname__', type(metric).__name__)}"}
-        keys = [None if p is None else result_key(self.lm.name, self.lm.revision, settings, p.record)
-                for p in prepared]
+        identity = {id(p): result_identity(self.lm.name, self.lm.revision, settings, p.record)
+                    for p in prepared if p is not None}
+        keys = [None if p is None else identity[id(p)][0] for p in prepared]
         todo = list({k: p for k, p in zip(keys, prepared) if p is not None}.values())
         # the plan's order (run/extract.py) (the same records batch alike); records without a case_id after those with one
         todo.sort(key=lambda p: (p.n_tokens, p.record.case_id is None, p.record.case_id or 0))
@@ -335,16 +336,14 @@ class Lens:
         batches = token_budget_batches(todo, *batch_limits(self.lm, self.cfg.batch_size, self.cfg.batch_tokens))
         with _progress(progress and len(todo) > 1, len(todo), self.lm.name) as advance:
             for batch in batches:
-                done.update(self._batch(batch, vectors, settings, metric))
+                done.update(self._batch(batch, [identity[id(p)] for p in batch], vectors, settings, metric))
                 advance(len(batch))
         return Results([done[k] for k in keys if k is not None], errors)
 
-    def _batch(self, batch: list[PreparedPrompt], vectors: bool, settings: dict,
+    def _batch(self, batch: list[PreparedPrompt], identity: list[tuple[str, str]], vectors: bool, settings: dict,
                metric: Metric | None = None) -> dict[str, Result]:
         lm, top_k = self.lm, self.cfg.top_k
         keep = _KeepLensInput(self._lens) if vectors else None  # without vectors, hold no batch-sized copy
-        identity = [(result_key(lm.name, lm.revision, settings, p.record),
-                     result_slot(lm.name, lm.revision, settings, p.record.case_id)) for p in batch]
         host = compute_batch(lm, [_placeholders(p) for p in batch], top_k=top_k,
                              vectors="all" if vectors else "none", lens=keep or self._lens, identity=identity,
                              settings=settings, metric=None if metric is None else _per_row(metric, batch))

@@ -76,6 +76,11 @@ def result_slot(model: str, revision: str, settings: dict, case_id: int) -> str:
     return _digest({"model": model, "revision": revision, "settings": settings, "case_id": case_id})
 
 
+def result_identity(model: str, revision: str, settings: dict, record: EditRecord) -> tuple[str, str]:
+    """(key, slot) of one record's result: what every caller that keys results asks for."""
+    return result_key(model, revision, settings, record), result_slot(model, revision, settings, record.case_id)
+
+
 def run_id_for(model: str, revision: str, dataset_fingerprint: str, settings: dict) -> str:
     """A run's identity: the same model, data and settings always give the same run id (resume)."""
     blob = json.dumps({"model": model, "revision": revision, "data": dataset_fingerprint, "settings": settings},

@@ -23,7 +23,7 @@ import torch
 
 from .adapters import Site, similarity_sites, vector_sites
 from .capture import SpanningSets, capture
-from .identity import result_key, result_settings, result_slot, settings_id, settings_json
+from .identity import result_identity, result_settings, settings_id, settings_json
 from .lens import LogitLens, fp32_exact
 from .models import LoadedModel
 from .prepare import PreparedPrompt
@@ -195,8 +195,7 @@ def compute_batch(lm: LoadedModel, prompts: list[PreparedPrompt], *, top_k: int 
     device = view.unembedding.device
     settings = settings or result_settings(top_k, view.lens_sites)
     if identity is None:
-        identity = [(result_key(lm.name, lm.revision, settings, p.record),
-                     result_slot(lm.name, lm.revision, settings, p.record.case_id)) for p in prompts]
+        identity = [result_identity(lm.name, lm.revision, settings, p.record) for p in prompts]
     keys = [k for k, _ in identity]
     rows = _Rows.of(prompts, keys)
     width = max(p.n_tokens for p in prompts)

@@ -20,7 +20,7 @@ import torch
 from blens.extract.batching import batch_limits, token_budget_batches
 from blens.extract.config import ExtractConfig
 from blens.extract.failures import describe, is_record_failure
-from blens.extract.identity import result_key, result_slot, run_id_for
+from blens.extract.identity import result_identity, run_id_for
 from blens.extract.lens import LogitLens, lens_for
 from blens.extract.models import LoadedModel, cached_model, model_facts
 from blens.extract.prepare import PreparedPrompt, prepare
@@ -97,8 +97,8 @@ def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPl
     load_errors = [e for e in loaded.errors if e.case_id is None or cfg.in_shard(e.case_id)]
     settings = cfg.result_settings(lm.view.lens_sites)
     run_id = run_id_for(lm.name, lm.revision, loaded.fingerprint, {**settings, "vectors": cfg.vectors})
-    keys = {r.case_id: result_key(lm.name, lm.revision, settings, r) for r in records}
-    slots = {r.case_id: result_slot(lm.name, lm.revision, settings, r.case_id) for r in records}
+    identity = {r.case_id: result_identity(lm.name, lm.revision, settings, r) for r in records}
+    keys = {c: key for c, (key, _) in identity.items()}
     held = results_held(cfg.warehouse, list(keys.values()))
     todo, notes = what_is_left(cfg, run_id, keys, held)
 
@@ -109,8 +109,7 @@ def plan_extract(cfg: ExtractConfig, lm: LoadedModel | None = None) -> ExtractPl
             p = prepare(rec, lm.tokenizer, lm.view.max_positions, cfg.max_prompt_tokens)
             (prep_errors if isinstance(p, RecordError) else prepared).append(p)
     prepared.sort(key=lambda p: (p.n_tokens, p.record.case_id))  # length-sorted: little padding
-    items = {id(p): Item(p, keys[p.record.case_id], slots[p.record.case_id], replace=keys[p.record.case_id] in held)
-             for p in prepared}
+    items = {id(p): Item(p, *identity[p.record.case_id], replace=keys[p.record.case_id] in held) for p in prepared}
     batches = [[items[id(p)] for p in batch]
                for batch in token_budget_batches(prepared, *batch_limits(lm, cfg.batch_size, cfg.batch_tokens))]
 
