@@ -85,6 +85,11 @@ class RecordInvalid(ValueError):
         self.error = error
 
 
+def _frame(table: str) -> functools.cached_property:
+    """A Result's ``table`` as a pandas DataFrame, built once."""
+    return functools.cached_property(lambda self: self.tables[table].to_pandas())
+
+
 @dataclass(eq=False)
 class Result:
     """One record's extraction: the warehouse's rows (as Arrow, shown as pandas) and its spanning vectors.
@@ -139,21 +144,11 @@ class Result:
         of ``metric`` where one was given."""
         return float(self.tables["prompts"]["loss"][0].as_py())
 
-    @functools.cached_property
-    def projections(self):
-        return self.tables["projections"].to_pandas()
-
-    @functools.cached_property
-    def gradient_ranks(self):
-        return self.tables["gradient_ranks"].to_pandas()
-
-    @functools.cached_property
-    def tokens(self):
-        return self.tables["tokens"].to_pandas()
-
-    @functools.cached_property
-    def prompts(self):
-        return self.tables["prompts"].to_pandas()
+    # One pandas DataFrame per table (built on first use): the warehouse's columns for this prompt.
+    projections = _frame("projections")
+    gradient_ranks = _frame("gradient_ranks")
+    tokens = _frame("tokens")
+    prompts = _frame("prompts")
 
     def gradient(self, layer: int, matrix: str) -> torch.Tensor:
         """dL/dW of one MLP matrix, (d_in, d_out), rebuilt from its spanning set: sum_i outer(x_i, delta_i).
