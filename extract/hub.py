@@ -81,14 +81,21 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return answer[0]
 
 
+_REACHABLE: set[tuple[str, str]] = set()  # (endpoint, name) already found loadable in this process
+
+
 def check_hub_model(name: str) -> None:
     """Raise :class:`ModelLoadError` (one line) when ``name`` can only come from the hub and the hub cannot be
-    reached. Embedded names, local paths and an explicit offline mode are left to the loader."""
+    reached. Embedded names, local paths and an explicit offline mode are left to the loader. The hub is asked
+    once per process and name: the CLI asks before importing torch, the loader asks again for free."""
     if name in EMBEDDED or Path(name).exists() or _offline_requested():
         return
     url = hub_endpoint()
+    if (url, name) in _REACHABLE:
+        return
     why = unreachable(url)
     if why is None:
+        _REACHABLE.add((url, name))
         return
     if in_hub_cache(name):
         if "huggingface_hub" not in sys.modules:  # read once, at import: from here on load from the cache only

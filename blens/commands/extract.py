@@ -37,6 +37,7 @@ def extract(
     from pydantic import ValidationError
 
     from blens.extract.config import ExtractConfig
+    from blens.extract.hub import check_hub_model
     from blens.extract.records import DataSourceError
     from blens.extract.registry import ModelLoadError
     from blens.extract.sources import summarize
@@ -62,7 +63,8 @@ def extract(
         return
     if answered_without_work(cfg, loaded):
         return
-    try:  # offline, a hub name fails in load_model's first line, not after the hub client's retries
+    try:
+        check_hub_model(cfg.model)  # offline, a hub name fails now (before torch), not after the hub's retries
         from blens.extract.models import cached_model
 
         with err_console.status(f"loading model {cfg.model} ..."):
