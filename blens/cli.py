@@ -16,7 +16,7 @@ class _Blens(typer.Typer):
     registers renders its help through :mod:`blens.commands._help`."""
 
     def __call__(self, *args, **kwargs):
-        from blens.commands._common import run_guarded
+        from blens.lifecycle.guard import run_guarded
 
         return run_guarded(super().__call__, *args, **kwargs)
 

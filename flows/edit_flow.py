@@ -19,11 +19,13 @@ from blens.edit.spec import EditConfig
 from blens.extract.models import cached_model
 from blens.extract.records import EditRecord
 
-from . import prefect_runtime
+from blens.lifecycle import prefect as prefect_env
+from blens.lifecycle.signals import termination_kept
+
 from .progress import emit
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
-prefect_runtime.prepare_process()
+prefect_env.prepare_process()
 
 
 @dataclass
@@ -41,16 +43,16 @@ class EditSummary:
         return self.n_records / self.seconds if self.seconds else 0.0
 
 
-# termination_kept: a signal that lands in a DuckDB query ends the run (see blens.flows.prefect_runtime).
+# termination_kept: a signal that lands in a DuckDB query ends the run (see blens.lifecycle.signals).
 @task(name="plan-edit-run", cache_policy=NO_CACHE)
 def plan_edit_task(cfg: EditConfig) -> EditPlan:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return plan_edit_run(cfg, cached_model(cfg.model, cfg.device))
 
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch_task(cfg: EditConfig, run_id: str, records: list[EditRecord]) -> EditBatchResult:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return process_edit_batch(cfg, cached_model(cfg.model, cfg.device), run_id, records)
 
 

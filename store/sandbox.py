@@ -33,15 +33,17 @@ from typing import Iterator
 
 import duckdb
 
+from blens.errors import UserError
+
 from .files import catalog_files
 from .lake import DATA_DIR, extension_dir, is_remote, sql_str
 
 
-class QueryRefused(ValueError):
+class QueryRefused(UserError, ValueError):
     """A statement the sandbox does not run (not a query, or it calls something outside the allow-list)."""
 
 
-class QueryLimit(ValueError):
+class QueryLimit(UserError, ValueError):
     """A query ran past the sandbox's time or memory limit; the message names the option that raises it."""
 
 

@@ -7,8 +7,10 @@ from typing import Literal, Optional
 
 import typer
 
+from blens.lifecycle.prefect import quiet_prefect
+
 from . import options
-from ._common import err_console, fail, progress_bar, quiet_prefect, report_errors
+from ._common import err_console, fail, progress_bar, report_errors
 from ._tables import print_table
 
 

@@ -11,8 +11,11 @@ from typing import Optional
 
 import typer
 
+from blens.lifecycle.prefect import quiet_prefect
+from blens.lifecycle.signals import Interrupted, allow_exit_grace
+
 from . import options
-from ._common import Interrupted, allow_exit_grace, err_console, fail, quiet_prefect
+from ._common import err_console, fail
 
 # How long a stop may take: the run in progress reports its end to the server and exits (SIGTERM), then the
 # runner records it and pauses the schedule. ~4 s on a 2-core machine at load 4, ~11 s at load 8, 25.8 s once
@@ -93,7 +96,7 @@ def serve_until_stopped(dep, *, cron: str, timezone: str | None) -> None:
         fail(f"serving {full_name} failed: {exc}", code=1)
     except Interrupted as exc:
         how = signal.Signals(exc.signum).name
-        from blens.flows.prefect_runtime import server_reachable
+        from blens.lifecycle.flow_run import server_reachable
 
         if not server_reachable(api_url):
             _stop_without_server(full_name, how, api_url)

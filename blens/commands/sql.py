@@ -9,8 +9,10 @@ from typing import Iterator, Literal, Optional
 
 import typer
 
+from blens.lifecycle.signals import set_interrupt_note
+
 from . import options
-from ._common import fail, one_line, set_interrupt_note
+from ._common import fail, one_line
 from ._tables import print_table
 
 Format = Literal["table", "csv", "json", "markdown"]

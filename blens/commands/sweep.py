@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-from ._common import err_console, fail, quiet_prefect
+from blens.lifecycle.prefect import quiet_prefect
+
+from ._common import err_console, fail
 from ._tables import print_table
 from . import options
 from .edit import GEMMA3, SMOLLM2, print_summary, run_edit, set_threads
