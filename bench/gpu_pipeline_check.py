@@ -54,7 +54,7 @@ def run_job(lm, data: str, wh: Path, limit: int, **cfg_kw) -> dict:
     cfg = ExtractConfig(model=lm.name, data=data, warehouse=str(wh), limit=limit, **cfg_kw)
     t0 = time.perf_counter()
     plan = plan_run(cfg, lm)
-    lens = make_lens(lm, cfg.lens_dtype)
+    lens = make_lens(lm)
     t1 = time.perf_counter()
     done = 0
     with background_commits(plan.run_id, plan.overlap):

@@ -28,7 +28,6 @@ class ExtractConfig(BaseModel):
     top_k: int = Field(default=10, ge=1, le=1000)
     device: str = "auto"  # a GPU when one is present (cuda), else the CPU
     vectors: Literal["none", "spanning", "all"] = "none"
-    lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)

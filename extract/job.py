@@ -95,13 +95,12 @@ class BatchResult:
     seconds: float
 
 
-def make_lens(lm: LoadedModel, dtype: str) -> LogitLens:
-    """The model's logit lens, built once per (model, dtype): packing the unembedding is not a per-batch
-    expense (it copies the whole (V, d) matrix)."""
-    cache = lm.__dict__.setdefault("_lenses", {})
-    if dtype not in cache:
-        cache[dtype] = LogitLens.of(lm.view, dtype)
-    return cache[dtype]
+def make_lens(lm: LoadedModel) -> LogitLens:
+    """The model's logit lens, built once per model: packing the unembedding is not a per-batch expense (it
+    copies the whole (V, d) matrix)."""
+    if "_lens" not in lm.__dict__:
+        lm.__dict__["_lens"] = LogitLens.of(lm.view)
+    return lm.__dict__["_lens"]
 
 
 def _release_freed_memory() -> None:
@@ -185,7 +184,7 @@ def process_batch(cfg: ExtractConfig, run_id: str, prompts: list[PreparedPrompt]
     while building or committing then stops the run (it is not blamed on a record)."""
     t0 = time.perf_counter()
     lm = lm or cached_model(cfg.model, cfg.device)
-    lens = lens or make_lens(lm, cfg.lens_dtype)
+    lens = lens or make_lens(lm)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     identity = [_identity(cfg, lm, p.record) for p in prompts]

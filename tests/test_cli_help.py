@@ -71,7 +71,6 @@ def test_help_has_no_artefacts(rendered):
 def test_help_lists_the_choices(rendered):
     h = rendered["help"]
     assert re.search(r"--vectors\s+none\|spanning\|all\s", h["100 extract"])
-    assert re.search(r"--lens-dtype\s+fp32\|bf16\s", h["100 extract"])
     assert re.search(r"--vectors\s+none\|spanning\|all\s", h["100 serve"])
     assert re.search(r"--format\s+table\|csv\|json\|markdown\s", h["100 sql"])
     assert re.search(r"--method\s+none\|shift\|sgd\|rome\s", h["100 edit"])
@@ -108,7 +107,6 @@ def test_choices_match_the_configs():
     assert set(get_args(edit.Method)) == set(METHODS)
     assert set(get_args(edit.Step)) == set(STEPS)
     assert options.VECTOR_CHOICES == get_args(ExtractConfig.model_fields["vectors"].annotation)
-    assert options.LENS_DTYPES == get_args(ExtractConfig.model_fields["lens_dtype"].annotation)
 
 
 def test_version():

@@ -33,7 +33,7 @@ def test_flow_runs_writes_views_and_errors(tmp_path, tiny_model_dir):
     data = bad_and_good_records(tmp_path / "cf.json")
     wh = tmp_path / "wh"
     cfg = ExtractConfig(model=str(tiny_model_dir), data=str(data), warehouse=str(wh), batch_size=2,
-                        vectors="spanning", lens_dtype="fp32")
+                        vectors="spanning")
     summary = extract_flow(cfg)
     assert summary.n_extracted == len(FACTS)
     assert summary.n_skipped == 3

@@ -50,7 +50,7 @@ def write_records(path: Path, recs: list[dict]) -> Path:
 
 def cfg_for(model_dir, data, wh, **kw) -> ExtractConfig:
     base = dict(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=1, top_k=5,
-                lens_dtype="fp32", threads=1)
+                threads=1)
     return ExtractConfig(**{**base, **kw})
 
 

@@ -15,9 +15,7 @@ import typer
 
 # Fixed sets of values: Literal types, so typer validates them and --help lists them.
 VectorsChoice = Literal["none", "spanning", "all"]
-LensDtypeChoice = Literal["fp32", "bf16"]
 VECTOR_CHOICES: tuple[str, ...] = get_args(VectorsChoice)
-LENS_DTYPES: tuple[str, ...] = get_args(LensDtypeChoice)
 
 
 def choices(literal) -> str:
@@ -61,9 +59,6 @@ TopK = Annotated[int, typer.Option("--top-k", min=1, max=1000, metavar="K",
 Vectors = Annotated[VectorsChoice, typer.Option(
     "--vectors", metavar=choices(VectorsChoice), help="Store raw vectors too: none; spanning (ff1_input, ff2_vjp); "
     "all (also ff1 VJPs and ff2 inputs: every MLP gradient rebuildable).")]
-LensDtype = Annotated[LensDtypeChoice, typer.Option(
-    "--lens-dtype", metavar=choices(LensDtypeChoice), help="fp32: one fp32 GEMM per block (exact). bf16: shortlist "
-    "in bfloat16 and rescore in fp32; same results, pays off where bf16 GEMMs are much faster than fp32 (GPUs).")]
 MaxPromptTokens = Annotated[int, typer.Option(
     "--max-prompt-tokens", min=1, metavar="N", help="Longest prompt extracted, in tokens: a memory bound (about "
     "2 MB per token on SmolLM2-135M); a longer prompt becomes an errors row instead of an out-of-memory kill.")]
@@ -80,7 +75,6 @@ EXTRACTION_OPTIONS = (
     ("top_k", TopK, 10),
     ("device", Device, "auto"),
     ("vectors", Vectors, "none"),
-    ("lens_dtype", LensDtype, "fp32"),
     ("workers", Workers, 1),
     ("max_prompt_tokens", MaxPromptTokens, 1024),
 )
