@@ -55,13 +55,7 @@ def _options(
 COMMANDS = ("extract", "sql", "warehouse", "edit", "sweep", "publish", "report", "serve")
 
 for _name in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"blens.commands.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet; never hide a real import bug
-        if _exc.name != f"blens.commands.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"blens.commands.{_name}").register(app)
 
 
 if __name__ == "__main__":
