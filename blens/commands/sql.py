@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import typer
@@ -25,7 +24,7 @@ def sql(
                                 "supersessions) and views (rank_equals_length, target_rank_by_layer, "
                                 "target_rank_by_role, vjp_norm_by_segment, vjp_norm_by_role, vjp_layer_similarity, "
                                 "edit_summary). Every result row has a settings id; the views group by it."),
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     fmt: Format = typer.Option("table", "--format", metavar=options.choices(Format),
                                help="table: fits the terminal, folding long values (plain aligned text, every value "
                                "whole, when stdout is not a terminal). csv, json and markdown print every row."),
