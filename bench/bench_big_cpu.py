@@ -30,7 +30,7 @@ def child(name: str, n_prompts: int, threads: int | None) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from bench.gpu_check import SHAPES, IdTokenizer, ParquetSink, build_model, random_prompts, token_budget_batches, vm_hwm_mb
-    from blens.extract.capture import CPU_BATCH_TOKENS
+    from blens.extract.batching import CPU_BATCH_TOKENS
     from blens.extract.lens import LogitLens
     from blens.extract.models import wrap_model
     from blens.extract.tables import build_tables, compute_batch

@@ -22,7 +22,8 @@ device synchronised between stages gives the time split (capture / lens / ranks 
 work of batch k overlapped with the device work of batch k+1 (``blens.run.overlap``) gives the
 overlapped rate. Peak memory: ``torch.cuda.max_memory_allocated`` per shape on CUDA, the process's VmHWM
 on CPU. On CUDA the fp32 / TF32 / bf16 GEMM rates at the lens shape are printed too: the input for
-deciding whether a bf16 shortlist with exact rescoring would pay on that device.
+deciding whether a bf16 shortlist with exact rescoring (the bf16 lens, removed in issue 22 after it measured 4x
+slower on this CPU; in git history) would pay on that device.
 """
 
 from __future__ import annotations

@@ -24,5 +24,6 @@ if [ "${1:-}" = "--pipeline" ]; then  # bench/gpu_pipeline_check.sh: the real jo
   shift
 fi
 for pkg in $PACKAGES; do ln -s "$REPO/$pkg" "$T/blens/$pkg"; done
+ln -s "$REPO/blens/errors.py" "$T/blens/errors.py"  # the UserError base the domain errors subclass (no imports)
 ln -s "$REPO/bench" "$T/bench"
 PYTHONPATH="$T${PYTHONPATH:+:$PYTHONPATH}" "$PY" "$REPO/bench/$SCRIPT" "$@"

@@ -248,7 +248,7 @@ class _KeepLensInput:
 
 
 class Lens:
-    """A loaded model with the extraction settings (``top_k``, lens dtype, prompt length bound)."""
+    """A loaded model with the extraction settings (``top_k``, prompt length bound)."""
 
     def __init__(self, lm: LoadedModel, cfg: ExtractConfig):
         self.lm = lm
@@ -423,7 +423,7 @@ def _progress(enabled: bool, total: int, model: str):
         yield lambda n: bar.advance(task, n)
 
 
-def load(model: str = EMBEDDED_NAME, device: str = "auto", *, top_k: int = 10, lens_dtype: str = "fp32",
+def load(model: str = EMBEDDED_NAME, device: str = "auto", *, top_k: int = 10,
          max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS, batch_size: int | None = None,
          batch_tokens: int | None = None) -> Lens:
     """A model ready to run records: an embedded name (``smollm2-135m``, ``gemma3-270m``), a local directory
@@ -432,6 +432,6 @@ def load(model: str = EMBEDDED_NAME, device: str = "auto", *, top_k: int = 10, l
     The settings are ``blens extract``'s, checked by the same ``ExtractConfig``; with the defaults a result
     equals the warehouse's rows of a default ``blens extract`` of the same model. The model is loaded once
     per process (``models.cached_model``), so calling ``load`` again is free."""
-    cfg = ExtractConfig(model=model, data="<notebook>", device=device, top_k=top_k, lens_dtype=lens_dtype,
+    cfg = ExtractConfig(model=model, data="<notebook>", device=device, top_k=top_k,
                         max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, batch_tokens=batch_tokens)
     return Lens(cached_model(model, str(resolve_device(device))), cfg)

@@ -16,7 +16,7 @@ class _Blens(typer.Typer):
     registers renders its help through :mod:`blens.commands._help`."""
 
     def __call__(self, *args, **kwargs):
-        from blens.commands._common import run_guarded
+        from blens.lifecycle.guard import run_guarded
 
         return run_guarded(super().__call__, *args, **kwargs)
 
@@ -55,13 +55,7 @@ def _options(
 COMMANDS = ("extract", "sql", "warehouse", "edit", "sweep", "publish", "report", "serve")
 
 for _name in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"blens.commands.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet; never hide a real import bug
-        if _exc.name != f"blens.commands.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"blens.commands.{_name}").register(app)
 
 
 if __name__ == "__main__":

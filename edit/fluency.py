@@ -14,7 +14,7 @@ i.e. (2/3 H_2 + 4/3 H_3) / 2 per text, in bits. What we do differently, and why:
   punctuation marks), which agrees with it on ordinary English and needs no NLTK data download.
 * ROME samples 100 tokens (top-k) from CounterFact's separate ``generation_prompts`` and scores the whole
   text, prompt included. The EasyEdit layout has no generation prompts, so we continue the edit prompt and
-  its paraphrases greedily for :data:`FLUENCY_TOKENS` new tokens (a setting; short so that an edit stays
+  its paraphrases greedily for ``EditConfig.fluency_tokens`` new tokens (a setting; short so that an edit stays
   cheap on CPU) and score the continuation only. Our numbers are therefore lower than ROME's GPT-2 XL
   values (~620 x 1e-2 bits on 100 tokens) by construction; compare methods with each other and with the
   unedited row of the same table, not with the paper's absolute values.
@@ -29,7 +29,6 @@ from typing import Sequence
 
 import torch
 
-FLUENCY_TOKENS = 30  # greedy new tokens per prompt (ROME: 100 sampled tokens)
 NGRAM_ORDERS = (2, 3)
 NGRAM_WEIGHTS = (2 / 3, 4 / 3)  # ROME's weights
 _WORD = re.compile(r"\w+|[^\w\s]")

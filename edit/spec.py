@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 
 from blens.extract.adapters import ModelView
-from blens.extract.models import EMBEDDED_NAME
+from blens.extract.config import DEFAULT_WAREHOUSE
+from blens.extract.registry import EMBEDDED_NAME
 
-from .fluency import FLUENCY_TOKENS
-
-METHODS = ("none", "shift", "sgd", "rome")
-STEPS = ("fixed", "normalized", "minimal")
+# The CLI builds its options from this module to render --help: it must stay torch-free (no blens.extract.models,
+# no .fluency); tests/test_cli_help.py checks it.
+Method = Literal["none", "shift", "sgd", "rome"]
+Step = Literal["fixed", "normalized", "minimal"]
+METHODS: tuple[str, ...] = get_args(Method)
+STEPS: tuple[str, ...] = get_args(Step)
 MATRIX = "ff2"  # the matrix every method edits (the paper's FF2)
 STATS_LIMIT = 1000  # records of the text sample for ROME's C (EasyEdit layout: 3,000 prompts, ~30,000 tokens)
 TRAIN_FILE = "counterfact-train.json"
@@ -89,16 +92,28 @@ class EditConfig(BaseModel):
     model: str = EMBEDDED_NAME
     data: str
     specs: list[EditSpec]
-    warehouse: str = "warehouse"
+    warehouse: str = DEFAULT_WAREHOUSE
     limit: int | None = Field(default=None, ge=1)
     device: str = "auto"
     batch_size: int = Field(default=16, ge=1)
     kind: Literal["edit", "sweep"] = "edit"
     min_efficacy: float = Field(default=0.95, ge=0, le=1)
-    # Fluency (blens.edit.fluency): greedy new tokens per prompt; 0 = not measured (column NULL).
-    fluency_tokens: int = Field(default=FLUENCY_TOKENS, ge=0)
+    # Fluency (blens.edit.fluency): greedy new tokens per prompt (ROME: 100 sampled tokens; short so that an
+    # edit stays cheap on CPU); 0 = not measured (column NULL).
+    fluency_tokens: int = Field(default=30, ge=0)
     # ROME's key statistics C = E[k k^T] (blens.edit.rome): CounterFact records whose prompts, paraphrases and
     # neighbourhood prompts are the text sample; None = counterfact-train.json beside ``data`` if it exists,
     # else ``data`` itself. Only read when a spec is 'rome'.
     stats_data: str | None = None
     stats_limit: int = Field(default=STATS_LIMIT, ge=1)
+
+
+class SweepConfig(EditConfig):
+    """A tuning run (`blens sweep`): an :class:`EditConfig` with the defaults of a sweep. 100 train edits (enough
+    to rank the grid's cells, ~13 min for SmolLM2's grid on a busy 2-core machine), 8 edits per task, and no
+    fluency (the selection rule does not use it, and it costs a generation per cell)."""
+
+    kind: Literal["edit", "sweep"] = "sweep"
+    limit: int | None = Field(default=100, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    fluency_tokens: int = Field(default=0, ge=0)

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from blens.errors import UserError
+
 if TYPE_CHECKING:  # only annotations use torch: the table is read without it (the CLI's no-op rerun, resume.py)
     import torch
     from torch import nn
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The model's architecture has no entry in :data:`FAMILIES`."""
 
 

@@ -32,8 +32,13 @@ def token_budget_batches(prompts: list[PreparedPrompt], batch_size: int,
     return batches
 
 
+# The batch limits for the device, used where ExtractConfig.batch_size / batch_tokens are None (their
+# defaults): declared here only, and read by the CLI's --help (this module imports neither torch nor the store).
 CPU_BATCH_SIZE = 32  # prompts per batch on CPU: 32 x 16 tokens = the 512-token CPU budget
 CUDA_BATCH_SIZE = 256  # on a GPU: enough rows that the lens GEMMs and the capture fill the device
+# Padded tokens per batch on CPU: bounds a batch's RSS (see token_budget_batches). 32 prompts of 16 tokens,
+# CounterFact's 99th-percentile length under SmolLM2's tokenizer. On CUDA: capture.auto_batch_tokens.
+CPU_BATCH_TOKENS = 512
 
 
 def batch_limits(lm, batch_size: int | None, batch_tokens: int | None) -> tuple[int, int]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelView, Site
+from .batching import CPU_BATCH_TOKENS
 from .prepare import PreparedPrompt
 
 Key = tuple[int, str]  # (layer, matrix name)
@@ -185,7 +186,6 @@ def capture(view: ModelView, prompts: list[PreparedPrompt], pad_id: int,
 
 # ---- batch size from free memory (CUDA) ---------------------------------------------------------------
 
-CPU_BATCH_TOKENS = 512  # ExtractConfig's default: bounds a CPU batch's RSS (see batching.token_budget_batches)
 DEVICE_MEMORY_FRACTION = 0.6  # share of the free GPU memory a batch's activations may take
 PEAK_FACTOR = 1.5  # backward transients (a layer's gradients) on top of what is saved for it
 

@@ -14,21 +14,23 @@ from .prepare import DEFAULT_MAX_PROMPT_TOKENS
 from .registry import EMBEDDED_NAME
 
 
+# Where a run writes and every command reads, relative to the current directory (every command's --warehouse).
+DEFAULT_WAREHOUSE = "warehouse"
+
+
 class ExtractConfig(BaseModel):
     model: str = EMBEDDED_NAME
     data: str
     limit: int | None = Field(default=None, ge=1)
-    warehouse: str = "warehouse"
-    # None: for the device (batching.batch_limits): 32 prompts on CPU, 256 on CUDA.
+    warehouse: str = DEFAULT_WAREHOUSE
+    # None: for the device (batching.batch_limits: CPU_BATCH_SIZE on CPU, CUDA_BATCH_SIZE on CUDA).
     batch_size: int | None = Field(default=None, ge=1)
     # prompts x padded length per batch: bounds a batch's memory (see batching.token_budget_batches).
-    # None: 512 on CPU (32 prompts of 16 tokens, CounterFact's 99th-percentile length under SmolLM2's
-    # tokenizer); on CUDA from the device's free memory.
+    # None: batching.CPU_BATCH_TOKENS on CPU; on CUDA from the device's free memory.
     batch_tokens: int | None = Field(default=None, ge=1)
     top_k: int = Field(default=10, ge=1, le=1000)
     device: str = "auto"  # a GPU when one is present (cuda), else the CPU
     vectors: Literal["none", "spanning", "all"] = "none"
-    lens_dtype: Literal["fp32", "bf16"] = "fp32"
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)

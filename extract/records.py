@@ -26,6 +26,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from blens.errors import UserError
+
 __all__ = [
     "DataSourceError",
     "EditRecord",
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class DataSourceError(Exception):
+class DataSourceError(UserError):
     """The whole source is unusable (missing path, unreadable/truncated file, hub unreachable)."""
 
 

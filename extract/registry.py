@@ -19,8 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from blens.errors import UserError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(UserError, RuntimeError):
     """The model could not be loaded; the message is one line meant for the user."""
 
 

@@ -16,28 +16,29 @@ from prefect.cache_policies import NO_CACHE
 
 from blens.edit.spec import EditConfig
 from blens.extract.records import EditRecord
+from blens.lifecycle import prefect as prefect_env
+from blens.lifecycle.signals import termination_kept
 from blens.run.commit import Committer
 from blens.run.edit import EditBatchResult, EditJob, EditPlan, EditSummary, edit_batch, execute, plan_edit
 
-from . import prefect_runtime
 from .schedules import one_after_another
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
-prefect_runtime.prepare_process()
+prefect_env.prepare_process()
 
 __all__ = ["EditSummary", "edit_flow"]
 
 
-# termination_kept: a signal that lands in a DuckDB query ends the run (see blens.flows.prefect_runtime).
+# termination_kept: a signal that lands in a DuckDB query ends the run (see blens.lifecycle.signals).
 @task(name="plan-edit-run", cache_policy=NO_CACHE)
 def plan_edit_task(cfg: EditConfig) -> EditPlan:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return plan_edit(cfg)
 
 
 @task(name="edit-batch", cache_policy=NO_CACHE)
 def edit_batch_task(job: EditJob, records: list[EditRecord], commit: Committer) -> EditBatchResult:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return edit_batch(job, records, commit)
 
 

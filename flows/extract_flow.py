@@ -27,28 +27,30 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blens.errors import UserError
 from blens.extract.config import ExtractConfig
+from blens.lifecycle import prefect as prefect_env
+from blens.lifecycle.signals import termination_kept
 from blens.run.commit import Committer
 from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, execute, extract_items, plan_extract
 from blens.run.resume import ExtractSummary
 
-from . import prefect_runtime
 from .schedules import all_at_once, one_after_another
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
-prefect_runtime.prepare_process()
+prefect_env.prepare_process()
 
 
 # termination_kept: a signal landing in a DuckDB query must end the run, not become a retried failure or be lost.
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_task(cfg: ExtractConfig) -> ExtractPlan:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return plan_extract(cfg)
 
 
 @task(name="extract-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def batch_task(job: ExtractJob, items: list[Item], commit: Committer) -> BatchResult:
-    with prefect_runtime.termination_kept():
+    with termination_kept():
         return extract_items(job, items, commit)
 
 
@@ -66,14 +68,14 @@ def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     return execute(plan, schedule, fans_out=fans_out, started=t0)
 
 
-class WorkersUnavailable(RuntimeError):
+class WorkersUnavailable(UserError, RuntimeError):
     """--workers > 1 asked for but prefect-dask is not installed; one line for the user."""
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
     """What the CLI calls: the flow in this process, or on ``cfg.workers`` Dask worker processes (one
     thread each, sharing the CPU cores) via prefect-dask's DaskTaskRunner."""
-    prefect_runtime.ensure_local_api()  # from the main thread, so its server dies with us (see prefect_runtime)
+    prefect_env.ensure_local_api()  # from the main thread, so its server dies with us (see blens.lifecycle.prefect)
     if cfg.workers <= 1:
         return extract_flow(cfg)
     try:
@@ -84,5 +86,5 @@ def run_extract(cfg: ExtractConfig) -> ExtractSummary:
         cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
                                             "dashboard_address": None})
-    with prefect_runtime.api_for_child_processes():  # workers use our API server: none outlives us
+    with prefect_env.api_for_child_processes():  # workers use our API server: none outlives us
         return extract_flow.with_options(task_runner=runner)(cfg)

@@ -20,15 +20,16 @@ from prefect import flow, get_run_logger
 
 from blens.extract.config import ExtractConfig
 
-from . import prefect_runtime
+from blens.lifecycle.flow_run import bind_to_serving_process
+
 from .extract_flow import ExtractSummary, run_extract
 from blens.run.progress import logged
 
 DEPLOYMENT_NAME = "blens-extract-scheduled"
 FLOW_NAME = "blens-scheduled-extract"
 
-# In a flow-run process started by `blens serve`: die with it, and keep its Ctrl-C (see prefect_runtime).
-prefect_runtime.bind_to_serving_process()
+# In a flow-run process started by `blens serve`: die with it, and keep its Ctrl-C (see blens.lifecycle.flow_run).
+bind_to_serving_process()
 
 
 def summary_line(summary: ExtractSummary) -> str:

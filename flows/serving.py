@@ -6,13 +6,13 @@ calls the sync ``Runner.stop()`` from inside the running event loop. The stop co
 ``sys.exit(0)`` lands wherever the loop happened to be (a screen of tracebacks), and a run in progress was
 left "Running" on the server for good, its schedule still active. Here ``Runner.start`` runs outside the
 main thread, where it installs no signal handler; the main thread keeps the CLI's own handling
-(``blens.commands._common.run_guarded``), and :meth:`Serving.stop` schedules ``Runner.astop()`` on the
+(``blens.lifecycle.guard.run_guarded``), and :meth:`Serving.stop` schedules ``Runner.astop()`` on the
 runner's loop: runs in progress are cancelled (state Cancelled on the server, their process killed), the
 deployment's schedule is paused (``pause_on_shutdown``), then the thread ends.
 
 Flow runs are processes the Runner starts (``python -m prefect.engine`` with the deployment's entrypoint);
 :data:`SERVE_PID_ENV` tells them who served them, so they tie their life to ours
-(``blens.flows.prefect_runtime.bind_to_serving_process``): nothing outlives ``blens serve``, even a kill -9.
+(``blens.lifecycle.flow_run.bind_to_serving_process``): nothing outlives ``blens serve``, even a kill -9.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from .prefect_runtime import SERVE_PID_ENV
+from blens.lifecycle.flow_run import SERVE_PID_ENV
 
 __all__ = ["Serving", "ServeFailed", "end_children"]
 

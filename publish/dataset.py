@@ -28,6 +28,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from blens.errors import UserError
 from blens.store.connect import connect_pinned
 from blens.store.lake import sql_str
 from blens.store.schema import TABLES
@@ -67,7 +68,7 @@ PARQUET_NAME = "train-00000-of-00001.parquet"
 # the staging directory instead of holding it (the default cap is 80 % of RAM: 11.3 GB peak at 20k prompts).
 PUBLISH_MEMORY_LIMIT = "2GB"
 
-class PublishError(RuntimeError):
+class PublishError(UserError, RuntimeError):
     """Publishing failed for a reason the user can act on; the message is one line."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from blens.errors import UserError
 from blens.store.connect import connect_pinned
 
 from . import figures as F
@@ -28,7 +29,7 @@ from .tokens import _plain, case_grid, grid_caption
 DEFAULT_N_CASES = 2
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """The report cannot be built for a reason the user can act on; one line."""
 
 

@@ -1,9 +1,8 @@
-"""The public analysis API: DuckDB view definitions over the warehouse, in ``queries/*.sql``.
+"""The public analysis API: DuckDB view definitions over the warehouse's tables, in ``queries/*.sql``.
 
-``blens.store.connect`` points them at a warehouse. From the plain duckdb CLI (no Python needed)::
-
-    (echo "SET VARIABLE warehouse = 'warehouse';"; cat queries/*.sql; \\
-     echo "SELECT * FROM rank_equals_length ORDER BY layer;") | duckdb
+``blens.store.writer`` stores them in the warehouse's DuckLake catalog (again whenever these files change), so
+they work from any DuckDB session that attached the warehouse, with no project code: ``blens init-sql`` prints
+the ``LOAD ducklake`` / ``ATTACH`` lines for plain DuckDB (README, "The warehouse and its views").
 """
 
 from __future__ import annotations
@@ -14,5 +13,5 @@ SQL_DIR = Path(__file__).resolve().parent
 
 
 def view_sql() -> str:
-    """All view definitions, in file order (00_base.sql first)."""
+    """All view definitions, the files in name order (10_figures.sql, then 20_editing.sql, ...)."""
     return "\n".join(p.read_text() for p in sorted(SQL_DIR.glob("*.sql")))

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import duckdb
 
+from blens.errors import UserError
+
 LAKE = "lake"
 CATALOG_FILE = "catalog.sqlite"
 DATA_DIR = "data"
 
 
-class WarehouseError(RuntimeError):
+class WarehouseError(UserError, RuntimeError):
     """The warehouse cannot be used (not writable, not a warehouse, corrupt); one line for the user."""
 
 

@@ -33,15 +33,18 @@ from typing import Iterator
 
 import duckdb
 
+from blens.errors import UserError
+
 from .files import catalog_files
 from .lake import DATA_DIR, extension_dir, is_remote, sql_str
+from .query_limits import DEFAULT_MEMORY_LIMIT
 
 
-class QueryRefused(ValueError):
+class QueryRefused(UserError, ValueError):
     """A statement the sandbox does not run (not a query, or it calls something outside the allow-list)."""
 
 
-class QueryLimit(ValueError):
+class QueryLimit(UserError, ValueError):
     """A query ran past the sandbox's time or memory limit; the message names the option that raises it."""
 
 
@@ -64,8 +67,6 @@ REFUSED_SCALAR_FUNCTIONS = frozenset({"write_log", "json_execute_serialized_sql"
 _PATHLIKE = re.compile(r"[/\\]|://|^~|\.(parquet|csv|tsv|json|jsonl|ndjson|txt|db|sqlite|sqlite3|duckdb|gz|zst|arrow|"
                        r"xlsx|avro)$", re.I)
 
-DEFAULT_TIMEOUT_S = 300.0
-DEFAULT_MEMORY_LIMIT = "2GB"
 _MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.I)
 
 

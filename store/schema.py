@@ -146,7 +146,6 @@ TABLES: dict[str, pa.Schema] = {
 
 # The table whose key column decides what a batch adds, and the tables that hang off its keys.
 RESULT_TABLES = ("prompts", "tokens", "gradient_ranks", "projections", "vectors", "vjp_similarity")
-PUBLIC_TABLES = [t for t in TABLES if t not in ("commits",)]
 
 _SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
               pa.bool_(): "BOOLEAN", _ts: "TIMESTAMP WITH TIME ZONE"}
@@ -161,10 +160,6 @@ def sql_type(t: pa.DataType) -> str:
 def ddl(name: str) -> str:
     """Column list of a table for CREATE TABLE (DuckLake has no constraints: types only)."""
     return ", ".join(f'"{f.name}" {sql_type(f.type)}' for f in TABLES[name])
-
-
-def empty_table(name: str) -> pa.Table:
-    return TABLES[name].empty_table()
 
 
 def conform(name: str, table: pa.Table) -> pa.Table:

@@ -57,8 +57,8 @@ BAD = [  # (record, expected (case_id, stage, field), words the message must con
 def run_flow(data, wh, model_dir, **kw):
     from blens.flows.extract_flow import extract_flow
 
-    cfg = ExtractConfig(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=2, top_k=3,
-                        lens_dtype="fp32", threads=1, **kw)
+    cfg = ExtractConfig(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=2, top_k=3, threads=1,
+                        **kw)
     return extract_flow(cfg)
 
 

@@ -71,7 +71,6 @@ def test_help_has_no_artefacts(rendered):
 def test_help_lists_the_choices(rendered):
     h = rendered["help"]
     assert re.search(r"--vectors\s+none\|spanning\|all\s", h["100 extract"])
-    assert re.search(r"--lens-dtype\s+fp32\|bf16\s", h["100 extract"])
     assert re.search(r"--vectors\s+none\|spanning\|all\s", h["100 serve"])
     assert re.search(r"--format\s+table\|csv\|json\|markdown\s", h["100 sql"])
     assert re.search(r"--method\s+none\|shift\|sgd\|rome\s", h["100 edit"])
@@ -97,18 +96,60 @@ def test_help_imports_nothing_heavy(rendered):
     assert rendered["heavy"] == [], "rendering help must stay cheap: no torch, prefect or DuckDB at import time"
 
 
-def test_choices_match_the_configs():
-    """The CLI declares its choices without importing torch; they must be the configs' own."""
+# Every default is declared once, in the config model or its domain module, and the CLI is built from it (issue
+# 22): change one there, before the CLI is imported, and --help shows the new value.
+CHANGED = r"""
+import contextlib, io, sys
+from blens.extract import batching
+from blens.extract.config import ExtractConfig
+from blens.edit import tuned
+from blens.edit.spec import EditConfig, SweepConfig
+
+ExtractConfig.model_fields["top_k"].default = 37
+ExtractConfig.model_fields["max_prompt_tokens"].default = 555
+batching.CPU_BATCH_SIZE = 48
+EditConfig.model_fields["fluency_tokens"].default = 41
+SweepConfig.model_fields["limit"].default = 77
+tuned.GRIDS[tuned.SMOLLM2]["layers"] = "3,5"
+from blens.cli import app
+
+for cmd in ("extract", "edit", "sweep"):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            app([cmd, "--help"], prog_name="blens")
+        except SystemExit:
+            pass
+    print(f"=== {cmd}")
+    print(" ".join(buf.getvalue().replace("│", " ").split()))
+"""
+
+
+def test_a_changed_config_default_shows_up_in_help():
+    env = {**os.environ, "COLUMNS": "1000"}
+    proc = subprocess.run([sys.executable, "-c", CHANGED], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pages = dict(part.split("\n", 1) for part in proc.stdout.split("=== ")[1:])
+    assert re.search(r"--top-k K \[1<=x<=1000\] .*?\[default: 37\]", pages["extract"])
+    assert re.search(r"--max-prompt-tokens N \[x>=1\] .*?\[default: 555\]", pages["extract"])
+    assert "[default: (48 on CPU, 256 on CUDA)]" in pages["extract"]
+    assert re.search(r"--fluency-tokens N \[x>=0\] .*?\[default: 41\]", pages["edit"])
+    assert re.search(r"--limit N \[x>=1\] Train edits to use. \[default: 77\]", pages["sweep"])
+    assert "smollm2-135m 3,5;" in pages["sweep"]
+
+
+def test_choices_are_the_configs():
+    """The choices --help lists are the Literal types of the configs themselves (no copy in the CLI)."""
     from typing import get_args
 
-    from blens.commands import edit, options
-    from blens.edit.spec import METHODS, STEPS
+    from blens.commands import edit
+    from blens.edit.spec import METHODS, STEPS, Method, Step
     from blens.extract.config import ExtractConfig
 
-    assert set(get_args(edit.Method)) == set(METHODS)
-    assert set(get_args(edit.Step)) == set(STEPS)
-    assert options.VECTOR_CHOICES == get_args(ExtractConfig.model_fields["vectors"].annotation)
-    assert options.LENS_DTYPES == get_args(ExtractConfig.model_fields["lens_dtype"].annotation)
+    assert edit.Method is Method and edit.Step is Step
+    assert get_args(Method) == METHODS and get_args(Step) == STEPS
+    assert get_args(ExtractConfig.model_fields["vectors"].annotation) == ("none", "spanning", "all")
 
 
 def test_version():

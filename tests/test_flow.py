@@ -33,7 +33,7 @@ def test_flow_runs_writes_views_and_errors(tmp_path, tiny_model_dir):
     data = bad_and_good_records(tmp_path / "cf.json")
     wh = tmp_path / "wh"
     cfg = ExtractConfig(model=str(tiny_model_dir), data=str(data), warehouse=str(wh), batch_size=2,
-                        vectors="spanning", lens_dtype="fp32")
+                        vectors="spanning")
     summary = extract_flow(cfg)
     assert summary.n_extracted == len(FACTS)
     assert summary.n_skipped == 3
@@ -123,13 +123,3 @@ def test_unsupported_architecture_names_supported_families():
 
     with pytest.raises(UnsupportedModelError, match="supported model_types are .*gpt2.*llama"):
         family_for(BertConfig())
-
-
-def test_cli_defaults_are_the_config_defaults():
-    """The CLI declares its defaults without importing torch; they must be ExtractConfig's own."""
-    from blens.commands.options import EXTRACTION_OPTIONS
-
-    fields = ExtractConfig.model_fields
-    for name, _kind, default in EXTRACTION_OPTIONS:
-        expected = fields[name].default
-        assert (str(default) if name == "warehouse" else default) == expected, name

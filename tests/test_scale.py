@@ -50,7 +50,7 @@ def write_records(path: Path, recs: list[dict]) -> Path:
 
 def cfg_for(model_dir, data, wh, **kw) -> ExtractConfig:
     base = dict(model=str(model_dir), data=str(data), warehouse=str(wh), batch_size=1, top_k=5,
-                lens_dtype="fp32", threads=1)
+                threads=1)
     return ExtractConfig(**{**base, **kw})
 
 
@@ -183,7 +183,7 @@ def unlisted_prompt_files(wh: Path) -> list[Path]:
 def test_kill9_anywhere_then_resume_gives_one_clean_run(tmp_path, tiny_model_dir, data12, reference):
     wh = tmp_path / "wh"
     args = ["--model", str(tiny_model_dir), "--data", str(data12), "--warehouse", str(wh), "--batch-size", "1",
-            "--top-k", "5", "--lens-dtype", "fp32", "--threads", "1"]
+            "--top-k", "5", "--threads", "1"]
 
     # 1) killed right after a few batches committed.
     proc = start_cli(*args)
@@ -227,7 +227,7 @@ def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, refer
     n = 3
     logs = [open(tmp_path / f"shard{i}.log", "w+") for i in range(n)]
     procs = [start_cli("--model", str(tiny_model_dir), "--data", str(data12), "--warehouse", str(wh),
-                       "--batch-size", "1", "--top-k", "5", "--lens-dtype", "fp32", "--threads", "1",
+                       "--batch-size", "1", "--top-k", "5", "--threads", "1",
                        "--shard", f"{i}/{n}", log=logs[i]) for i in range(n)]
     try:
         rcs = [p.wait(timeout=400) for p in procs]

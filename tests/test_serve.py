@@ -256,18 +256,19 @@ def test_a_sigterm_that_duckdb_turns_into_an_error_still_ends_the_task(monkeypat
     from prefect.exceptions import TerminationSignal
     from prefect.utilities import engine
 
-    from blens.flows import prefect_runtime
+    from blens.lifecycle import prefect as prefect_env
+    from blens.lifecycle import signals
 
-    monkeypatch.setattr(prefect_runtime, "termination_hooks", [])  # no CLI exit watchdog in the test process
-    monkeypatch.setattr(prefect_runtime, "_terminating", [])
-    assert prefect_runtime.quiet_sigterm_bridge()
+    monkeypatch.setattr(signals, "termination_hooks", [])  # no CLI exit watchdog in the test process
+    monkeypatch.setattr(signals, "_terminating", [])
+    assert prefect_env.quiet_sigterm_bridge()
     previous = signal.signal(signal.SIGTERM, engine._prefect_sigterm_handler)
     try:
         con = duckdb.connect()
         timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
         with pytest.raises(TerminationSignal) as caught:
-            with prefect_runtime.termination_kept():
+            with signals.termination_kept():
                 con.execute("SELECT count(*) FROM range(100000000000)").fetchall()  # minutes of work
         timer.join()
     finally:
@@ -284,16 +285,16 @@ def test_a_signal_that_duckdb_drops_still_ends_the_task(monkeypatch):
     exception its handler raised (Prefect's for SIGTERM in a flow, the CLI's own for Ctrl-C)."""
     from prefect.exceptions import TerminationSignal
 
-    from blens.commands._common import Interrupted
-    from blens.flows import prefect_runtime
+    from blens.lifecycle import signals
+    from blens.lifecycle.signals import Interrupted
 
-    monkeypatch.setattr(prefect_runtime, "_terminating", [])
-    with prefect_runtime.termination_kept():
+    monkeypatch.setattr(signals, "_terminating", [])
+    with signals.termination_kept():
         pass  # no signal: a normal return stays one
     for exc in (TerminationSignal(signal=signal.SIGTERM), Interrupted(signal.SIGINT)):
-        monkeypatch.setattr(prefect_runtime, "_terminating", [])
-        prefect_runtime.termination_raised(exc)
+        monkeypatch.setattr(signals, "_terminating", [])
+        signals.termination_raised(exc)
         with pytest.raises(type(exc)) as caught:
-            with prefect_runtime.termination_kept():
+            with signals.termination_kept():
                 done = True  # the body finished: its handler's exception never reached Python
         assert done and caught.value is exc

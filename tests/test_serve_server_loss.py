@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from blens.flows.prefect_runtime import SERVER_CHECK_INTERVAL_S, SERVER_LOST_AFTER
+from blens.lifecycle.flow_run import SERVER_CHECK_INTERVAL_S, SERVER_LOST_AFTER
 from test_serve import (FLOW, api, clean_env, free_port, run_logs, session, start_serve, stop,  # noqa: F401
                         write_records)
 

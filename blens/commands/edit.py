@@ -3,49 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import typer
 
+from blens.edit.spec import Method, Step
+from blens.edit.tuned import DEFAULT_SHIFT_STEP, DEFAULTS, GEMMA3, SMOLLM2  # noqa: F401 - the tuned defaults
+from blens.lifecycle.prefect import quiet_prefect
+
 from . import options
-from ._common import err_console, fail, progress_bar, quiet_prefect, report_errors
+from ._common import err_console, fail, progress_bar, report_errors
 from ._tables import print_table
 
 
-SMOLLM2 = "smollm2-135m"
-GEMMA3 = "gemma3-270m"
-# Per model: method/step -> (layer, lr), chosen by `blens sweep` on counterfact-train only.
-# SmolLM2-135M: 100 train edits, see docs/editing.md. Gemma 3 270M: see docs/gemma.md.
-# For other models pass --layer/--lr (the paper: GPT2-xl layer 35, eta 0.24).
-DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
-    SMOLLM2: {
-        "shift": (24, 0.24),
-        "shift-normalized": (24, 1024.0),
-        "shift-minimal": (24, 1.25),
-        "sgd": (24, 3.0),
-        "rome": (11, None),  # ROME's relative depth (GPT-2 XL layer 17 of 48), blens.edit.rome.default_layer
-    },
-    # 100 train edits x 33 cells (run 55864b3899728c7a); the post-FF norm saturates large steps, so sgd's lr and
-    # the normalized c are orders of magnitude below SmolLM2's.
-    GEMMA3: {
-        "shift": (15, 0.24),
-        "shift-normalized": (15, 2.0),
-        "shift-minimal": (15, 1.25),
-        "sgd": (12, 0.01),
-        "rome": (6, None),
-    },
-}
-# The sweep's minimal step beat the paper's fixed eta on train (97% efficacy / 52% neighbourhood unchanged
-# vs at best 85% / 44%), so it is the default step of --method shift; --step fixed is the paper's recipe.
-DEFAULT_SHIFT_STEP = "minimal"
-# The choices of --method and --step, declared here so that --help never imports torch; they are
-# blens.edit.spec's METHODS and STEPS (a test checks).
-Method = Literal["none", "shift", "sgd", "rome"]
-Step = Literal["fixed", "normalized", "minimal"]
-
-
 def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Optional[float], model: str):
-    """The EditSpec the options ask for; defaults only for the models they were tuned on (:data:`DEFAULTS`).
+    """The EditSpec the options ask for; defaults only for the models they were tuned on
+    (:data:`blens.edit.tuned.DEFAULTS`).
 
     --step defaults to 'minimal' for shift (the sweep's winner on train). --lr never changes the step: what
     --lr means depends on the step (eta, c or a margin), so --lr with --method shift needs --step.
@@ -100,18 +73,23 @@ def describe_spec(spec) -> str:
     return f"method shift: layer {spec.layer}, step {spec.step}, {meaning} {spec.lr:g} (column method = {spec.label})"
 
 
+@options.with_config_options(options.ExtractConfig, {"threads": {}})
+@options.with_config_options(options.EditConfig, {
+    "data": dict(metavar="PATH", help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). Report on "
+                 "held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
+    "model": {}, "limit": {}, "warehouse": {}, "device": {},
+    "batch_size": dict(metavar="N", help="Edits per Prefect task (one commit each)."),
+    "fluency_tokens": dict(metavar="N", help="Greedy new tokens per prompt for the fluency column (ROME's "
+                           "generation n-gram entropy); 0 = skip."),
+    "stats_data": dict(metavar="PATH", help="rome only: CounterFact records whose prompts, paraphrases and "
+                       "neighbourhood prompts estimate the key covariance C. Default: counterfact-train.json beside "
+                       "--data, else --data.")})
 def edit(
     method: Method = typer.Option(..., "--method", metavar=options.choices(Method),
                                   help="none (unedited baseline) | shift (the paper: W += lr * "
-                               "x_n^T E_t on FF2 of --layer, forward pass only) | sgd (one gradient step "
-                               "W -= lr * dL/dW on the same matrix) | rome (ROME's rank-one update of the same "
-                               "matrix, ROME's hyper-parameters)."),
-    data: str = typer.Option(..., "--data", metavar="PATH",
-                             help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). "
-                             "Report on held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
-    model: options.Model = SMOLLM2,
-    limit: options.Limit = None,
-    warehouse: options.Warehouse = Path("warehouse"),
+                                  "x_n^T E_t on FF2 of --layer, forward pass only) | sgd (one gradient step "
+                                  "W -= lr * dL/dW on the same matrix) | rome (ROME's rank-one update of the same "
+                                  "matrix, ROME's hyper-parameters)."),
     layer: Optional[int] = typer.Option(None, "--layer", metavar="N",
                                         help="Block whose FF2 (Llama down_proj, GPT-2 c_proj) is edited. Default: the "
                                         "sweep's choice for the embedded models (docs/editing.md, docs/gemma.md)."),
@@ -122,18 +100,9 @@ def edit(
                                        "Default: the sweep's choice."),
     step: Optional[Step] = typer.Option(None, "--step", metavar=options.choices(Step),
                                         help="Step size of --method shift: fixed (the paper's eta), normalized, "
-                                        "minimal. Default: minimal (the sweep's winner); --lr never changes it."),
-    device: options.Device = "auto",
-    batch_size: int = typer.Option(16, "--batch-size", min=1, metavar="N",
-                                   help="Edits per Prefect task (one commit each)."),
-    threads: options.Threads = None,
-    fluency_tokens: int = typer.Option(30, "--fluency-tokens", min=0, metavar="N",
-                                       help="Greedy new tokens per prompt for the fluency column (ROME's "
-                                       "generation n-gram entropy); 0 = skip."),
-    stats_data: Optional[str] = typer.Option(None, "--stats-data", metavar="PATH",
-                                             help="rome only: CounterFact records whose prompts, paraphrases and "
-                                             "neighbourhood prompts estimate the key covariance C. Default: "
-                                             "counterfact-train.json beside --data, else --data."),
+                                        f"minimal. Default: {DEFAULT_SHIFT_STEP} (the sweep's winner); --lr never "
+                                        "changes it."),
+    **settings,
 ) -> None:
     """Edit CounterFact facts one at a time and score each edit.
 
@@ -144,6 +113,8 @@ def edit(
     `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged, fluency
     FROM edit_summary"`.
     """
+    model, data, limit, warehouse, device, batch_size, threads, fluency_tokens, stats_data = (settings.pop(k) for k in (
+        "model", "data", "limit", "warehouse", "device", "batch_size", "threads", "fluency_tokens", "stats_data"))
     quiet_prefect()
     from blens.edit.spec import check_layer
     from blens.extract.hub import check_hub_model

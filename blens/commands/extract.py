@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
+from blens.lifecycle.prefect import quiet_prefect
+
 from . import options
-from ._common import err_console, fail, progress_bar, quiet_prefect, report_errors
+from ._common import err_console, fail, progress_bar, report_errors
 from ._tables import print_table
 
 
-@options.with_extraction_options
-def extract(
-    data: options.Data,
-    limit: options.Limit = None,
-    shard: Optional[str] = typer.Option(None, "--shard", metavar="I/N",
-                                        help="I/N: process the deterministic 1/N of records with "
-                                        "case_id mod N == I. Shards may run at once on one warehouse."),
-    force: bool = typer.Option(False, "--force", help="Recompute prompts this run already finished (default: resume)."),
-    threads: options.Threads = None,
-    **settings,
-) -> None:
+@options.extraction_options
+@options.with_config_options(options.ExtractConfig, {
+    "data": {}, "limit": {},
+    "shard": dict(metavar="I/N", help="I/N: process the deterministic 1/N of records with case_id mod N == I. "
+                  "Shards may run at once on one warehouse."),
+    "force": dict(help="Recompute prompts this run already finished (default: resume)."),
+    "threads": {}})
+def extract(**settings) -> None:
     """Extract gradient spanning sets and their logit-lens projections for CounterFact prompts.
 
     Per prompt: one backward pass of the NLL of target_new's first token at the last position; for every
@@ -33,6 +31,7 @@ def extract(
     left to do answers in about a second (no model load, no Prefect). Then query with
     `blens sql "SELECT * FROM rank_equals_length ORDER BY layer"`.
     """
+    data, limit, shard, force, threads = (settings.pop(k) for k in ("data", "limit", "shard", "force", "threads"))
     quiet_prefect()
     from pydantic import ValidationError
 

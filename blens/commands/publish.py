@@ -14,7 +14,7 @@ VectorDtype = Literal["float32", "float16"]
 
 
 def publish(
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     out: Path = typer.Option(..., "--out", metavar="DIR",
                              help="Output directory (created; an earlier publish output is replaced)."),
     push: Optional[str] = typer.Option(None, "--push", metavar="REPO_ID",

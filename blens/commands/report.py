@@ -12,7 +12,7 @@ from ._common import err_console, fail
 
 
 def report(
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     out: Path = typer.Option(Path("report"), "--out", metavar="DIR",
                              help="Output directory for index.html and figures/."),
     case: Optional[List[int]] = typer.Option(None, "--case", metavar="CASE_ID",

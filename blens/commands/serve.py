@@ -11,8 +11,11 @@ from typing import Optional
 
 import typer
 
+from blens.lifecycle.prefect import quiet_prefect
+from blens.lifecycle.signals import Interrupted, allow_exit_grace
+
 from . import options
-from ._common import Interrupted, allow_exit_grace, err_console, fail, quiet_prefect
+from ._common import err_console, fail
 
 # How long a stop may take: the run in progress reports its end to the server and exits (SIGTERM), then the
 # runner records it and pauses the schedule. ~4 s on a 2-core machine at load 4, ~11 s at load 8, 25.8 s once
@@ -21,17 +24,16 @@ from ._common import Interrupted, allow_exit_grace, err_console, fail, quiet_pre
 STOP_GRACE_S = 45.0
 
 
-@options.with_extraction_options
+@options.extraction_options
+@options.with_config_options(options.ExtractConfig, {
+    "data": dict(metavar="PATH", help="CounterFact records (file/directory) re-read on every run: only records not "
+                 "yet in the warehouse are extracted."),
+    "limit": {}, "threads": {}})
 def serve(
-    data: str = typer.Option(..., "--data", metavar="PATH",
-                             help="CounterFact records (file/directory) re-read on every run: "
-                             "only records not yet in the warehouse are extracted."),
     cron: str = typer.Option("0 * * * *", "--cron", metavar="CRON", help="Cron schedule, e.g. '0 * * * *' (hourly)."),
     name: str = typer.Option("blens-extract-scheduled", "--name", metavar="NAME", help="Deployment name."),
     timezone: Optional[str] = typer.Option(None, "--timezone", metavar="TZ",
                                            help="IANA timezone of the cron (default UTC)."),
-    limit: options.Limit = None,
-    threads: options.Threads = None,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the deployment (name, entrypoint, schedule, "
                                  "parameters) as JSON and exit without serving."),
     **settings,
@@ -44,6 +46,7 @@ def serve(
     a run in progress is cancelled, the schedule paused, and it exits 0 with one line. A run can also be
     started by hand with `prefect deployment run 'blens-scheduled-extract/blens-extract-scheduled'`.
     """
+    data, limit, threads = (settings.pop(k) for k in ("data", "limit", "threads"))
     # Runs log through Prefect's run logger, which is what reaches the server: keep INFO, unlike the other
     # commands (quiet_prefect). The flow-run processes inherit the environment.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
@@ -93,7 +96,7 @@ def serve_until_stopped(dep, *, cron: str, timezone: str | None) -> None:
         fail(f"serving {full_name} failed: {exc}", code=1)
     except Interrupted as exc:
         how = signal.Signals(exc.signum).name
-        from blens.flows.prefect_runtime import server_reachable
+        from blens.lifecycle.flow_run import server_reachable
 
         if not server_reachable(api_url):
             _stop_without_server(full_name, how, api_url)

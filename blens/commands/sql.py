@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import typer
 
+from blens.lifecycle.signals import set_interrupt_note
+from blens.store.query_limits import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S
+
 from . import options
-from ._common import fail, one_line, set_interrupt_note
+from ._common import fail, one_line
 from ._tables import print_table
 
 Format = Literal["table", "csv", "json", "markdown"]
@@ -23,7 +25,7 @@ def sql(
                                 "supersessions) and views (rank_equals_length, target_rank_by_layer, "
                                 "target_rank_by_role, vjp_norm_by_segment, vjp_norm_by_role, vjp_layer_similarity, "
                                 "edit_summary). Every result row has a settings id; the views group by it."),
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     fmt: Format = typer.Option("table", "--format", metavar=options.choices(Format),
                                help="table: fits the terminal, folding long values (plain aligned text, every value "
                                "whole, when stdout is not a terminal). csv, json and markdown print every row."),
@@ -32,9 +34,9 @@ def sql(
                                         help="Query the warehouse as it was at a snapshot: a version number "
                                         "(`SELECT * FROM ducklake_snapshots('lake')` lists them) or a timestamp "
                                         "such as '2026-11-26 12:00:00+00'."),
-    timeout: float = typer.Option(300.0, "--timeout", min=0.1, max=86400.0, metavar="SECONDS",
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.1, max=86400.0, metavar="SECONDS",
                                   help="Stop a query that runs longer than this."),
-    memory_limit: str = typer.Option("2GB", "--memory-limit", metavar="SIZE",
+    memory_limit: str = typer.Option(DEFAULT_MEMORY_LIMIT, "--memory-limit", metavar="SIZE",
                                      help="DuckDB's memory limit for the query (and as much again for spilling "
                                      "to a private temporary folder), e.g. 512MB or 8GB."),
 ) -> None:

@@ -3,7 +3,6 @@ maintenance, integrity)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -14,7 +13,7 @@ from ._tables import print_table
 
 
 def init_sql(
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     write: bool = typer.Option(False, "--write", help="Attach read-write (default: read-only)."),
 ) -> None:
     """Print the SQL that makes the warehouse queryable from a plain DuckDB session, no project code needed.
@@ -33,7 +32,7 @@ def init_sql(
 
 
 def compact(
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     expire_older_than: Optional[str] = typer.Option(
         "7 days", "--expire-older-than", metavar="INTERVAL",
         help="Expire snapshots older than this interval and delete the files only "
@@ -53,7 +52,7 @@ def compact(
 
 
 def check(
-    warehouse: options.Warehouse = Path("warehouse"),
+    warehouse: options.Warehouse = options.WAREHOUSE,
     repair: bool = typer.Option(False, "--repair", help="Quarantine unreadable files (moved to WAREHOUSE/quarantine/"
                                 " and dropped from the current snapshot) and delete incomplete results, so the "
                                 "next `blens extract` of the same data recomputes them."),
