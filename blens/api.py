@@ -214,21 +214,11 @@ class Results(list):
             raise ValueError("no results (every record was invalid)")
         return pa.concat_tables([r.tables[name] for r in unique]).to_pandas()
 
-    @property
-    def projections(self):
-        return self._concat("projections")
-
-    @property
-    def gradient_ranks(self):
-        return self._concat("gradient_ranks")
-
-    @property
-    def tokens(self):
-        return self._concat("tokens")
-
-    @property
-    def prompts(self):
-        return self._concat("prompts")
+    # Each table over all results, as one pandas DataFrame (built on every access: a list may change).
+    projections = property(lambda self: self._concat("projections"))
+    gradient_ranks = property(lambda self: self._concat("gradient_ranks"))
+    tokens = property(lambda self: self._concat("tokens"))
+    prompts = property(lambda self: self._concat("prompts"))
 
 
 class _KeepLensInput:
