@@ -13,7 +13,7 @@
 
 Result settings are those that change the rows (:func:`result_settings`): top-k, the loss, the lens
 and its sites, and the result format (what a result holds). Batching, device, sharding, the lens dtype
-(the bf16 lens returns the fp32 lens's answers, tests/test_lens.py) and whether raw vectors are stored do not.
+(the bf16 lens returns the fp32 lens's answers, tests/extract/test_lens.py) and whether raw vectors are stored do not.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Real warehouses for the product tests (publish, report): built from a tiny random GPT-2 through the
-extraction core and the store, the way `blens extract` builds them. A helper module, not a test module."""
+"""Test helpers shared by every folder (a helper module, not a test module; fixtures live in conftest.py):
+paths to ../shared, the CounterFact-like FACTS, tiny random GPT-2 / Llama / Gemma 3 models built from configs,
+real warehouses for the product tests (built from a tiny random GPT-2 through the extraction core and the
+store, the way `blens extract` builds them), autograd references, and the in-process CLI runner."""
 
 from __future__ import annotations
 
@@ -17,6 +19,72 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZER = SHARED / "models/gpt2-tokenizer/tokenizer.json"
 DATA = SHARED / "data/counterfact/counterfact-edit-1k.json"
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
+COUNTERFACT = SHARED / "data" / "counterfact"
+
+
+FACTS = [
+    (0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
+    (1, "Paris is the capital of", "Paris", "Italy", "France"),
+    (2, "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    (3, "Toko Yasuda, the", "Toko Yasuda", "piano", "guitar"),
+    (4, "Autonomous University of Madrid, which is located in", "Autonomous University of Madrid", "Sweden", "Spain"),
+]
+
+
+def gpt2_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    if not GPT2_TOKENIZER.exists():
+        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER} (../shared is needed)")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
+    tok.pad_token = "<|endoftext|>"
+    tok.eos_token = "<|endoftext|>"
+    return tok
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=64)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def records():
+    from blens.extract.records import EditRecord
+
+    return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
+            for c, p, s, t, g in FACTS]
+
+SLIDING_WINDOW = 4  # shorter than the fixture prompts, so sliding layers really mask something
+
+
+def tiny_gemma(vocab_size: int, pad_token_id: int, seed: int = 0):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64,
+        sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+        pad_token_id=pad_token_id, bos_token_id=None, eos_token_id=None)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
 
 # A prompt whose text needs escaping everywhere it is shown (HTML report, Markdown card).
 TRICKY = dict(case_id=900001, prompt='The "<b>native</b>" language & tongue of Danielle Darrieux is',
@@ -121,7 +189,7 @@ def assert_spanning_sets_rebuild_gradients(lm, prepared) -> dict:
             assert rebuilt.shape == g.shape
             rel = ((rebuilt - g).norm() / g.norm()).item()
             # fp32 rounding: the attention's gradients pass the softmax and reach 1.1e-5 on tiny models; in float64
-            # every matrix agrees to 1e-7 (tests/test_gradients.py::test_spanning_sets_are_exact_in_float64)
+            # every matrix agrees to 1e-7 (tests/extract/test_gradients.py::test_spanning_sets_are_exact_in_float64)
             tol = 2e-5 if key[1].startswith("attn_") else 1e-5
             assert rel <= tol, f"{lm.name} prompt {b} {key}: relative error {rel:.2e}"
             n_checked += 1

@@ -23,11 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
-COUNTERFACT = SHARED / "data" / "counterfact"
-
+from builders import COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, gpt2_tokenizer, tiny_model  # noqa: E402,F401
 
 
 def pytest_sessionstart(session) -> None:
@@ -35,38 +31,6 @@ def pytest_sessionstart(session) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not (GPT2_TOKENIZER.exists() and COUNTERFACT.is_dir()):
         pytest.exit(f"CI=true but the shared test files are missing ({GPT2_TOKENIZER}, {COUNTERFACT}): "
                     "CI must run with ../shared beside the clone", returncode=1)
-
-
-FACTS = [
-    (0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
-    (1, "Paris is the capital of", "Paris", "Italy", "France"),
-    (2, "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
-    (3, "Toko Yasuda, the", "Toko Yasuda", "piano", "guitar"),
-    (4, "Autonomous University of Madrid, which is located in", "Autonomous University of Madrid", "Sweden", "Spain"),
-]
-
-
-def gpt2_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-
-    if not GPT2_TOKENIZER.exists():
-        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER} (../shared is needed)")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
-    tok.pad_token = "<|endoftext|>"
-    tok.eos_token = "<|endoftext|>"
-    return tok
-
-
-def tiny_model(family: str, vocab_size: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=64)
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -88,13 +52,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     tiny_model("llama", len(tokenizer), seed=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def records():
-    from blens.extract.records import EditRecord
-
-    return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
-            for c, p, s, t, g in FACTS]
 
 
 @pytest.fixture

@@ -1,0 +1,92 @@
+"""The multi-machine setting: a warehouse whose DuckLake catalog is a real PostgreSQL server, with racing
+writer processes. The test starts its own server on a loopback port (Debian's `postgresql` package; .ci/run
+installs it) and stops it afterwards; where the binaries are absent it skips and says so."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from builders import ROOT
+from blens.store.connect import connect
+
+BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if not BIN or not Path(BIN[-1], "initdb").exists():
+        pytest.skip("PostgreSQL server binaries not installed (Debian package `postgresql`; .ci/run installs it)")
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no `postgres` OS user to run the server as (installed with Debian's postgresql package)")
+    bindir = BIN[-1]
+    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="blens-pg-"))
+    data, sock = base / "data", base / "sock"
+    for d in (data, sock):
+        d.mkdir()
+        shutil.chown(d, "postgres", "postgres")
+    os.chmod(base, 0o755)
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_pg, f"{bindir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
+                   capture_output=True)
+    port = _free_port()
+    subprocess.run([*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-l", str(sock / "server.log"), "-w", "-o",
+                    f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        for _ in range(50):
+            if subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
+                               "CREATE DATABASE blens"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        yield f"postgres:dbname=blens host=127.0.0.1 port={port} user=postgres", base / "lake-data"
+    finally:
+        subprocess.run([*as_pg, f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_racing_writers_on_a_postgres_catalog(postgres, tmp_path, tiny_model_dir):
+    uri, data_path = postgres
+    recs = [{"case_id": i, "prompt": f"City number {i} is located in", "subject": f"City number {i}",
+             "target_new": "Spain", "ground_truth": "France"} for i in range(8)]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(recs))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BLENS_DATA_PATH=str(data_path))
+    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", uri, "--top-k", "5",
+            "--threads", "1", "--batch-size", "2"]
+    first = subprocess.run([sys.executable, "-m", "blens.cli", *args, "--limit", "1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-4000:] for e in errs]
+    os.environ["BLENS_DATA_PATH"] = str(data_path)
+    try:
+        con = connect(uri)
+        assert con.execute("SELECT count(*), count(DISTINCT key) FROM prompts").fetchone() == (8, 8)
+        assert con.execute("SELECT count(*) FROM (SELECT key, layer, site, position FROM projections "
+                           "GROUP BY ALL HAVING count(*) > 1)").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM rank_equals_length").fetchone()[0] == 3 * 7  # catalog views too
+        con.close()
+    finally:
+        del os.environ["BLENS_DATA_PATH"]
