@@ -31,6 +31,10 @@ FACTS = [
     (4, "Autonomous University of Madrid, which is located in", "Autonomous University of Madrid", "Sweden", "Spain"),
 ]
 
+# The records of the session's extracted warehouse (conftest.py: ``extracted``).
+SESSION_RECORDS = [{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": "Rome",
+                    "ground_truth": "Oslo"} for i, s in enumerate(["Paris", "Berlin", "Madrid", "Vienna"])]
+
 
 def gpt2_tokenizer():
     from transformers import PreTrainedTokenizerFast
@@ -205,3 +209,53 @@ def kill_session(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def blens_in_process(*args, env: dict[str, str] | None = None, cwd: Path | str | None = None,
+                     input: str | None = None) -> subprocess.CompletedProcess:
+    """`blens ARGS` run in this process (Click's CliRunner), answered like ``subprocess.run(..., text=True,
+    capture_output=True)``: returncode, stdout, stderr. It goes through the same guard as the `blens` script
+    (``blens.cli:app`` is a ``_Blens``, whose ``__call__`` is ``run_guarded``), so a user error is one red
+    ``error:`` line and exit 2, and a bug is exit 1 with its traceback on stderr. ``env`` adds variables for
+    the call. What a command changes in the process is put back afterwards: the environment (``quiet_prefect``
+    sets Prefect variables), the working directory, the signal handlers, the unraisable hook and torch's
+    thread count.
+
+    For the tests where the process is not the subject; signals, kill -9, start-up cost and the real exit of
+    a process stay with subprocesses (tests/e2e/)."""
+    import signal as _signal
+    import sys
+    import traceback
+
+    from click.testing import CliRunner
+
+    from blens.cli import app
+
+    class Guarded:  # what CliRunner.invoke calls: ``main`` goes through app.__call__ -> run_guarded
+        name = "blens"
+
+        def main(self, args=None, prog_name=None, **extra):
+            return app(args=list(args or ()), prog_name=prog_name or "blens", **extra)
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_handlers = {s: _signal.getsignal(s) for s in (_signal.SIGINT, _signal.SIGTERM)}
+    saved_hook = sys.unraisablehook
+    torch = sys.modules.get("torch")
+    saved_threads = torch.get_num_threads() if torch is not None else None  # `--threads 1` sets torch's
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(Guarded(), [str(a) for a in args], env=env, input=input)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for s, h in saved_handlers.items():
+            _signal.signal(s, h)
+        sys.unraisablehook = saved_hook
+        if saved_threads is not None:
+            torch.set_num_threads(saved_threads)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))  # as Python prints an uncaught exception
+    return subprocess.CompletedProcess(["blens", *map(str, args)], result.exit_code, result.stdout, stderr)

@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from builders import COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, gpt2_tokenizer, tiny_model  # noqa: E402,F401
+from builders import (COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, SESSION_RECORDS, gpt2_tokenizer,  # noqa: E402,F401
+                      tiny_model)
 
 
 def pytest_sessionstart(session) -> None:
@@ -63,3 +64,42 @@ def records_file(tmp_path):
         for c, p, s, t, g in FACTS
     ]))
     return path
+
+
+# --- one extracted warehouse per session --------------------------------------------------------------------
+
+class Extracted:
+    """A warehouse made by `blens extract` from ``SESSION_RECORDS`` on the tiny random Llama: ``path``, the
+    records file ``data``, and ``args(wh)``, the extract command that made it pointed at ``wh`` (rerun on a
+    copy, it resumes: the same model, records and settings)."""
+
+    def __init__(self, path: Path, data: Path, model_dir: Path) -> None:
+        self.path, self.data, self.model_dir = path, data, model_dir
+
+    def args(self, wh: Path) -> list[str]:
+        return ["extract", "--model", str(self.model_dir), "--data", str(self.data), "--warehouse", str(wh),
+                "--top-k", "5", "--threads", "1", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, tiny_model_dir) -> Extracted:
+    """The session's extracted warehouse (4 prompts, 2 batches). Read it, never change it: a test that
+    changes a warehouse takes ``extracted_copy``."""
+    from builders import blens_in_process
+
+    root = tmp_path_factory.mktemp("extracted")
+    data = root / "cf.json"
+    data.write_text(json.dumps(SESSION_RECORDS))
+    made = Extracted(root / "wh", data, tiny_model_dir)
+    r = blens_in_process(*made.args(made.path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return made
+
+
+@pytest.fixture
+def extracted_copy(extracted, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the session's extracted warehouse in this test's tmp_path (the catalog finds its data where it
+    is now) and the extract command that made it, pointed at the copy."""
+    wh = tmp_path / "wh"
+    shutil.copytree(extracted.path, wh)
+    return wh, extracted.args(wh)

@@ -11,7 +11,7 @@ import sys
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from builders import FACTS, ROOT
+from builders import FACTS, ROOT, blens_in_process
 from blens.extract.config import ExtractConfig
 from blens.store.connect import connect
 
@@ -109,9 +109,8 @@ def test_truncated_json_file_one_line_nonzero_nothing_written(tmp_path, tiny_mod
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(GOOD)[:-40])
     wh = tmp_path / "wh"
-    r = subprocess.run([sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data",
-                        str(data), "--warehouse", str(wh)], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    r = blens_in_process("extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh),
+                         cwd=ROOT)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "is not valid JSON" in lines[0], r.stderr

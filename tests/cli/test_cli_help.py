@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from builders import ROOT, blens_in_process
+
 COMMANDS = ["extract", "sql", "init-sql", "compact", "check", "edit", "sweep", "publish", "report", "serve"]
 
 # Render every help page in a fresh process, at a width where no paragraph needs wrapping (so a line break
@@ -122,8 +123,7 @@ def test_version():
 
 
 def test_a_bad_choice_is_one_clear_error():
-    proc = subprocess.run([sys.executable, "-m", "blens.cli", "extract", "--data", "x.json", "--vectors", "some"],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = blens_in_process("extract", "--data", "x.json", "--vectors", "some", cwd=ROOT)
     assert proc.returncode == 2
     message = " ".join(proc.stderr.replace("│", " ").split())  # rich boxes and wraps it
     assert "'some' is not one of 'none', 'spanning', 'all'" in message
@@ -132,8 +132,7 @@ def test_a_bad_choice_is_one_clear_error():
 def test_sweep_data_default_is_relative_to_the_current_directory(tmp_path):
     """No default built from the install location: the train split is looked up from where the user is, and
     a missing one is named with that directory, before any model loads."""
-    proc = subprocess.run([sys.executable, "-m", "blens.cli", "sweep", "--warehouse", str(tmp_path / "wh")],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = blens_in_process("sweep", "--warehouse", str(tmp_path / "wh"), cwd=tmp_path)
     assert proc.returncode == 2
     assert "../shared/data/counterfact/counterfact-train.json" in proc.stderr
     assert str(tmp_path) in proc.stderr

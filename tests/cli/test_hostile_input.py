@@ -2,7 +2,7 @@
 
 Each case is a record or a file a real export can contain. Record-level problems must become ``errors`` rows
 naming the field while the good records are saved; whole-source problems must be found before a model is
-loaded and reported in one line. CLI cases run the real ``blens`` in a subprocess on the tiny random Llama.
+loaded and reported in one line. CLI cases run ``blens`` in-process (through the same guard) on the tiny random Llama.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from builders import FACTS, ROOT
+from builders import FACTS, ROOT, blens_in_process
 from blens.extract.records import DataSourceError, EditRecord, RecordError, record_from_dict
 from blens.extract.sources import load_records
 
@@ -26,8 +26,7 @@ NO_MODEL = "/nonexistent/blens-model-that-must-never-be-loaded"  # a check that 
 
 
 def blens(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return blens_in_process(*args, cwd=ROOT)  # the guard's real-process exits: test_user_error_escaping_..., below
 
 
 def sql(wh: Path, query: str) -> list[str]:

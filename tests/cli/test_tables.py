@@ -16,7 +16,8 @@ from rich.console import Console
 
 from blens.commands._tables import fits, print_table
 
-ROOT = Path(__file__).resolve().parents[2]
+from builders import ROOT, blens_in_process
+
 COLUMNS = ["method", "layer", "efficacy", "nbhd unchanged", "rephr. P(new)>P(true)"]
 ROWS = [["shift-minimal", "24", "98.4", "56.0", "40.2"], ["sgd [bold]x[/bold]", "24", "100.0", "26.0", "60.1"]]
 
@@ -57,8 +58,10 @@ def test_layouts():
 def _blens_sql(warehouse: Path, query: str, tty_columns: int | None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     cmd = [sys.executable, "-m", "blens.cli", "sql", query, "--warehouse", str(warehouse)]
-    if tty_columns is None:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True).stdout
+    if tty_columns is None:  # piped: in-process; a terminal needs a real process on a pty
+        r = blens_in_process(*cmd[3:], env={"COLUMNS": None, "LINES": None}, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
     env.update(COLUMNS=str(tty_columns), TERM="xterm")
     master, slave = pty.openpty()
     try:

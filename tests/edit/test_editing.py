@@ -277,17 +277,12 @@ def test_cli_defaults_resolve_to_the_sweep_choice():
 
 def test_rerun_of_an_edit_says_what_was_done_and_skips_it(tiny_model_dir, records_file, tmp_path):
     """Issue 13: after a kill (or a finished run) the same `blens edit` skips the stored edits and says so."""
-    import os
-    import subprocess
-    import sys
+    from builders import ROOT, blens_in_process
 
-    from builders import ROOT
-
-    args = [sys.executable, "-m", "blens.cli", "edit", "--method", "shift", "--step", "fixed", "--layer", "1", "--lr", "0.5",
+    args = ["edit", "--method", "shift", "--step", "fixed", "--layer", "1", "--lr", "0.5",
             "--model", str(tiny_model_dir), "--data", str(records_file), "--warehouse", str(tmp_path / "wh")]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    first = blens_in_process(*args, cwd=ROOT)
     assert first.returncode == 0, first.stderr
-    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    second = blens_in_process(*args, cwd=ROOT)
     assert second.returncode == 0, second.stderr
     assert "5 record(s) already in the warehouse (skipped), 0 to go" in second.stderr

@@ -8,15 +8,22 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from builders import ROOT
+from builders import ROOT, blens_in_process
 
 
 def blens(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    return blens_in_process(*args, cwd=ROOT)
+
+
+def open_fifo_for_writing(path) -> None:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
 
 
 @pytest.mark.parametrize("where", ["file", "in-directory"])
@@ -29,7 +36,15 @@ def test_a_fifo_named_json_is_refused_without_blocking(tmp_path, where):
                                                 "subject": "Paris", "target_new": "Italy", "ground_truth": "France"}]))
     os.mkfifo(folder / "b.json")
     data = folder / "b.json" if where == "file" else folder
-    r = blens("extract", "--data", str(data), "--model", str(tmp_path / "no-model"), "--warehouse", str(tmp_path / "wh"))
+    # In-process, a read that blocks would hang the suite: after 60 s a writer opens the FIFO (the read then
+    # ends and the assertions fail) instead.
+    unblock = threading.Timer(60, open_fifo_for_writing, (folder / "b.json",))
+    unblock.daemon = True
+    unblock.start()
+    try:
+        r = blens("extract", "--data", str(data), "--model", str(tmp_path / "no-model"), "--warehouse", str(tmp_path / "wh"))
+    finally:
+        unblock.cancel()
     assert r.returncode == 2 and "b.json is a FIFO" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "wh").exists()
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from builders import FACTS, ROOT
+from builders import FACTS, ROOT, blens_in_process
 from blens.extract.config import ExtractConfig
 from blens.store.connect import connect
 
@@ -66,9 +66,7 @@ def test_flow_runs_writes_views_and_errors(tmp_path, tiny_model_dir):
 
 
 def blens(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "blens.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return blens_in_process(*args, cwd=cwd)
 
 
 def test_cli_extract_then_sql(tmp_path, tiny_model_dir):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import DATA, ROOT, TRICKY, make_warehouse
+from builders import DATA, ROOT, TRICKY, blens_in_process, make_warehouse
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +138,10 @@ def test_republish_replaces_and_refuses_foreign_dir(warehouse, published, tmp_pa
 
 
 def test_push_offline_fails_with_one_clear_line(warehouse, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake_token_for_tests",
-           "PYTHONPATH": str(ROOT)}
+    env = {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake_token_for_tests"}
     out = tmp_path / "pushed"
-    proc = subprocess.run([sys.executable, "-m", "blens.cli", "publish", "--warehouse", str(warehouse),
-                           "--out", str(out), "--push", "someone/backward-lens-test"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = blens_in_process("publish", "--warehouse", str(warehouse), "--out", str(out), "--push",
+                            "someone/backward-lens-test", cwd=ROOT, env=env)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "offline" in errors[0].lower(), proc.stderr

@@ -15,12 +15,11 @@ import sys
 
 import pytest
 
-from builders import ROOT
+from builders import ROOT, blens_in_process
 
 
 def blens(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=timeout)
+    return blens_in_process(*args, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ as bad records; a non-empty foreign directory is refused as a warehouse."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -12,28 +13,20 @@ import sys
 
 import pytest
 
-from builders import ROOT
+from builders import ROOT, SESSION_RECORDS, blens_in_process
 from blens.store.connect import connect
 
-RECS = [{"case_id": i, "prompt": f"{s} is located in", "subject": s, "target_new": "Rome", "ground_truth": "Oslo"}
-        for i, s in enumerate(["Paris", "Berlin", "Madrid", "Vienna"])]
+RECS = SESSION_RECORDS  # the 4 records of the session's extracted warehouse
 
 
 def blens(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})), timeout=600)
+    return blens_in_process(*args, cwd=ROOT, env=env)
 
 
 @pytest.fixture
-def warehouse(tmp_path, tiny_model_dir):
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps(RECS))
-    wh = tmp_path / "wh"
-    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
-            "--threads", "1", "--batch-size", "2"]
-    r = blens(*args)
-    assert r.returncode == 0, r.stderr
-    return wh, args
+def warehouse(extracted_copy):
+    """A copy of the session's extracted warehouse (conftest.py: RECS, 2 batches) and its extract command."""
+    return extracted_copy
 
 
 def n_prompts(wh) -> int:
@@ -76,29 +69,24 @@ def test_damaged_file_is_named_checked_repaired_and_recomputed(warehouse, damage
     con.close()
 
 
-FULL_DISK = """
-import errno, sys
-import blens.store.writer as writer
-_insert = writer._insert
-def _full(con, table, *a, **k):
-    if table == "projections":
-        raise OSError(errno.ENOSPC, "No space left on device", "/wh/data/main/projections")
-    return _insert(con, table, *a, **k)
-writer._insert = _full
-from blens.cli import app
-sys.argv[0] = "blens"
-app()
-"""
-
-
-def test_full_disk_fails_the_run_and_records_no_bad_records(tmp_path, tiny_model_dir):
+def test_full_disk_fails_the_run_and_records_no_bad_records(tmp_path, tiny_model_dir, monkeypatch):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(RECS))
     wh = tmp_path / "wh"
     args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
             "--threads", "1"]
-    r = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    import blens.store.writer as writer
+
+    insert = writer._insert
+
+    def full(con, table, *a, **k):  # the disk fills up when the largest table is written
+        if table == "projections":
+            raise OSError(errno.ENOSPC, "No space left on device", "/wh/data/main/projections")
+        return insert(con, table, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_insert", full)
+        r = blens(*args)
     assert r.returncode == 1, r.stderr
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
     assert "skipped" not in r.stderr

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-from builders import ROOT
+from builders import ROOT, blens_in_process
 from blens.store.connect import connect
 
 SUBJECTS = [("Danielle Darrieux", "English", "French"), ("Paris", "Italy", "France"), ("Toko Yasuda", "piano", "guitar"),
@@ -27,8 +27,7 @@ def records(n: int) -> list[dict]:
 
 
 def blens(*args, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    r = blens_in_process(*args, cwd=ROOT)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
