@@ -34,6 +34,14 @@ def pytest_sessionstart(session) -> None:
                     "CI must run with ../shared beside the clone", returncode=1)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Everything in tests/e2e/ (real processes) is ``slow``, like the tests that load a real model."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return gpt2_tokenizer()
@@ -103,3 +111,25 @@ def extracted_copy(extracted, tmp_path) -> tuple[Path, list[str]]:
     wh = tmp_path / "wh"
     shutil.copytree(extracted.path, wh)
     return wh, extracted.args(wh)
+
+
+# --- the reference run of tests/flows/test_run_resilience.py and tests/e2e/test_scale.py ----------------------
+
+@pytest.fixture(scope="session")
+def data12(tmp_path_factory):
+    from tiny_runs import make_records, write_records
+
+    return write_records(tmp_path_factory.mktemp("data") / "cf12.json", make_records(12))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_model_dir, data12):
+    """One clean, uninterrupted, single-process run over the 12 records of ``data12`` (tiny_runs.snapshot)."""
+    from blens.flows.extract_flow import extract_flow
+    from tiny_runs import assert_complete, cfg_for, snapshot
+
+    wh = tmp_path_factory.mktemp("ref") / "wh"
+    summary = extract_flow(cfg_for(tiny_model_dir, data12, wh))
+    assert summary.n_extracted == 12 and summary.n_failed == 0
+    assert assert_complete(wh) == 12
+    return snapshot(wh)

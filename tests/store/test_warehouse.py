@@ -1,5 +1,6 @@
-"""The warehouse's table semantics (issue 12), with real `blens` processes on the tiny random Llama:
-every result once across runs (--limit growth, a moved file, a changed record, racing writers), plain DuckDB
+"""The warehouse's table semantics (issue 12), with `blens` run in-process on the tiny random Llama:
+every result once across runs (--limit growth, a moved file, a changed record; racing writer processes:
+tests/e2e/test_racing_writers.py), plain DuckDB
 without project code, compaction that changes no answer, time travel to a superseded result."""
 
 from __future__ import annotations
@@ -94,25 +95,6 @@ def test_changed_record_supersedes_and_time_travel_keeps_the_old(tmp_path, tiny_
     r = blens("sql", "SELECT target_new FROM prompts WHERE case_id = 1", "--warehouse", str(wh),
               "--as-of", str(before), "--format", "csv")
     assert r.stdout.splitlines() == ["target_new", "Italy"]
-
-
-def test_racing_writers_on_the_same_keys_leave_one_row_per_key(tmp_path, tiny_model_dir):
-    data = tmp_path / "cf.json"
-    data.write_text(json.dumps(records(8)))
-    wh = tmp_path / "wh"
-    extract(tiny_model_dir, data, wh, "--limit", "1")  # the lake exists before the race (as in production)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
-            "--threads", "1", "--batch-size", "2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "blens.cli", "extract", *args], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], errs
-    assert counts(wh) == {"prompts": 8, "keys": 8, "rank_n": 8, "projection_dups": 0}
-    con = connect(wh)
-    assert con.execute("SELECT count(*) FROM (SELECT key FROM tokens GROUP BY key, position HAVING count(*) > 1)"
-                       ).fetchone()[0] == 0
-    con.close()
 
 
 PLAIN = """

