@@ -66,6 +66,30 @@ def records():
     return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
             for c, p, s, t, g in FACTS]
 
+
+def make_edit_record(c=0, **kw):
+    """FACTS[c] as an edit record with one rephrase and one locality prompt (the next fact's)."""
+    from blens.extract.records import EditRecord
+
+    _, p, s, t, g = FACTS[c]
+    base = dict(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, rephrase_prompts=(p + " the",),
+                locality_prompts=(FACTS[(c + 1) % 5][1],), locality_ground_truths=(FACTS[(c + 1) % 5][4],),
+                source=f"test#{c}")
+    base.update(kw)
+    return EditRecord(**base)
+
+
+def weights_snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, snap) -> None:
+    import torch
+
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
 SLIDING_WINDOW = 4  # shorter than the fixture prompts, so sliding layers really mask something
 
 

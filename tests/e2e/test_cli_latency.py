@@ -56,8 +56,9 @@ def write_source(path: Path, facts: list[dict], extra: tuple[dict, ...] = ()) ->
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     """A finished extraction: a tiny model directory with a blens.json (so its revision comes from its files,
-    as an embedded model's does), 5 records and one rejected record, extracted by the real CLI."""
-    from builders import FACTS
+    as an embedded model's does), 5 records and one rejected record, extracted by the CLI (in-process: what
+    the reruns below import is the subject, not what this run imports)."""
+    from builders import FACTS, blens_in_process
 
     root = tmp_path_factory.mktemp("finished")
     model = root / "model"
@@ -68,7 +69,7 @@ def finished(tmp_path_factory, tiny_model_dir):
     data = root / "facts.json"
     write_source(data, facts, extra=({"case_id": 99, "prompt": "no subject here"},))
     wh = root / "wh"
-    proc, _ = blens("extract", "--model", str(model), "--data", str(data), "--warehouse", str(wh))
+    proc = blens_in_process("extract", "--model", str(model), "--data", str(data), "--warehouse", str(wh), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     row = summary_row(proc.stdout)
     assert (row["extracted"], row["skipped (errors)"]) == ("5", "1"), proc.stdout

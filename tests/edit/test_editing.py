@@ -13,29 +13,10 @@ from blens.edit.editor import EditError, Editor, RestoreError, applied, update_g
 from blens.edit.job import edit_records, results_table
 from blens.edit.metrics import metrics
 from blens.edit.spec import EditConfig, EditSpec
-from blens.extract.records import EditRecord
 
-from builders import FACTS
+from builders import FACTS, assert_same, make_edit_record as make_record, weights_snapshot as snapshot
 
 LAYER = 1
-
-
-def make_record(c=0, **kw) -> EditRecord:
-    _, p, s, t, g = FACTS[c]
-    base = dict(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, rephrase_prompts=(p + " the",),
-                locality_prompts=(FACTS[(c + 1) % 5][1],), locality_ground_truths=(FACTS[(c + 1) % 5][4],),
-                source=f"test#{c}")
-    base.update(kw)
-    return EditRecord(**base)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_same(model, snap) -> None:
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, snap[k]), k
 
 
 def full_last_logits(lm, ids) -> torch.Tensor:

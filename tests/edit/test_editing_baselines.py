@@ -17,7 +17,7 @@ from blens.edit.rome import KeyStatistics, RomeHparams, encode_with_subject, sta
 from blens.edit.spec import EditSpec
 
 from builders import FACTS
-from test_editing import assert_same, make_record, snapshot
+from builders import assert_same, make_edit_record as make_record, weights_snapshot as snapshot
 
 
 def rome_stats(lm) -> KeyStatistics:
