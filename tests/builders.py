@@ -242,8 +242,8 @@ def blens_in_process(*args, env: dict[str, str] | None = None, cwd: Path | str |
     (``blens.cli:app`` is a ``_Blens``, whose ``__call__`` is ``run_guarded``), so a user error is one red
     ``error:`` line and exit 2, and a bug is exit 1 with its traceback on stderr. ``env`` adds variables for
     the call. What a command changes in the process is put back afterwards: the environment (``quiet_prefect``
-    sets Prefect variables), the working directory, the signal handlers, the unraisable hook and torch's
-    thread count.
+    sets Prefect variables), the working directory, the signal handlers, the unraisable hook, torch's
+    thread count, and the writer connections it opened are closed.
 
     For the tests where the process is not the subject; signals, kill -9, start-up cost and the real exit of
     a process stay with subprocesses (tests/e2e/)."""
@@ -264,6 +264,11 @@ def blens_in_process(*args, env: dict[str, str] | None = None, cwd: Path | str |
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     saved_handlers = {s: _signal.getsignal(s) for s in (_signal.SIGINT, _signal.SIGTERM)}
     saved_hook = sys.unraisablehook
+    # The writer keeps one connection per warehouse per process (blens.store.writer._CONNECTIONS, schema
+    # checked when it opens): close the ones this command opened, as its process's exit would, so that the
+    # next command sees the warehouse as it is then (a test may have changed it underneath).
+    writers = getattr(sys.modules.get("blens.store.writer"), "_CONNECTIONS", {})
+    had = set(writers)
     torch = sys.modules.get("torch")
     saved_threads = torch.get_num_threads() if torch is not None else None  # `--threads 1` sets torch's
     try:
@@ -277,6 +282,9 @@ def blens_in_process(*args, env: dict[str, str] | None = None, cwd: Path | str |
         for s, h in saved_handlers.items():
             _signal.signal(s, h)
         sys.unraisablehook = saved_hook
+        writers = getattr(sys.modules.get("blens.store.writer"), "_CONNECTIONS", {})
+        for loc in set(writers) - had:
+            writers.pop(loc).close()
         if saved_threads is not None:
             torch.set_num_threads(saved_threads)
     stderr = result.stderr

@@ -242,34 +242,3 @@ def test_a_warehouse_from_before_the_membership_flags_is_upgraded_in_place(tmp_p
     finally:
         con.close()
     assert "upgrading" not in extract(tiny_model_dir, data, wh).stderr  # once
-
-
-OPEN_AND_READ = """
-import sys
-from blens.store.writer import commit_batch, writer_connection
-from blens.store.runs import errors_table
-con = writer_connection(sys.argv[1])
-assert dict(con.execute("SELECT name, value FROM blens_meta").fetchall())["schema_version"]
-commit_batch(sys.argv[1], {"errors": errors_table("r" + sys.argv[2], [], "load")}, kind="meta")
-print(con.execute("SELECT count(*) FROM commit_lock").fetchone()[0])
-"""
-
-
-def test_writers_opening_a_new_warehouse_at_once_make_one_schema(tmp_path):
-    """Shards start together: each one's first open of a warehouse that does not exist yet races the others'.
-    DuckLake 1.4.4 crashed (an internal assertion that kills the DuckDB instance) when one process read the
-    catalog while another created its tables; local writers now open one at a time (the commit queue)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for round_ in range(3):
-        wh = tmp_path / f"wh{round_}"
-        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AND_READ, str(wh), str(i)], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
-        outs = [p.communicate(timeout=300) for p in procs]
-        assert [p.returncode for p in procs] == [0] * 6, [err[-2000:] for _, err in outs]
-        assert [out.strip() for out, _ in outs] == ["1"] * 6  # commit_lock made once, its row inserted once
-        con = connect(wh)
-        tables = con.execute("SELECT table_name, count(*) FROM __ducklake_metadata_lake.ducklake_table "
-                             "WHERE end_snapshot IS NULL GROUP BY ALL HAVING count(*) > 1").fetchall()
-        assert tables == []
-        assert con.execute("SELECT count(*) FROM commits WHERE kind = 'meta'").fetchone()[0] == 6
-        con.close()
