@@ -13,7 +13,7 @@ logits are that close, so the comparison is exact everywhere except at such ties
 The float64 logits are recomputed only for rows where the two results differ. Every difference is
 counted, and the ones a tie does not explain make the comparison fail.
 
-Used by bench/gpu_check.py and tests/test_gpu_paths.py; needs torch, numpy and pyarrow only.
+Used by bench/gpu_check.py and tests/extract/test_gpu_paths.py; needs torch, numpy and pyarrow only.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@
 
 Result settings are those that change the rows (:func:`result_settings`): top-k, the loss, the lens
 and its sites, and the result format (what a result holds). Batching, device, sharding, the GEMM routine
-of the lens (oneDNN or torch's, the same fp32 products summed in another order: tests/test_lens.py) and whether
+of the lens (oneDNN or torch's, the same fp32 products summed in another order: tests/extract/test_lens.py) and whether
 raw vectors are stored do not.
 """
 

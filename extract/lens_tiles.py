@@ -17,7 +17,7 @@ routine over just the block's target columns (``subset_gemm``). With oneDNN that
 tiles give (measured on Gemma 3: 100 % of 1,024 target logits identical; a plain dot product matched 7 %,
 and moved 3.9 % of Gemma's target ranks by up to 3 places through near-ties), so the ranks equal the plain
 lens's. Should a GEMM ever round the subset differently, the target's own tile logit is still never counted
-as greater than itself, and the answers differ only through fp32-level near-ties, which tests/test_lens.py
+as greater than itself, and the answers differ only through fp32-level near-ties, which tests/extract/test_lens.py
 excludes when it checks both paths against a float64 reference.
 """
 

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Debian packages the test suite drives, installed when absent:
-#   chromium (+ driver, fonts)  tests/test_report.py renders the report page in headless Chromium
-#   postgresql                  tests/test_warehouse_postgres.py starts its own server as a DuckLake catalog
+#   chromium (+ driver, fonts)  tests/publish/test_report.py renders the report page in headless Chromium
+#   postgresql                  tests/e2e/test_racing_writers.py starts its own server as a DuckLake catalog
 # Each test skips, saying why, when its package is missing; CI installs both.
 set -eu
 need=""

@@ -23,11 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer" / "tokenizer.json"
-COUNTERFACT = SHARED / "data" / "counterfact"
-
+from builders import (COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, SESSION_RECORDS, gpt2_tokenizer,  # noqa: E402,F401
+                      tiny_model)
 
 
 def pytest_sessionstart(session) -> None:
@@ -37,36 +34,12 @@ def pytest_sessionstart(session) -> None:
                     "CI must run with ../shared beside the clone", returncode=1)
 
 
-FACTS = [
-    (0, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
-    (1, "Paris is the capital of", "Paris", "Italy", "France"),
-    (2, "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
-    (3, "Toko Yasuda, the", "Toko Yasuda", "piano", "guitar"),
-    (4, "Autonomous University of Madrid, which is located in", "Autonomous University of Madrid", "Sweden", "Spain"),
-]
-
-
-def gpt2_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-
-    if not GPT2_TOKENIZER.exists():
-        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER} (../shared is needed)")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(GPT2_TOKENIZER))
-    tok.pad_token = "<|endoftext|>"
-    tok.eos_token = "<|endoftext|>"
-    return tok
-
-
-def tiny_model(family: str, vocab_size: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    if family == "gpt2":
-        cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=vocab_size, n_positions=64)
-        return GPT2LMHeadModel(cfg)
-    cfg = LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Everything in tests/e2e/ (real processes) is ``slow``, like the tests that load a real model."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -90,13 +63,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def records():
-    from blens.extract.records import EditRecord
-
-    return [EditRecord(case_id=c, prompt=p, subject=s, target_new=t, target_true=g, source=f"test#{c}")
-            for c, p, s, t, g in FACTS]
-
-
 @pytest.fixture
 def records_file(tmp_path):
     path = tmp_path / "facts.json"
@@ -106,3 +72,64 @@ def records_file(tmp_path):
         for c, p, s, t, g in FACTS
     ]))
     return path
+
+
+# --- one extracted warehouse per session --------------------------------------------------------------------
+
+class Extracted:
+    """A warehouse made by `blens extract` from ``SESSION_RECORDS`` on the tiny random Llama: ``path``, the
+    records file ``data``, and ``args(wh)``, the extract command that made it pointed at ``wh`` (rerun on a
+    copy, it resumes: the same model, records and settings)."""
+
+    def __init__(self, path: Path, data: Path, model_dir: Path) -> None:
+        self.path, self.data, self.model_dir = path, data, model_dir
+
+    def args(self, wh: Path) -> list[str]:
+        return ["extract", "--model", str(self.model_dir), "--data", str(self.data), "--warehouse", str(wh),
+                "--top-k", "5", "--threads", "1", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, tiny_model_dir) -> Extracted:
+    """The session's extracted warehouse (4 prompts, 2 batches). Read it, never change it: a test that
+    changes a warehouse takes ``extracted_copy``."""
+    from builders import blens_in_process
+
+    root = tmp_path_factory.mktemp("extracted")
+    data = root / "cf.json"
+    data.write_text(json.dumps(SESSION_RECORDS))
+    made = Extracted(root / "wh", data, tiny_model_dir)
+    r = blens_in_process(*made.args(made.path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return made
+
+
+@pytest.fixture
+def extracted_copy(extracted, tmp_path) -> tuple[Path, list[str]]:
+    """A copy of the session's extracted warehouse in this test's tmp_path (the catalog finds its data where it
+    is now) and the extract command that made it, pointed at the copy."""
+    wh = tmp_path / "wh"
+    shutil.copytree(extracted.path, wh)
+    return wh, extracted.args(wh)
+
+
+# --- the reference run of tests/flows/test_run_resilience.py and tests/e2e/test_scale.py ----------------------
+
+@pytest.fixture(scope="session")
+def data12(tmp_path_factory):
+    from tiny_runs import make_records, write_records
+
+    return write_records(tmp_path_factory.mktemp("data") / "cf12.json", make_records(12))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_model_dir, data12):
+    """One clean, uninterrupted, single-process run over the 12 records of ``data12`` (tiny_runs.snapshot)."""
+    from blens.flows.extract_flow import extract_flow
+    from tiny_runs import assert_complete, cfg_for, snapshot
+
+    wh = tmp_path_factory.mktemp("ref") / "wh"
+    summary = extract_flow(cfg_for(tiny_model_dir, data12, wh))
+    assert summary.n_extracted == 12 and summary.n_failed == 0
+    assert assert_complete(wh) == 12
+    return snapshot(wh)

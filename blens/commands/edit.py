@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from blens.edit.spec import Method, Step
-from blens.edit.tuned import DEFAULT_SHIFT_STEP, DEFAULTS, GEMMA3, SMOLLM2  # noqa: F401 - the tuned defaults
+from blens.edit.tuned import DEFAULT_SHIFT_STEP, DEFAULTS
 from blens.lifecycle.prefect import quiet_prefect
 
 from . import options
