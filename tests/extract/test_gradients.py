@@ -57,7 +57,7 @@ def test_rank_from_core_catches_rank_deficiency():
 
 
 def test_batched_and_single_prompt_extraction_agree(tiny_lm, prepared):
-    lens = LogitLens(tiny_lm.view.final_norm, tiny_lm.view.unembedding, dtype="fp32")
+    lens = LogitLens(tiny_lm.view.final_norm, tiny_lm.view.unembedding)
     batched = extract_batch(tiny_lm, prepared, "r", lens=lens, vectors="all")
     singles = [extract_batch(tiny_lm, [p], "r", lens=lens, vectors="all") for p in prepared]
     for name in ("prompts", "tokens", "gradient_ranks", "projections", "vectors", "vjp_similarity"):
