@@ -6,7 +6,7 @@
 #
 # Needs only a Python with torch, transformers, pyarrow and numpy: $PYTHON if set, else the checkout's
 # .venv/bin/python if there is one, else python3. The project is not installed: blens.extract is mapped
-# onto extract/ (and bench/ onto bench/) through a temporary directory of symlinks (the package-dir layout
+# onto extract/ (blens.run onto run/, for its overlap writer; bench/ onto bench/) through a temporary directory of symlinks (the package-dir layout
 # of pyproject.toml), which is the only path given to Python; the repository root is not on it (its blens/
 # is the CLI), so nothing outside the extraction core can be imported.
 set -euo pipefail
@@ -18,9 +18,9 @@ T="$(mktemp -d)"
 trap 'rm -rf "$T"' EXIT
 mkdir -p "$T/blens"
 : > "$T/blens/__init__.py"
-SCRIPT=gpu_check.py PACKAGES=extract
+SCRIPT=gpu_check.py PACKAGES="extract run"  # run: the overlap writer (stdlib only)
 if [ "${1:-}" = "--pipeline" ]; then  # bench/gpu_pipeline_check.sh: the real job, so the store too
-  SCRIPT=gpu_pipeline_check.py PACKAGES="extract store queries"
+  SCRIPT=gpu_pipeline_check.py PACKAGES="extract store queries run"
   shift
 fi
 for pkg in $PACKAGES; do ln -s "$REPO/$pkg" "$T/blens/$pkg"; done
