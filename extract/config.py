@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .identity import result_settings
 from .prepare import DEFAULT_MAX_PROMPT_TOKENS
@@ -41,6 +41,9 @@ class ExtractConfig(BaseModel):
     # (bench/results.md, "Overlap on CPU"). Never with workers > 1 (each worker commits its own batches).
     overlap: bool | None = None
     force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
+    # Run as a Prefect flow (True) or as the plain run layer in this process (False). None: Prefect when
+    # PREFECT_API_URL names a server or workers > 1 (blens.lifecycle.prefect.wants_prefect). The rows are the same.
+    prefect: bool | None = None
 
     @field_validator("shard")
     @classmethod
@@ -54,6 +57,12 @@ class ExtractConfig(BaseModel):
         if not (n >= 1 and 0 <= i < n):
             raise ValueError(f"--shard {v!r}: need 0 <= I < N")
         return v
+
+    @model_validator(mode="after")
+    def _workers_need_prefect(self) -> "ExtractConfig":
+        if self.workers > 1 and self.prefect is False:
+            raise ValueError("--workers > 1 runs batches on Dask workers through Prefect (prefect=False asks for none)")
+        return self
 
     def shard_index(self) -> tuple[int, int]:
         if self.shard is None:

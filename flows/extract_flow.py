@@ -32,7 +32,8 @@ from blens.extract.config import ExtractConfig
 from blens.lifecycle import prefect as prefect_env
 from blens.lifecycle.signals import termination_kept
 from blens.run.commit import Committer
-from blens.run.extract import BatchResult, ExtractJob, ExtractPlan, Item, execute, extract_items, plan_extract
+from blens.run.extract import (BATCH_RETRIES, RETRY_DELAY_S, BatchResult, ExtractJob, ExtractPlan, Item, execute,
+                               extract_items, plan_extract)
 from blens.run.resume import ExtractSummary
 
 from .schedules import all_at_once, one_after_another
@@ -48,7 +49,7 @@ def plan_task(cfg: ExtractConfig) -> ExtractPlan:
         return plan_extract(cfg)
 
 
-@task(name="extract-batch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="extract-batch", cache_policy=NO_CACHE, retries=BATCH_RETRIES, retry_delay_seconds=RETRY_DELAY_S)
 def batch_task(job: ExtractJob, items: list[Item], commit: Committer) -> BatchResult:
     with termination_kept():
         return extract_items(job, items, commit)

@@ -21,6 +21,7 @@ from blens.edit.spec import EditConfig, EditSpec, check_layer
 from blens.extract.identity import run_id_for
 from blens.extract.models import LoadedModel, cached_model, model_facts
 from blens.extract.records import EditRecord
+from blens.lifecycle.signals import termination_kept
 from blens.store.reads import edit_summary_rows, existing_results
 
 from .commit import Committer, Registration
@@ -132,11 +133,25 @@ Schedule = Callable[[EditJob, list[list[EditRecord]], Committer],
                     Iterator[tuple[list[EditRecord], Callable[[], EditBatchResult]]]]
 
 
+def _kept(call: Callable[[], EditBatchResult]) -> EditBatchResult:
+    with termination_kept():  # a signal landing in a DuckDB query ends the run (blens.lifecycle.signals)
+        return call()
+
+
 def in_process(job: EditJob, batches: list[list[EditRecord]], commit: Committer
                ) -> Iterator[tuple[list[EditRecord], Callable[[], EditBatchResult]]]:
     """Every batch in this process, one after another (no Prefect)."""
     for batch in batches:
-        yield batch, lambda batch=batch: edit_batch(job, batch, commit)
+        yield batch, lambda batch=batch: _kept(lambda: edit_batch(job, batch, commit))
+
+
+def run_in_process(cfg: EditConfig) -> EditSummary:
+    """The whole run in this process without Prefect (``blens edit`` / ``sweep`` unless Prefect is asked for,
+    :func:`blens.lifecycle.prefect.wants_prefect`): the flow's run layer without the API server's start-up."""
+    t0 = time.perf_counter()
+    with termination_kept():
+        plan = plan_edit(cfg)
+    return execute(plan, in_process, started=t0)
 
 
 def execute(plan: EditPlan, schedule: Schedule = in_process, *, started: float | None = None) -> EditSummary:

@@ -12,8 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-if "PREFECT_HOME" not in os.environ:  # ours, so removed at exit (each suite run left 16 MB in /tmp before)
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blens-prefect-")
+# One PREFECT_HOME per test process: the suite runs in pytest-xdist workers (scripts/test.sh), and each worker's
+# ephemeral Prefect API keeps its SQLite database there; two servers on one database lock each other out. A
+# worker inherits the controller's home (its conftest ran first), so a worker always makes its own.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if "PREFECT_HOME" not in os.environ or (_WORKER and os.environ.get("BLENS_TEST_PREFECT_HOME") == os.environ["PREFECT_HOME"]):
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"blens-prefect-{_WORKER or 'main'}-")
+    os.environ["BLENS_TEST_PREFECT_HOME"] = os.environ["PREFECT_HOME"]  # ours, so removed at exit (16 MB a run)
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -25,6 +30,11 @@ import torch  # noqa: E402
 
 from builders import (COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, SESSION_RECORDS, gpt2_tokenizer,  # noqa: E402,F401
                       tiny_model)
+
+
+if _WORKER:  # N workers share the cores: one worker's torch keeps to its share (oversubscribed GEMMs crawl)
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(min(torch.get_num_threads(), _share))
 
 
 def pytest_sessionstart(session) -> None:

@@ -45,7 +45,7 @@ def resolve_spec(method: str, step: Optional[str], layer: Optional[int], lr: Opt
     if method == "shift" and step is None:
         if lr is not None:
             fail("--lr with --method shift needs --step: fixed (--lr = eta, the paper), normalized (--lr = c) or "
-                 f"minimal (--lr = margin over the smallest eta; the default step)")
+                 "minimal (--lr = margin over the smallest eta; the default step)")
         step = DEFAULT_SHIFT_STEP
     step = step or "fixed"
     key = method if step == "fixed" else f"{method}-{step}"
@@ -73,7 +73,7 @@ def describe_spec(spec) -> str:
     return f"method shift: layer {spec.layer}, step {spec.step}, {meaning} {spec.lr:g} (column method = {spec.label})"
 
 
-@options.with_config_options(options.ExtractConfig, {"threads": {}})
+@options.with_config_options(options.ExtractConfig, {"threads": {}, "prefect": {}})
 @options.with_config_options(options.EditConfig, {
     "data": dict(metavar="PATH", help="CounterFact records (.json/.jsonl/dir, EasyEdit or ROME layout). Report on "
                  "held-out data (counterfact-edit-1k.json); tune with `blens sweep` on train."),
@@ -113,8 +113,8 @@ def edit(
     `blens sql "SELECT method, layer, lr, n, efficacy, generalization, locality, locality_unchanged, fluency
     FROM edit_summary"`.
     """
-    model, data, limit, warehouse, device, batch_size, threads, fluency_tokens, stats_data = (settings.pop(k) for k in (
-        "model", "data", "limit", "warehouse", "device", "batch_size", "threads", "fluency_tokens", "stats_data"))
+    model, data, limit, warehouse, device, batch_size, threads, prefect, fluency_tokens, stats_data = (settings.pop(k) for k in (
+        "model", "data", "limit", "warehouse", "device", "batch_size", "threads", "prefect", "fluency_tokens", "stats_data"))
     quiet_prefect()
     from blens.edit.spec import check_layer
     from blens.extract.hub import check_hub_model
@@ -137,7 +137,7 @@ def edit(
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
     summary = run_edit(dict(model=model, data=data, specs=[spec], warehouse=str(warehouse), limit=limit,
-                            device=device, batch_size=batch_size, kind="edit", fluency_tokens=fluency_tokens,
+                            device=device, batch_size=batch_size, kind="edit", fluency_tokens=fluency_tokens, prefect=prefect,
                             stats_data=stats_data))
     print_summary(str(warehouse), summary.run_id, summary)
 
@@ -150,15 +150,21 @@ def set_threads(threads: Optional[int]) -> None:
 
 
 def run_edit(settings: dict):
-    """Build the EditConfig and run the edit flow under a progress bar; one line for a bad data source."""
+    """Build the EditConfig and run it (the edit flow when Prefect is wanted) under a progress bar; one line for a
+    bad data source."""
     from blens.edit.spec import EditConfig
     from blens.extract.records import DataSourceError
-    from blens.flows.edit_flow import edit_flow
+    from blens.lifecycle.prefect import wants_prefect
 
     from blens.extract.sources import summarize
     from blens.run.source import read_source
 
+    prefect = settings.pop("prefect", None)
     cfg = EditConfig(**settings)
+    if wants_prefect(prefect):
+        from blens.flows.edit_flow import edit_flow as run
+    else:  # the same run layer, without Prefect's start-up
+        from blens.run.edit import run_in_process as run
     try:  # a missing/truncated source (or one file of a directory) fails here: one line, no flow traceback
         source = summarize(read_source(cfg.data, cfg.limit))  # read once: the flow's plan gets the same records
     except DataSourceError as exc:
@@ -170,7 +176,7 @@ def run_edit(settings: dict):
         raise typer.Exit(0)
     try:
         with progress_bar(cfg.kind, "edits"):
-            return edit_flow(cfg)
+            return run(cfg)
     except DataSourceError as exc:
         fail(str(exc))
 

@@ -1,4 +1,4 @@
-"""`blens extract`: CounterFact -> backward passes -> Parquet warehouse (a Prefect flow)."""
+"""`blens extract`: CounterFact -> backward passes -> Parquet warehouse (the run layer; a Prefect flow when asked)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from ._tables import print_table
     "shard": dict(metavar="I/N", help="I/N: process the deterministic 1/N of records with case_id mod N == I. "
                   "Shards may run at once on one warehouse."),
     "force": dict(help="Recompute prompts this run already finished (default: resume)."),
-    "threads": {}})
+    "threads": {},
+    "prefect": {}})
 def extract(**settings) -> None:
     """Extract gradient spanning sets and their logit-lens projections for CounterFact prompts.
 
@@ -31,7 +32,8 @@ def extract(**settings) -> None:
     left to do answers in about a second (no model load, no Prefect). Then query with
     `blens sql "SELECT * FROM rank_equals_length ORDER BY layer"`.
     """
-    data, limit, shard, force, threads = (settings.pop(k) for k in ("data", "limit", "shard", "force", "threads"))
+    data, limit, shard, force, threads, prefect = (settings.pop(k) for k in ("data", "limit", "shard", "force",
+                                                                               "threads", "prefect"))
     quiet_prefect()
     from pydantic import ValidationError
 
@@ -46,10 +48,10 @@ def extract(**settings) -> None:
     if not Path(data).exists() and (data.endswith((".json", ".jsonl")) or "/" in data and Path(data).parent.exists()):
         fail(f"data path not found: {data}")
     try:
-        cfg = ExtractConfig(data=data, limit=limit, shard=shard, threads=threads, force=force,
+        cfg = ExtractConfig(data=data, limit=limit, shard=shard, threads=threads, force=force, prefect=prefect,
                             **{**settings, "warehouse": str(settings["warehouse"])})
     except ValidationError as exc:
-        fail("; ".join(e["msg"] for e in exc.errors()))
+        fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))  # pydantic's prefix
     try:  # a missing/truncated source fails here: one line, before the model loads or any file is written
         loaded = read_source(cfg.data, cfg.limit)  # read once: the flow's plan gets the same records
     except DataSourceError as exc:
@@ -72,14 +74,19 @@ def extract(**settings) -> None:
     except (WarehouseError, ModelLoadError) as exc:
         fail(str(exc))
 
-    from blens.flows.extract_flow import WorkersUnavailable, run_extract
-
     import duckdb
 
+    from blens.errors import UserError
+    from blens.lifecycle.prefect import wants_prefect
+
+    if wants_prefect(cfg.prefect, cfg.workers):
+        from blens.flows.extract_flow import run_extract
+    else:  # the same run layer, without Prefect's start-up
+        from blens.run.extract import run_in_process as run_extract
     try:
         with progress_bar("extract", "prompts"):
             summary = run_extract(cfg)
-    except (DataSourceError, WorkersUnavailable, WarehouseError) as exc:
+    except (DataSourceError, WarehouseError, UserError) as exc:
         fail(str(exc))
     except OSError as exc:  # the environment, not a record: nothing was recorded as a bad record
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

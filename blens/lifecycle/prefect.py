@@ -45,8 +45,8 @@ from typing import Any, Callable, Iterator
 from . import signals
 from .children import parent_death_preexec
 
-__all__ = ["api_for_child_processes", "arm_ephemeral_server", "ensure_local_api", "prepare_process",
-           "quiet_prefect", "quiet_sigterm_bridge"]
+__all__ = ["api_for_child_processes", "arm_ephemeral_server", "configured_api_url", "ensure_local_api", "prepare_process",
+           "quiet_prefect", "quiet_sigterm_bridge", "wants_prefect"]
 
 
 def quiet_prefect() -> None:
@@ -77,6 +77,36 @@ def _popen_with_preexec(module: types.ModuleType, preexec: Callable[[], None]) -
         yield
     finally:
         module.subprocess = real
+
+
+def configured_api_url() -> str | None:
+    """The Prefect server a user pointed us at: ``PREFECT_API_URL`` in the environment or in the active profile
+    of ``$PREFECT_HOME/profiles.toml`` (``prefect config set PREFECT_API_URL=...``). Read without importing Prefect
+    (seconds of imports), so a plain run decides for free."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    import tomllib
+    from pathlib import Path
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return str(url) if url else None
+
+
+def wants_prefect(asked: bool | None, workers: int = 1) -> bool:
+    """Whether a run goes through its Prefect flow. ``asked`` (``--prefect``, or ``prefect=`` in a config) decides when given;
+    otherwise Prefect runs it when it adds something: a server the user named (their UI shows the run) or
+    ``workers > 1`` (Dask through prefect-dask). A plain local run uses the same run layer in this process and
+    skips the ephemeral API server: ~10 s of start-up and a 225 MB process for a UI nobody opens."""
+    if asked is not None:
+        return asked
+    return workers > 1 or configured_api_url() is not None
 
 
 def _api_url_set() -> bool:

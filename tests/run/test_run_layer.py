@@ -153,3 +153,50 @@ def test_edit_plan_keys_every_record_and_spec_once(tmp_path, tiny_model_dir):
     summary = execute(plan)
     assert (summary.n_records, summary.n_rows) == (len(FACTS), len(FACTS) * 2)
     assert plan_edit(cfg).records == []  # all stored: a rerun has nothing to do
+
+
+def test_a_plain_run_retries_a_batch_like_the_task_but_never_the_environment(monkeypatch):
+    """`blens extract` without Prefect (the default local run) keeps the flow task's retries: a batch that fails
+    for a reason of its own is tried BATCH_RETRIES more times; a full disk is raised at once."""
+    from blens.run import extract as run_extract
+
+    monkeypatch.setattr(run_extract.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= run_extract.BATCH_RETRIES:
+            raise RuntimeError("transient")
+        return "done"
+
+    assert run_extract.retried(flaky) == "done" and len(calls) == run_extract.BATCH_RETRIES + 1
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        run_extract.retried(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("always")))
+    assert len(calls) == run_extract.BATCH_RETRIES + 1
+    calls.clear()
+    with pytest.raises(OSError):
+        run_extract.retried(lambda: calls.append(1) or (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert len(calls) == 1
+
+
+def test_prefect_runs_a_job_only_when_asked_or_useful(tmp_path, monkeypatch):
+    """--prefect decides when given; otherwise a server the user named (env or the active Prefect profile) or
+    Dask workers bring Prefect in, and a plain local run goes without it."""
+    from blens.extract.config import ExtractConfig
+    from blens.lifecycle.prefect import configured_api_url, wants_prefect
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    assert configured_api_url() is None and not wants_prefect(None)
+    assert wants_prefect(None, workers=2) and wants_prefect(True) and not wants_prefect(False, workers=1)
+    (tmp_path / "profiles.toml").write_text('active = "lab"\n[profiles.lab]\nPREFECT_API_URL = "http://lab:4200/api"\n'
+                                            '[profiles.other]\n')
+    assert configured_api_url() == "http://lab:4200/api" and wants_prefect(None)
+    monkeypatch.setenv("PREFECT_PROFILE", "other")
+    assert not wants_prefect(None)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert wants_prefect(None) and not wants_prefect(False)
+    with pytest.raises(ValueError, match="through Prefect"):
+        ExtractConfig(data="x.json", workers=2, prefect=False)
