@@ -79,7 +79,7 @@ def test_frames_equal_the_warehouse_rows(tmp_path, tiny_model_dir, records_file)
 
     wh = tmp_path / "wh"
     summary = extract_flow(ExtractConfig(model=str(tiny_model_dir), data=str(records_file), warehouse=str(wh),
-                                         device="cpu"))
+                                         device="cpu", vectors="all"))  # run_many keeps every vector too
     assert summary.n_extracted == len(FACTS)
     lens = blens.load(str(tiny_model_dir), device="cpu")
     raw = json.loads(records_file.read_text())
@@ -302,6 +302,10 @@ def test_any_text_with_a_target(tiny_lm):
     roles = res.tokens.sort_values("position").role.tolist()
     assert roles[-1] == "last" and res.tokens.role.isna().sum() == n - 1  # GPT-2's tokenizer adds no bos
     assert "Rome" in res._repr_html_() and "case_id=None" in repr(res)
+    # issue 25: the prompts row says what was kept (res.vectors holds every site and layer: --vectors all)
+    assert res.prompts.vectors.tolist() == ["all"] and len(res.vectors) > 0
+    bare = lens.run(EIFFEL, target=" Rome", vectors=False)
+    assert bare.prompts.vectors.tolist() == ["none"] and bare.vectors == {} and bare.key == res.key
     # the same prompt as a full record: the same numbers, and the record's own columns filled in
     full = lens.run(easyedit(5, EIFFEL, "Eiffel Tower", "Rome", "Paris"))
     assert full.prompts.case_id.tolist() == [5] and full.projections.target_true_rank.notna().all()
