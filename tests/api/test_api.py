@@ -374,3 +374,21 @@ def test_result_help_maps_sites_to_transformerlens_and_nnsight():
                  "self_attn.o_proj.output.grad", "W_in", "W_gate", "W_out", "W_Q", "W_K", "W_V", "W_O", "c_fc"):
         assert name in doc, name
     assert "run_with_cache" in doc and "nnsight" in doc
+
+
+def test_threads_from_python_are_capped_at_the_cores_with_one_warning():
+    """Issue 25: the CLI refuses --threads above the cores; a config built in Python (blens.load, the flows) is
+    capped instead, with one warning line saying so (threads=1000 started 1,000 threads on 2 cores)."""
+    import warnings
+
+    from blens.extract.config import usable_cores
+
+    cores = usable_cores()
+    with pytest.warns(UserWarning, match=rf"threads=1000 is more than the {cores} usable CPU core\(s\); using {cores}"):
+        cfg = ExtractConfig(data="<test>", threads=1000)
+    assert cfg.threads == cores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ExtractConfig(data="<test>", threads=1).threads == 1
+        assert ExtractConfig(data="<test>").threads is None
+        assert ExtractConfig.model_validate(cfg.model_dump()).threads == cores  # Prefect's round trip: no new warning
