@@ -195,6 +195,11 @@ class Lens:
                              vectors="all" if vectors else "none", lens=keep or self._lens, identity=identity,
                              settings=settings, metric=None if metric is None else _per_row(metric, batch))
         tables = build_tables(lm, host, RUN_ID, top_k=top_k)
+        if vectors:  # kept in res.vectors (every site and layer, as --vectors all stores), not in a vectors table
+            prompts = tables["prompts"]
+            i = prompts.schema.get_field_index("vectors")
+            tables["prompts"] = prompts.set_column(i, prompts.schema.field(i),
+                                                   pa.array(["all"] * len(prompts), pa.string()))
         out = {}
         for b, (p, key) in enumerate(zip(batch, host.keys)):
             mine = {name: t.filter(pc.equal(t["key"], key)) for name, t in tables.items() if "key" in t.column_names}

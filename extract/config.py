@@ -5,6 +5,8 @@ Prefect builds a flow's parameter schema from this model, so a deployment stores
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Literal, Sequence
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -16,6 +18,14 @@ from .registry import EMBEDDED_NAME
 
 # Where a run writes and every command reads, relative to the current directory (every command's --warehouse).
 DEFAULT_WAREHOUSE = "warehouse"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class ExtractConfig(BaseModel):
@@ -44,6 +54,18 @@ class ExtractConfig(BaseModel):
     # Run as a Prefect flow (True) or as the plain run layer in this process (False). None: Prefect when
     # PREFECT_API_URL names a server or workers > 1 (blens.lifecycle.prefect.wants_prefect). The rows are the same.
     prefect: bool | None = None
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        """More torch threads than cores only adds contention (threads=1000 started 1,000 threads: load 200 on
+        2 cores). The CLI refuses ``--threads`` above the cores; a config built in Python is capped, with one
+        warning line saying so."""
+        cores = usable_cores()
+        if v is not None and v > cores:
+            warnings.warn(f"threads={v} is more than the {cores} usable CPU core(s); using {cores}", stacklevel=2)
+            return cores
+        return v
 
     @field_validator("shard")
     @classmethod

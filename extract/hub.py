@@ -104,4 +104,4 @@ def check_hub_model(name: str) -> None:
     host = urlsplit(url).hostname
     raise ModelLoadError(f"cannot load model {name!r}: it is not an embedded model, a local directory or in the "
                          f"Hugging Face cache, and the hub ({host}) cannot be reached ({why}); offline, pass a local "
-                         "directory or an embedded name (smollm2-135m)")
+                         f"directory or an embedded name ({' or '.join(EMBEDDED)})")

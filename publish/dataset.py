@@ -2,19 +2,21 @@
 
 ``publish(warehouse, out)`` writes, under ``out``::
 
-    dataset_dict.json, <split>/...          a datasets.DatasetDict (save_to_disk): one split per table
-    data/<table>/train-00000-of-00001.parquet  the same rows as Parquet (what the card's configs point at)
-    README.md                               the dataset card: YAML header + prose generated from the warehouse
+    data/<table>/train-00000-of-00001.parquet  one Parquet file per table (zstd)
+    README.md                                  the dataset card: YAML header + prose generated from the warehouse
+
+Parquet is the one on-disk form: it is what the Hub serves, what ``datasets``, DuckDB, pandas and Polars read
+directly, and what is pushed. (An Arrow ``save_to_disk`` copy beside it doubled the output, 67 MB for 200
+prompts, and was never pushed.) The card's ``configs:`` metadata names each table's files, so
+``datasets.load_dataset(str(out), "projections", split="train")`` reads a table from the folder as it would from
+the Hub, and ``load_dataset("parquet", data_files=...)`` reads the files without the card.
 
 Rows are read only through the DuckDB views (``queries.connect``), which hide uncommitted and
 superseded batches. They are streamed: the view is read as Arrow record batches, each batch cast to
-the declared features and appended to a Parquet file; ``datasets`` then converts those files to its
-Arrow format (memory-mapped), so no table is ever held whole in memory.
+the declared types and appended to the Parquet file, so no table is ever held whole in memory.
 
 On the Hub a dataset with differently-shaped tables is one *config* per table (a config has one
-schema), so the card declares configs ``prompts``, ``tokens``, ... each with a ``train`` split, and
-``load_dataset(repo, "projections", split="train")`` gets a table. Locally, ``load_from_disk(out)``
-returns the DatasetDict keyed by table name.
+schema), so the card declares configs ``prompts``, ``tokens``, ... each with a ``train`` split.
 """
 
 from __future__ import annotations
@@ -146,15 +148,21 @@ def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
 # --------------------------------------------------------------------------------------- publish
 
 
+# What marks a directory as an earlier `blens publish` output (republished in place): the prompts table, always
+# published; dataset_dict.json: an output of a blens that also wrote an Arrow copy.
+MARKERS = (f"data/prompts/{PARQUET_NAME}", "dataset_dict.json")
+
+
 def _prepare_out(out: Path, warehouse) -> None:
-    problem = output_dir_problem(out, "dataset_dict.json", "blens publish", warehouse)
+    problem = output_dir_problem(out, MARKERS, "blens publish", warehouse)
     if problem:
         raise PublishError(problem)
 
 
 def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtype: str = "float32",
             repo_id: str | None = None, progress: bool = False) -> PublishResult:
-    """Build the local artefact (DatasetDict + Parquet copies + card) atomically under ``out``."""
+    """Build the local artefact (Parquet per table + card) atomically under ``out``. ``progress`` is accepted
+    for callers of earlier versions (the Arrow conversion it showed is gone)."""
     import datasets
 
     if vector_dtype not in ("float32", "float16"):
@@ -168,14 +176,11 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
     if count_rows(con, "prompts") == 0:
         raise PublishError(f"warehouse {str(warehouse)!r} has no committed prompts; nothing to publish")
 
-    if not progress:
-        datasets.disable_progress_bars()
     stage = stage_dir(out)
     try:
         con.execute(f"SET memory_limit = '{PUBLISH_MEMORY_LIMIT}'")
         con.execute(f"SET temp_directory = {sql_str(stage / '.spill')}")
         splits: dict[str, SplitInfo] = {}
-        dsets = {}
         for name in SPLITS:
             if name in OPTIONAL_SPLITS and count_rows(con, name) == 0:
                 continue
@@ -183,15 +188,12 @@ def publish(warehouse: str | os.PathLike, out: str | os.PathLike, *, vector_dtyp
             features = datasets.Features.from_arrow_schema(schema)
             path = stage / "data" / name / PARQUET_NAME
             n = write_split_parquet(con, name, schema, path)
-            ds = datasets.Dataset.from_parquet(str(path), features=features, split=name,
-                                               cache_dir=str(stage / ".cache"))
-            if ds.num_rows != n:
-                raise PublishError(f"{name}: wrote {n} rows but datasets read {ds.num_rows}")
-            dsets[name] = ds
-            splits[name] = SplitInfo(name, features, n, int(ds.data.nbytes), [path])
-        datasets.DatasetDict(dsets).save_to_disk(str(stage))
-        del dsets
-        shutil.rmtree(stage / ".cache", ignore_errors=True)
+            meta = pq.ParquetFile(path).metadata
+            if meta.num_rows != n:
+                raise PublishError(f"{name}: wrote {n} rows but the Parquet file holds {meta.num_rows}")
+            # dataset_info's num_bytes: the rows' uncompressed size, as the Hub's viewer counts it
+            nbytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            splits[name] = SplitInfo(name, features, n, int(nbytes), [path])
         shutil.rmtree(stage / ".spill", ignore_errors=True)
         card = render_card(con, splits, repo_id=repo_id, snapshot=snapshot)
         (stage / "README.md").write_text(card, encoding="utf-8")
@@ -215,9 +217,8 @@ def _one_line(exc: BaseException) -> str:
 
 def push(result: PublishResult, repo_id: str, *, token: str | None = None, private: bool | None = None) -> str:
     """Upload a published folder: each table as config ``<table>`` (split ``train``, files under
-    ``data/<table>/``, the same paths as locally), then the card. Checks the token and the Hub first,
+    ``data/<table>/``, the same paths as locally) and the card, in one commit. Checks the token and the Hub first,
     so a missing token or no network fails before anything is written remotely."""
-    import datasets
     from huggingface_hub import HfApi, get_token
     from huggingface_hub import constants as hf_constants
 
@@ -236,12 +237,11 @@ def push(result: PublishResult, repo_id: str, *, token: str | None = None, priva
                            f"[{_one_line(exc)}]") from None
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        dd = datasets.load_from_disk(str(result.out))
-        for name in result.splits:
-            dd[name].push_to_hub(repo_id, config_name=name, split="train", data_dir=f"data/{name}",
-                                 token=token, commit_message=f"blens publish: {name}")
-        api.upload_file(path_or_fileobj=str(result.card), path_in_repo="README.md", repo_id=repo_id,
-                        repo_type="dataset", commit_message="blens publish: dataset card")
+        # the folder as it is, in one commit: the Parquet files under data/<table>/ and the card whose configs
+        # name them (the Hub reads the same paths as load_dataset does locally)
+        api.upload_folder(folder_path=str(result.out), repo_id=repo_id, repo_type="dataset",
+                          allow_patterns=["README.md", *(f"data/{name}/*.parquet" for name in result.splits)],
+                          commit_message="blens publish: " + ", ".join(result.splits) + " and the dataset card")
     except PublishError:
         raise
     except Exception as exc:

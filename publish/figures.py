@@ -85,39 +85,84 @@ def _layer_axis(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+LEGEND_FONT = 9  # pt: ~11 CSS px once a 13-inch figure is scaled to a 1280-px wide page (test_report)
+
+
+def _ranges(layers: list[int]) -> str:
+    """Whole numbers as ranges: [12, 13, 14, 20] -> "12–14, 20"."""
+    out: list[str] = []
+    for x in sorted(set(layers)):
+        if out and x == int(out[-1].split("–")[-1]) + 1:
+            out[-1] = f"{out[-1].split('–')[0]}–{x}"
+        else:
+            out.append(str(x))
+    return ", ".join(out)
+
+
+def rank_dips(rows: list[tuple]) -> dict[str, tuple[list[int], float]]:
+    """Per model, the layers below the last where some prompts' gradient rank falls below n (rate < 1 for a
+    matrix), and the largest share of prompts below n there. ``rows``: (model, matrix, layer, layer_frac, rate, n)."""
+    out = {}
+    for model in sorted({r[0] for r in rows}):
+        mrows = [r for r in rows if r[0] == model]
+        top = max(r[2] for r in mrows)
+        dips = [r for r in mrows if r[2] < top and r[4] < 1]
+        out[model] = (sorted({r[2] for r in dips}), max((1 - r[4] for r in dips), default=0.0))
+    return out
+
+
 def fig_rank_equals_length(con, path: Path) -> Figure:
+    """Figure 3, with a second panel for the exceptions: a few prompts in a thousand below n at one layer are
+    a 0.1 % step on the 0-100 % axis (invisible: the dips at SmolLM2's layers 12-22 were), so the lower panel
+    draws the share of prompts whose rank is below n on its own scale, every layer but the last."""
     plt = _plt()
     rows = con.sql("SELECT model, matrix, layer, layer_frac, rate, n FROM rank_equals_length "
                    f"{MAIN} AND matrix NOT LIKE 'attn_%' ORDER BY model, matrix, layer").fetchall()
     models = sorted({r[0] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, (ax, ax_low) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True, layout="constrained",
+                                     gridspec_kw={"height_ratios": [2, 1.3]})
     summary = []
+    dips = rank_dips(rows)
+    low_max = 0.0
     for mi, model in enumerate(models):
         color = MODEL_COLORS[mi % len(MODEL_COLORS)]
-        for matrix in sorted({r[1] for r in rows if r[0] == model}):
-            pts = [(r[3], r[4], r[2]) for r in rows if r[0] == model and r[1] == matrix]
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], MATRIX_STYLES.get(matrix, "-.") ,
-                    color=color, marker="o", markersize=3, label=f"{model} · {matrix}")
         mrows = [r for r in rows if r[0] == model]
         top = max(r[2] for r in mrows)
+        for matrix in sorted({r[1] for r in mrows}):
+            pts = [(r[3], r[4], r[2]) for r in mrows if r[1] == matrix]
+            style = MATRIX_STYLES.get(matrix, "-.")
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color, marker="o", markersize=3,
+                    label=f"{model} · {matrix}")
+            below = [(p[0], 100 * (1 - p[1])) for p in pts if p[2] < top]
+            ax_low.plot([p[0] for p in below], [p[1] for p in below], style, color=color, marker="o", markersize=3)
+            low_max = max([low_max] + [p[1] for p in below])
         below = [r[4] for r in mrows if r[2] < top]
         last = [r[4] for r in mrows if r[2] == top]
+        layers, worst = dips[model]
         summary.append(f"{model}: {100 * (sum(below) / len(below) if below else float('nan')):.0f}% on average "
-                       f"below the last layer, {100 * sum(last) / len(last):.0f}% at the last layer")
-    ax.set_xlabel("normalised layer (layer / (n_layers − 1))")
+                       f"below the last layer, {100 * sum(last) / len(last):.0f}% at the last layer; "
+                       + (f"some prompts below n at layers {_ranges(layers)} (at most {100 * worst:.1f}% of prompts)"
+                          if layers else "no prompt below n before the last layer"))
     ax.set_ylabel("prompts with rank(dL/dW) = n  [%]")
     ax.set_ylim(-3, 103)
     ax.set_xlim(-0.02, 1.02)
     ax.set_title("Gradient rank equals prompt length (Figure 3)")
-    ax.legend(fontsize=8, loc="lower left", frameon=False, ncol=2)
+    high = max(1.0, low_max * 1.2)  # its own scale: one prompt in a thousand is visible
+    ax_low.set_ylim(-0.04 * high, high)  # 0 % just above the axis line, not hidden in it
+    ax_low.set_ylabel("rank < n  [%]\n(all but the last layer)")
+    ax_low.set_xlabel("normalised layer (layer / (n_layers − 1))")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=LEGEND_FONT, frameon=False,
+               ncol=min(3, max(1, len(ax.get_lines()))))
     _save(fig, path)
     caption = (
-        "Share of prompts whose MLP gradient dL/dW has rank exactly n, the prompt length (the upper bound of "
+        "Top: share of prompts whose MLP gradient dL/dW has rank exactly n, the prompt length (the upper bound of "
         "Lemma 4.1), by normalised layer; one line per model (colour) and matrix (line style). A line at 100% "
         "means the n spanning vectors are linearly independent. The last layer drops to about 0% because only "
-        "the last token's VJP is non-zero there (rank 1). " + "; ".join(summary) + "."
+        "the last token's VJP is non-zero there (rank 1). Bottom: the exceptions on their own scale, the share "
+        "of prompts whose rank is below n, at every layer but the last. " + "; ".join(summary) + "."
     )
-    return _figure(path, caption, "Line chart: share of prompts with gradient rank equal to prompt length, by layer")
+    return _figure(path, caption, "Line charts: share of prompts with gradient rank equal to prompt length by "
+                                  "layer, and the share below it")
 
 
 def fig_norm_by_segment(con, path: Path) -> Figure:
@@ -203,7 +248,13 @@ def _rank_panel(ax, rows: list[dict], target: str, vocab: int, model: str) -> No
     ax.set_title(f"{model} · rank of {target}", fontsize=10)
     _layer_axis(ax)
     ax.yaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}")
-    ax.legend(frameon=False, fontsize=7.5, loc="lower left")
+    _legend_below(ax)
+
+
+def _legend_below(ax, ncol: int = 1) -> None:
+    """The panel's legend under it, outside the axes: it hides no band or line (inside, one covered the
+    interquartile band), at a size legible when the figure is scaled to a 1280-px page."""
+    ax.legend(frameon=False, fontsize=LEGEND_FONT, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol)
 
 
 def fig_target_rank(con, path: Path) -> Figure:
@@ -214,7 +265,8 @@ def fig_target_rank(con, path: Path) -> Figure:
     cols = [d[0] for d in cur.description]
     rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.7 * len(models) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 4.6 * len(models) + 0.3), squeeze=False,
+                             layout="constrained")
     notes = []
     for (ax_new, ax_true, ax_k), model in zip(axes, models):
         mrows = [r for r in rows if r["model"] == model]
@@ -233,7 +285,7 @@ def fig_target_rank(con, path: Path) -> Figure:
         ax_k.set_title(f"{model} · in the bottom-k tokens (share of prompts)", fontsize=10)
         _layer_axis(ax_k)
         ax_k.set_ylabel("%")
-        ax_k.legend(frameon=False, fontsize=7.5, loc="upper left")
+        _legend_below(ax_k, ncol=2)
         last = [r for r in mrows if r["position_kind"] == "last"]
         if last:
             top = max(r["layer"] for r in last)
@@ -246,7 +298,6 @@ def fig_target_rank(con, path: Path) -> Figure:
                          f"{best['median_target_new_rank']:,.0f} (layer {best['layer']}); in the upper half of the "
                          f"layers it is among the bottom-k tokens for {100 * share:.0f}% of prompts, target_true "
                          f"for {100 * share_true:.0f}%")
-    fig.tight_layout()
     _save(fig, path)
     caption = ("Rank of the new target's first token (left) and, as a control, of the true object's (middle) among "
                "all V vocabulary tokens when the FF2 VJP δᵢ is projected through the logit lens, at the last token "

@@ -11,9 +11,12 @@ from pathlib import Path
 from blens.store.sandbox import process_alive
 
 
-def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os.PathLike | None = None) -> str | None:
+def output_dir_problem(out: Path, marker: str | tuple[str, ...], command: str,
+                       warehouse: str | os.PathLike | None = None) -> str | None:
     """Why ``out`` may not be (re)written by ``command``: it must be absent, empty, or an earlier output of
-    that command (recognised by ``marker``), and never inside the warehouse it reads; None if it may."""
+    that command (recognised by ``marker``, or any of several), and never inside the warehouse it reads; None
+    if it may."""
+    markers = (marker,) if isinstance(marker, str) else marker
     if warehouse is not None and "://" not in str(warehouse) and not str(warehouse).startswith("postgres:"):
         wh = Path(warehouse).resolve()
         target = Path(out).resolve()
@@ -21,7 +24,7 @@ def output_dir_problem(out: Path, marker: str, command: str, warehouse: str | os
             return f"--out {str(out)!r} overlaps the warehouse {str(warehouse)!r}; choose a directory outside it"
     if out.exists() and not out.is_dir():
         return f"--out {str(out)!r} exists and is not a directory"
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+    if out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
         return f"--out {str(out)!r} is not empty and is not an earlier `{command}` output; choose a new directory"
     return None
 

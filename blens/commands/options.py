@@ -12,7 +12,6 @@ imports them to render ``--help``; tests/test_cli_help.py checks it stays torch-
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -21,20 +20,12 @@ from pydantic import BaseModel
 
 from blens.edit.spec import EditConfig
 from blens.extract.batching import CPU_BATCH_SIZE, CPU_BATCH_TOKENS, CUDA_BATCH_SIZE
-from blens.extract.config import DEFAULT_WAREHOUSE, ExtractConfig
+from blens.extract.config import DEFAULT_WAREHOUSE, ExtractConfig, usable_cores
 
 
 # --warehouse of the commands that read a warehouse (sql, check, publish, report, ...): the runs' default.
 Warehouse = Annotated[Path, typer.Option("--warehouse", metavar="DIR", help="Warehouse directory (Parquet + views).")]
 WAREHOUSE = Path(DEFAULT_WAREHOUSE)
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def choices(literal) -> str:

@@ -1,4 +1,4 @@
-"""`blens publish`: the warehouse as a Hugging Face dataset (DatasetDict + Parquet + dataset card)."""
+"""`blens publish`: the warehouse as a Hugging Face dataset (Parquet per table + dataset card)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def publish(
                                              help="Element type of the vectors table's vectors."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private (with --push)."),
 ) -> None:
-    """Write the warehouse as a datasets.DatasetDict (one split per table), Parquet copies under data/,
-    and a dataset card README.md with the run's provenance, schema, statistics and citation.
+    """Write the warehouse as a Hugging Face dataset: one Parquet file per table under data/<table>/ and a
+    dataset card README.md (configs, provenance, how it was made, limitations, schema, statistics, citation).
+    Load a table with datasets.load_dataset(OUT, "projections", split="train").
 
     Example: blens publish --warehouse warehouse --out hf-dataset [--push user/backward-lens-smollm2]
     """

@@ -65,19 +65,20 @@ def sql(
         try:
             con = connect(warehouse, snapshot=as_of, sandbox=True, memory_limit=limit, temp_dir=tmp)
         except (FileNotFoundError, WarehouseError) as exc:
-            fail(one_line(exc))
+            fail(one_line(exc) + _snapshot_hint(warehouse, as_of, None, exc))
         try:
             with sandbox.time_limit(con, timeout):
                 rel = sandbox.run_query(con, query)
                 cols = [d[0] for d in rel.description] if rel.description else []
                 _print(rel if rel.description else None, cols, fmt, max_rows)
                 _say_mixed_settings(con)
+                _say_empty_snapshot(con, warehouse, as_of)
         except (sandbox.QueryRefused, sandbox.QueryLimit) as exc:
             fail(one_line(exc))
         except duckdb.Error as exc:
             limit_exc = sandbox.memory_error(exc, limit)
             # DuckDB's whole message, on one line: the hints (candidates, LINE n) are the useful part
-            fail(one_line(limit_exc or exc))
+            fail(one_line(limit_exc or exc) + ("" if limit_exc else _snapshot_hint(warehouse, as_of, con, exc)))
         finally:
             con.close()
 
@@ -137,6 +138,41 @@ def _say_mixed_settings(con) -> None:
         err_console.print(f"note: {model} holds results under {len(ids)} settings ({', '.join(ids)}); every view "
                           "groups by settings, and a query over the tables should filter on settings "
                           "(SELECT * FROM settings shows each one)", highlight=False, markup=False)
+
+
+def _snapshot_hint(warehouse, as_of: str | None, con, exc: BaseException) -> str:
+    """For an error at ``--as-of``: "; " and which snapshots hold results, when the asked one holds none (a
+    table missing at snapshot 0) or does not exist; "" otherwise. Appended to the error's one line."""
+    from blens.store import snapshots
+    from blens.store.connect import current_snapshot
+
+    if as_of is None or isinstance(exc, FileNotFoundError):
+        return ""
+    if con is None:
+        if "no snapshot" not in str(exc).lower():  # a bad --as-of value, a damaged catalog: its message stands
+            return ""
+        note = snapshots.no_results_note(warehouse, as_of, None)
+    elif snapshots.holds_results(con):
+        return ""
+    else:
+        note = snapshots.no_results_note(warehouse, as_of, current_snapshot(con))
+    return f"; {note}" if note else ""
+
+
+def _say_empty_snapshot(con, warehouse, as_of: str | None) -> None:
+    """One line on stderr when ``--as-of`` reads a snapshot that holds no results (a query there returns 0
+    rows, unexplained before): which snapshots do."""
+    if as_of is None:
+        return
+    from blens.store import snapshots
+    from blens.store.connect import current_snapshot
+
+    from ._common import err_console
+
+    if not snapshots.holds_results(con):
+        note = snapshots.no_results_note(warehouse, as_of, current_snapshot(con))
+        if note:
+            err_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -79,7 +79,7 @@ def test_frames_equal_the_warehouse_rows(tmp_path, tiny_model_dir, records_file)
 
     wh = tmp_path / "wh"
     summary = extract_flow(ExtractConfig(model=str(tiny_model_dir), data=str(records_file), warehouse=str(wh),
-                                         device="cpu"))
+                                         device="cpu", vectors="all"))  # run_many keeps every vector too
     assert summary.n_extracted == len(FACTS)
     lens = blens.load(str(tiny_model_dir), device="cpu")
     raw = json.loads(records_file.read_text())
@@ -302,6 +302,10 @@ def test_any_text_with_a_target(tiny_lm):
     roles = res.tokens.sort_values("position").role.tolist()
     assert roles[-1] == "last" and res.tokens.role.isna().sum() == n - 1  # GPT-2's tokenizer adds no bos
     assert "Rome" in res._repr_html_() and "case_id=None" in repr(res)
+    # issue 25: the prompts row says what was kept (res.vectors holds every site and layer: --vectors all)
+    assert res.prompts.vectors.tolist() == ["all"] and len(res.vectors) > 0
+    bare = lens.run(EIFFEL, target=" Rome", vectors=False)
+    assert bare.prompts.vectors.tolist() == ["none"] and bare.vectors == {} and bare.key == res.key
     # the same prompt as a full record: the same numbers, and the record's own columns filled in
     full = lens.run(easyedit(5, EIFFEL, "Eiffel Tower", "Rome", "Paris"))
     assert full.prompts.case_id.tolist() == [5] and full.projections.target_true_rank.notna().all()
@@ -370,3 +374,21 @@ def test_result_help_maps_sites_to_transformerlens_and_nnsight():
                  "self_attn.o_proj.output.grad", "W_in", "W_gate", "W_out", "W_Q", "W_K", "W_V", "W_O", "c_fc"):
         assert name in doc, name
     assert "run_with_cache" in doc and "nnsight" in doc
+
+
+def test_threads_from_python_are_capped_at_the_cores_with_one_warning():
+    """Issue 25: the CLI refuses --threads above the cores; a config built in Python (blens.load, the flows) is
+    capped instead, with one warning line saying so (threads=1000 started 1,000 threads on 2 cores)."""
+    import warnings
+
+    from blens.extract.config import usable_cores
+
+    cores = usable_cores()
+    with pytest.warns(UserWarning, match=rf"threads=1000 is more than the {cores} usable CPU core\(s\); using {cores}"):
+        cfg = ExtractConfig(data="<test>", threads=1000)
+    assert cfg.threads == cores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ExtractConfig(data="<test>", threads=1).threads == 1
+        assert ExtractConfig(data="<test>").threads is None
+        assert ExtractConfig.model_validate(cfg.model_dump()).threads == cores  # Prefect's round trip: no new warning

@@ -419,14 +419,19 @@ def test_chromium_check_catches_broken_pages(report):
 
 
 @pytest.fixture(scope="module")
-def deep_report(tmp_path_factory):
+def deep_warehouse(tmp_path_factory) -> Path:
     """Two models in one warehouse, one of them 30 layers deep (SmolLM2's depth), and the no-break-space prompt."""
-    from blens.publish.report import build_report
-
     root = tmp_path_factory.mktemp("deep") / "wh"
     make_warehouse(root, n=2, n_layer=30, model_name="tiny-gpt2-30", run_id="run-deep", extra=(NBSP,))
     make_warehouse(root, n=2, n_layer=4, model_name="tiny-gpt2-4", run_id="run-shallow", extra=(NBSP,))
-    return build_report(root, tmp_path_factory.mktemp("rep") / "deep", cases=[NBSP["case_id"]])
+    return root
+
+
+@pytest.fixture(scope="module")
+def deep_report(deep_warehouse, tmp_path_factory):
+    from blens.publish.report import build_report
+
+    return build_report(deep_warehouse, tmp_path_factory.mktemp("rep") / "deep", cases=[NBSP["case_id"]])
 
 
 VISIBLE = ("(() => { const vw = window.innerWidth; const all = s => Array.from(document.querySelectorAll(s));"
@@ -472,3 +477,129 @@ def test_figure6_has_a_row_per_model(deep_report):
     for model in ("tiny-gpt2-30", "tiny-gpt2-4"):
         assert f"{model} (V = 50,257, 4 prompts)" in fig6.caption
     assert "interquartile" in fig6.caption and "V−1" in fig6.caption and "target_true" in fig6.caption
+
+
+# ------------------------------------------------------------------------------ legible at 1280 px (issue 25)
+
+
+def _capture_figures(monkeypatch) -> dict[str, object]:
+    """Every matplotlib figure the report saves, by file name (``figures._save`` wrapped: still saved)."""
+    from blens.publish import figures
+
+    seen: dict[str, object] = {}
+    real = figures._save
+
+    def save(fig, path):
+        seen[Path(path).name] = fig
+        real(fig, path)
+
+    monkeypatch.setattr(figures, "_save", save)
+    return seen
+
+
+def _smallest_text_px(fig) -> float:
+    """The smallest text of a saved figure in the PNG's own pixels (font size in pt at savefig's dpi)."""
+    import matplotlib
+    from matplotlib.text import Text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * matplotlib.rcParams["savefig.dpi"] / 72
+
+
+PAGE_AT = ("(() => JSON.stringify({vw: window.innerWidth, page: document.documentElement.scrollWidth,"
+           " images: Array.from(document.images).map(i => ({src: i.getAttribute('src'), natural: i.naturalWidth,"
+           "                                               shown: i.getBoundingClientRect().width}))}))()")
+
+
+@needs_chromium
+def test_report_reads_well_at_1280_px(deep_warehouse, tmp_path, monkeypatch):
+    """A 1280-px wide browser: the page never scrolls sideways, and every figure is shown at a size where its
+    smallest text is at least 10.5 CSS px (about 8 pt, beside the page's 16-px text; Figure 6's 7.5-pt legends,
+    scaled to the page, were 9.9 px with glyphs ~7 px tall). The screenshot is kept (BLENS_SCREENSHOT_1280)."""
+    from blens.publish.report import build_report
+
+    figs = _capture_figures(monkeypatch)
+    rep = build_report(deep_warehouse, tmp_path / "report", cases=[NBSP["case_id"]])
+    browser = Browser(CHROMIUM)
+    try:
+        session = browser.open(rep.index.resolve().as_uri(), width=1280, height=2400)
+        state = json.loads(browser.evaluate(session, PAGE_AT))
+        shot = Path(os.environ.get("BLENS_SCREENSHOT_1280", tmp_path / "report-1280.png"))
+        browser.screenshot(session, shot)
+        errors = browser.console_errors()
+    finally:
+        browser.close()
+    assert errors == [] and png_size(shot)[0] == 1280
+    assert state["vw"] == 1280 and state["page"] <= 1280, state
+    assert len(state["images"]) == len(rep.figure_files) >= 4
+    for img in state["images"]:
+        name = Path(img["src"]).name
+        assert img["natural"] == png_size(rep.out / img["src"])[0], img
+        smallest = _smallest_text_px(figs[name]) * img["shown"] / img["natural"]
+        assert smallest >= 10.5, (name, round(smallest, 1), img)
+
+
+def test_figure6_legends_are_legible_and_cover_no_panel(warehouses, tmp_path, monkeypatch):
+    """Issue 25: Figure 6's legends were 7.5 pt inside the panels, one over the interquartile band. Now every
+    legend is at least 9 pt and lies outside every panel."""
+    from blens.publish import figures
+
+    figs = _capture_figures(monkeypatch)
+    con = connect_views(warehouses["plain"])
+    figures.fig_target_rank(con, tmp_path / "target_rank_by_layer.png")
+    fig = _drawn(figs["target_rank_by_layer.png"])
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+    assert len(legends) == 3  # target_new, target_true, the bottom-k shares
+    for legend in legends:
+        assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (legend.get_texts()[0].get_text(), ax.get_title())
+
+
+def _drawn(fig):
+    """A saved (closed) figure drawn again on an Agg canvas, laid out as in its PNG, for its pixel positions."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def connect_views(warehouse: Path):
+    from blens.store.connect import connect
+
+    return connect(warehouse)
+
+
+def test_figure3_shows_the_dips_below_n(tmp_path, monkeypatch):
+    """Issue 25: Figure 3 hid the dips at layers 12-22 (0.5 % of prompts below n is 1 px on a 0-100 % axis). With
+    rate 0.995 at those layers of a 30-layer model, some panel draws the dip at least 15 px away from the
+    full-rank level, and the caption names the layers."""
+    import duckdb
+
+    from blens.publish import figures
+
+    con = duckdb.connect()
+    rows = []
+    for matrix in ("ff1", "ff2"):
+        for layer in range(30):
+            rate = 0.0 if layer == 29 else 0.995 if 12 <= layer <= 22 else 1.0
+            rows.append(("smollm2-135m", matrix, layer, layer / 29, rate, 1000, "s1"))
+    con.execute("CREATE TABLE rank_equals_length (model VARCHAR, matrix VARCHAR, layer INTEGER, layer_frac DOUBLE, "
+                "rate DOUBLE, n BIGINT, settings VARCHAR)")
+    con.executemany("INSERT INTO rank_equals_length VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    con.execute("CREATE TABLE main_settings AS SELECT 'smollm2-135m' AS model, 's1' AS settings")
+    figs = _capture_figures(monkeypatch)
+    fig3 = figures.fig_rank_equals_length(con, tmp_path / "rank_equals_length.png")
+    assert "some prompts below n at layers 12–22 (at most 0.5% of prompts)" in fig3.caption
+    fig = _drawn(figs["rank_equals_length.png"])
+    dip, flat = 15 / 29, 5 / 29  # a dip layer and a full-rank one
+    best = 0.0
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            xs, ys = (list(map(float, v)) for v in line.get_data())
+            if dip in xs and flat in xs:
+                (_, y_dip), (_, y_flat) = ax.transData.transform([(dip, ys[xs.index(dip)]), (flat, ys[xs.index(flat)])])
+                best = max(best, abs(y_dip - y_flat))
+    assert best >= 15, best

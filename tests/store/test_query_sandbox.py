@@ -229,6 +229,36 @@ def test_odd_as_of_values_are_one_line_in_the_cli(site, as_of):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_as_of_without_results_says_which_snapshots_hold_them(site):
+    """Issue 25: `--as-of 3` on a fresh warehouse returned 0 rows, unexplained. A snapshot before the first results
+    gets one note on stderr naming the first snapshot with results and the newest; a snapshot with results gets
+    none; snapshot 0 (no tables yet) and a version past the newest say the same in their one error line."""
+    from blens.store.connect import connect
+    from blens.store.snapshots import results_snapshots
+
+    wh, _ = site
+    con = connect(wh)
+    first, newest = results_snapshots(con)
+    assert con.execute(f"SELECT count(*) FROM prompts AT (VERSION => {first - 1})").fetchone()[0] == 0
+    con.close()
+    assert 0 < first <= newest
+    r = blens("sql", "SELECT count(*) AS n FROM prompts", "--as-of", str(first - 1), "--warehouse", str(wh),
+              "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines() == ["n", "0"], r.stderr
+    (note,) = r.stderr.strip().splitlines()
+    assert note.startswith(f"note: snapshot {first - 1} is before the first results (snapshot {first}; the newest is "
+                           f"{newest})") and "ducklake_snapshots('lake')" in note, note
+    r = blens("sql", "SELECT count(*) AS n FROM prompts", "--as-of", str(first), "--warehouse", str(wh),
+              "--format", "csv")
+    assert r.returncode == 0 and r.stdout.splitlines() == ["n", "1"] and r.stderr == "", r.stderr
+    r = blens("sql", "SELECT count(*) AS n FROM prompts", "--as-of", "0", "--warehouse", str(wh))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "does not exist" in r.stderr and f"first results (snapshot {first}" in r.stderr
+    r = blens("sql", "SELECT 1", "--as-of", str(newest + 1000), "--warehouse", str(wh))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"there is no snapshot {newest + 1000}: the newest is {newest}, the first with results {first}" in r.stderr
+
+
 def test_queries_still_work_and_errors_keep_duckdb_hints(site):
     wh, _ = site
     r = blens("sql", "FROM prompts SELECT count(*) AS n", "--warehouse", str(wh), "--format", "csv")

@@ -111,7 +111,7 @@ def test_foreign_directory_is_refused_as_a_warehouse(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
 
 
-@pytest.mark.parametrize("command, marker", [("publish", "dataset_dict.json"), ("report", "index.html")])
+@pytest.mark.parametrize("command, marker", [("publish", "README.md"), ("report", "index.html")])
 def test_product_output_inside_the_warehouse_is_refused(warehouse, command, marker):
     wh, _ = warehouse
     for out in (wh / "published", wh, wh.parent):

@@ -1,0 +1,23 @@
+"""Issue 25: a hub name that cannot be loaded offline is one error naming every way out, every embedded model
+among them (it named only smollm2-135m). In-process: the hub is an address where nothing listens."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_offline_hub_name_names_every_embedded_model(tmp_path, monkeypatch):
+    from blens.extract import hub
+    from blens.extract.registry import EMBEDDED
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable at once
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(hub.ModelLoadError) as info:
+        hub.check_hub_model("gpt2")
+    message = str(info.value)
+    assert "\n" not in message and "cannot be reached" in message and "'gpt2'" in message
+    assert len(EMBEDDED) >= 2 and {"smollm2-135m", "gemma3-270m"} <= set(EMBEDDED)
+    for name in EMBEDDED:
+        assert name in message, (name, message)
