@@ -45,11 +45,21 @@ def pytest_sessionstart(session) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Everything in tests/e2e/ (real processes) is ``slow``, like the tests that load a real model."""
+    """Everything in tests/e2e/ (real processes) is ``slow``, like the tests that load a real model.
+
+    Then the files go roughly longest first: the more slow tests a file has, the earlier it runs, and files
+    without one come last in their usual order. The suite's workers (scripts/test.sh: pytest-xdist, a file per
+    worker, in this order) then start the long files first and end together; one process runs the same order."""
     e2e = Path(__file__).parent / "e2e"
     for item in items:
         if e2e in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.slow)
+    n_slow: dict[Path, int] = {}
+    for item in items:
+        path = Path(str(item.path))
+        n_slow[path] = n_slow.get(path, 0) + bool(item.get_closest_marker("slow"))
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-n_slow[Path(str(item.path))], order[id(item)]))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,116 @@
+"""`blens extract --dask-scheduler ADDRESS` on a Dask cluster somebody else started (issue 26).
+
+A real cluster on loopback: one `dask scheduler` and two `dask worker` processes from our venv (one thread
+each), started by the test as an operator would. A real `blens extract` process submits its batches there.
+One worker is killed with SIGKILL while batches are running: Dask reschedules its tasks on the other worker,
+and content keys make a retried batch idempotent, so every key lands exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builders import ROOT
+from blens.store.connect import connect
+from tiny_runs import make_records, write_records
+
+N = 48
+DONE = re.compile(r"^extract: (\d+)/(\d+) prompts")  # the CLI's progress line per batch on a non-terminal
+
+
+def _venv_tool(name: str) -> str:
+    tool = Path(sys.executable).parent / name
+    if not tool.exists():
+        pytest.skip(f"{tool} is not installed (the 'dask' extra)")
+    return str(tool)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A scheduler and two single-threaded workers on loopback; yields (address, [worker processes])."""
+    pytest.importorskip("prefect_dask")
+    dask = _venv_tool("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    logs = tmp_path / "cluster"
+    logs.mkdir()
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0", "--no-show"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"),
+                              start_new_session=True)]
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                           "--no-nanny", "--name", f"w{i}", "--dashboard-address", ":0"],
+                                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(logs / f"worker{i}.log", "w"), start_new_session=True))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address, procs[1:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+def test_an_existing_cluster_that_loses_a_worker_keeps_every_key_once(cluster, tmp_path, tiny_model_dir):
+    address, workers = cluster
+    data = write_records(tmp_path / "cf.json", make_records(N))
+    wh = tmp_path / "wh"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
+         "--warehouse", str(wh), "--batch-size", "2", "--threads", "1", "--top-k", "3", "--dask-scheduler", address],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    lines: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any((m := DONE.match(l)) and int(m.group(1)) >= 6 for l in list(lines)):
+            assert proc.poll() is None, f"blens extract ended early (rc={proc.returncode}): {lines[-30:]}"
+            assert time.monotonic() < deadline, f"never got busy: {lines[-30:]}"
+            time.sleep(0.1)
+        os.killpg(workers[0].pid, signal.SIGKILL)  # a worker lost mid-run: its running and held tasks move
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    reader.join(10)
+    assert proc.returncode == 0, "\n".join(lines[-40:])
+    con = connect(wh)
+    try:
+        assert con.execute("SELECT count(*), count(DISTINCT key), count(DISTINCT case_id) FROM prompts"
+                           ).fetchone() == (N, N, N)
+        assert con.execute("SELECT count(*) FROM errors").fetchone()[0] == 0
+        per_key = con.execute("SELECT max(c) FROM (SELECT count(*) AS c FROM gradient_ranks "
+                              "GROUP BY case_id, layer, matrix)").fetchone()[0]
+        assert per_key == 1, "a gradient rank row was written twice"
+        writers = con.execute("SELECT count(DISTINCT writer) FROM commits WHERE kind = 'extract' AND n_keys > 0"
+                              ).fetchone()[0]
+    finally:
+        con.close()
+    assert writers == 2, "both workers committed batches before one was lost"
