@@ -153,3 +153,21 @@ def reference(tmp_path_factory, tiny_model_dir, data12):
     assert summary.n_extracted == 12 and summary.n_failed == 0
     assert assert_complete(wh) == 12
     return snapshot(wh)
+
+
+# --- where the suite's CPU goes (opt-in) ---------------------------------------------------------------------
+# BLENS_TEST_CPU=FILE appends one line per test: nodeid, wall s, this process's CPU s, reaped children's CPU s.
+# The suite is CPU-bound on 2 cores, so CPU, not wall time, says what to make cheaper.
+if os.environ.get("BLENS_TEST_CPU"):
+    import resource
+    import time as _time
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        t0, c0 = _time.perf_counter(), _time.process_time()
+        k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        yield
+        k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        kids = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
+        with open(os.environ["BLENS_TEST_CPU"], "a") as f:
+            f.write(f"{item.nodeid}\t{_time.perf_counter() - t0:.1f}\t{_time.process_time() - c0:.1f}\t{kids:.1f}\n")

@@ -288,7 +288,9 @@ def test_sigint_of_sql_promises_no_resume(site):
     wh, _ = site
     p = subprocess.Popen([sys.executable, "-m", "blens.cli", "sql", "SELECT count(*) FROM range(1000000000000) a",
                           "--warehouse", str(wh)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a shell, whatever
+    # the test runner set (a SIGINT the parent ignores stays ignored in the CLI, like a background job's)
     # signal once the session is open (its spill folder exists), not after a fixed sleep: on a loaded machine the
     # imports alone can take longer than any sleep, and a Ctrl-C during them is another test's subject
     import tempfile
