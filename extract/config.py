@@ -44,6 +44,9 @@ class ExtractConfig(BaseModel):
     shard: str | None = None  # "I/N"
     threads: int | None = Field(default=None, ge=1)
     workers: int = Field(default=1, ge=1)  # >1: Dask worker processes (prefect-dask)
+    # tcp://HOST:PORT of a Dask scheduler someone else started: batches run on its workers (prefect-dask). Every
+    # worker needs blens installed and the same data, model and warehouse paths (docs/scale.md).
+    dask_scheduler: str | None = None
     # Per-prompt memory bound: a longer prompt becomes an errors row instead of an out-of-memory kill.
     max_prompt_tokens: int | None = Field(default=DEFAULT_MAX_PROMPT_TOKENS, ge=1)
     # Commit batch k (Arrow building, Parquet writing) while the device computes batch k+1. None: on for
@@ -52,7 +55,7 @@ class ExtractConfig(BaseModel):
     overlap: bool | None = None
     force: bool = False  # recompute results already in the warehouse (they are replaced, not duplicated)
     # Run as a Prefect flow (True) or as the plain run layer in this process (False). None: Prefect when
-    # PREFECT_API_URL names a server or workers > 1 (blens.lifecycle.prefect.wants_prefect). The rows are the same.
+    # PREFECT_API_URL names a server or Dask workers run the batches (blens.lifecycle.prefect.wants_prefect). The rows are the same.
     prefect: bool | None = None
 
     @field_validator("threads")
@@ -82,9 +85,15 @@ class ExtractConfig(BaseModel):
 
     @model_validator(mode="after")
     def _workers_need_prefect(self) -> "ExtractConfig":
-        if self.workers > 1 and self.prefect is False:
-            raise ValueError("--workers > 1 runs batches on Dask workers through Prefect (prefect=False asks for none)")
+        if self.workers > 1 and self.dask_scheduler:
+            raise ValueError("--workers N starts a local Dask cluster and --dask-scheduler uses a running one: give one")
+        if (self.workers > 1 or self.dask_scheduler) and self.prefect is False:
+            raise ValueError("Dask workers run batches through Prefect (prefect=False asks for none)")
         return self
+
+    def fans_out(self) -> bool:
+        """Batches run in other processes (Dask workers), each of which commits its own."""
+        return self.workers > 1 or bool(self.dask_scheduler)
 
     def shard_index(self) -> tuple[int, int]:
         if self.shard is None:

@@ -74,18 +74,35 @@ class WorkersUnavailable(UserError, RuntimeError):
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractSummary:
-    """What the CLI calls: the flow in this process, or on ``cfg.workers`` Dask worker processes (one
-    thread each, sharing the CPU cores) via prefect-dask's DaskTaskRunner."""
+    """What the CLI and ``blens serve`` call: the flow in this process, on ``cfg.workers`` local Dask worker
+    processes (one thread each, sharing the CPU cores), or on the workers of a running Dask cluster
+    (``cfg.dask_scheduler``), via prefect-dask's DaskTaskRunner."""
     prefect_env.ensure_local_api()  # from the main thread, so its server dies with us (see blens.lifecycle.prefect)
-    if cfg.workers <= 1:
+    if not cfg.fans_out():
         return extract_flow(cfg)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise WorkersUnavailable("--workers > 1 needs prefect-dask (pip install 'prefect-dask>=0.3.7,<0.4')") from None
-    if cfg.threads is None:
-        cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
-                                            "dashboard_address": None})
-    with prefect_env.api_for_child_processes():  # workers use our API server: none outlives us
+        raise WorkersUnavailable("Dask workers need prefect-dask (pip install 'prefect-dask>=0.3.7,<0.4')") from None
+    if cfg.dask_scheduler:  # somebody else's workers: their cwd is not ours, so every path travels absolute
+        cfg = for_remote_workers(cfg)
+        runner = DaskTaskRunner(address=cfg.dask_scheduler)
+    else:
+        if cfg.threads is None:
+            cfg = cfg.model_copy(update={"threads": max(1, (os.cpu_count() or 1) // cfg.workers)})
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+                                                "dashboard_address": None})
+    with prefect_env.api_for_child_processes():  # local workers use our API server: none outlives us
         return extract_flow.with_options(task_runner=runner)(cfg)
+
+
+def for_remote_workers(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with the warehouse, the data and a model directory as absolute paths: a worker of a cluster
+    somebody else started resolves a relative path against its own working directory."""
+    from pathlib import Path
+
+    def absolute(p: str) -> str:
+        return str(Path(p).resolve()) if Path(p).exists() or p == cfg.warehouse else p
+
+    return cfg.model_copy(update={"warehouse": absolute(cfg.warehouse), "data": absolute(cfg.data),
+                                  "model": absolute(cfg.model)})

@@ -144,12 +144,13 @@ def data12(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, tiny_model_dir, data12):
-    """One clean, uninterrupted, single-process run over the 12 records of ``data12`` (tiny_runs.snapshot)."""
-    from blens.flows.extract_flow import extract_flow
+    """One clean, uninterrupted, single-process run over the 12 records of ``data12`` (tiny_runs.snapshot): the
+    plain run layer, no Prefect (the flow gives the same rows, which the flow tests check against this)."""
+    from blens.run.extract import run_in_process
     from tiny_runs import assert_complete, cfg_for, snapshot
 
     wh = tmp_path_factory.mktemp("ref") / "wh"
-    summary = extract_flow(cfg_for(tiny_model_dir, data12, wh))
+    summary = run_in_process(cfg_for(tiny_model_dir, data12, wh))
     assert summary.n_extracted == 12 and summary.n_failed == 0
     assert assert_complete(wh) == 12
     return snapshot(wh)

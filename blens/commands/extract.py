@@ -79,7 +79,7 @@ def extract(**settings) -> None:
     from blens.errors import UserError
     from blens.lifecycle.prefect import wants_prefect
 
-    if wants_prefect(cfg.prefect, cfg.workers):
+    if wants_prefect(cfg.prefect, cfg.fans_out()):
         from blens.flows.extract_flow import run_extract
     else:  # the same run layer, without Prefect's start-up
         from blens.run.extract import run_in_process as run_extract

@@ -36,7 +36,7 @@ def choices(literal) -> str:
 # The command line's part of the settings every run command shares: metavar, help (and a CLI-only bound or type).
 # Defaults, bounds and choices are the config's. A command adds or replaces these (with_config_options).
 DECLARATIONS: dict[str, dict[str, Any]] = {
-    "prefect": dict(show_default="only with a server in PREFECT_API_URL or --workers > 1",
+    "prefect": dict(show_default="only with a server in PREFECT_API_URL or Dask workers",
                     help="Run as a Prefect flow: retries, states and logs on the Prefect server or UI. Without it, "
                     "a local run is the same run layer in this process, without Prefect's API server (about 10 s "
                     "less start-up); the rows are the same either way."),
@@ -139,6 +139,10 @@ EXTRACTION_SETTINGS: dict[str, dict[str, Any]] = {
                               "out-of-memory kill."),
     "workers": dict(metavar="N", help="Run batches on N local Dask worker processes (prefect-dask, extra 'dask'); "
                     "each loads the model and writes its own batch files."),
+    "dask_scheduler": dict(metavar="tcp://HOST:PORT", help="Run batches on the workers of a Dask cluster already "
+                           "running (`dask scheduler` + `dask worker`). Workers need blens installed and the same "
+                           "data, model and warehouse paths; across machines a PostgreSQL catalog (docs/scale.md). "
+                           "A lost worker's batches run again elsewhere; content keys keep every result once."),
 }
 
 

@@ -99,14 +99,14 @@ def configured_api_url() -> str | None:
     return str(url) if url else None
 
 
-def wants_prefect(asked: bool | None, workers: int = 1) -> bool:
+def wants_prefect(asked: bool | None, fans_out: bool = False) -> bool:
     """Whether a run goes through its Prefect flow. ``asked`` (``--prefect``, or ``prefect=`` in a config) decides when given;
     otherwise Prefect runs it when it adds something: a server the user named (their UI shows the run) or
-    ``workers > 1`` (Dask through prefect-dask). A plain local run uses the same run layer in this process and
+    Dask workers (``--workers N`` or ``--dask-scheduler``, through prefect-dask). A plain local run uses the same run layer in this process and
     skips the ephemeral API server: ~10 s of start-up and a 225 MB process for a UI nobody opens."""
     if asked is not None:
         return asked
-    return workers > 1 or configured_api_url() is not None
+    return fans_out or configured_api_url() is not None
 
 
 def _api_url_set() -> bool:

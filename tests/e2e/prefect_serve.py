@@ -35,6 +35,13 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
 
 
+# Server loops these tests never need (runs come from the test by hand, never from a schedule or a work pool):
+# an idle `prefect server start` spent ~10 % of a core on them, on a 2-core box whose suite is CPU-bound.
+# Kept: cancellation clean-up, the event persister and the task run recorder (states, logs, cancellation).
+IDLE_SERVICES_OFF = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false"
+                     for name in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "PAUSE_EXPIRATIONS", "TRIGGERS")}
+
+
 def start_prefect_server(home: Path, timeout: float = 180) -> tuple[str, subprocess.Popen]:
     """A `prefect server start` on 127.0.0.1:<free port> with PREFECT_HOME=home, in a session of its own;
     returns (API URL, process) once /health answers, or skips saying why (a loaded 2-core machine: 90 s was
@@ -44,7 +51,7 @@ def start_prefect_server(home: Path, timeout: float = 180) -> tuple[str, subproc
     port = free_port()
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false"),
+                             str(port)], env=clean_env(PREFECT_HOME=str(home), PREFECT_UI_ENABLED="false", **IDLE_SERVICES_OFF),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}/api"

@@ -190,7 +190,7 @@ def test_prefect_runs_a_job_only_when_asked_or_useful(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_PROFILE", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     assert configured_api_url() is None and not wants_prefect(None)
-    assert wants_prefect(None, workers=2) and wants_prefect(True) and not wants_prefect(False, workers=1)
+    assert wants_prefect(None, fans_out=True) and wants_prefect(True) and not wants_prefect(False)
     (tmp_path / "profiles.toml").write_text('active = "lab"\n[profiles.lab]\nPREFECT_API_URL = "http://lab:4200/api"\n'
                                             '[profiles.other]\n')
     assert configured_api_url() == "http://lab:4200/api" and wants_prefect(None)
@@ -200,3 +200,8 @@ def test_prefect_runs_a_job_only_when_asked_or_useful(tmp_path, monkeypatch):
     assert wants_prefect(None) and not wants_prefect(False)
     with pytest.raises(ValueError, match="through Prefect"):
         ExtractConfig(data="x.json", workers=2, prefect=False)
+    with pytest.raises(ValueError, match="through Prefect"):
+        ExtractConfig(data="x.json", dask_scheduler="tcp://127.0.0.1:8786", prefect=False)
+    with pytest.raises(ValueError, match="give one"):
+        ExtractConfig(data="x.json", dask_scheduler="tcp://127.0.0.1:8786", workers=2)
+    assert ExtractConfig(data="x.json", dask_scheduler="tcp://127.0.0.1:8786").fans_out()
