@@ -3,8 +3,9 @@
     PYTHONPATH=. python bench/bench_extract.py [--n1 100 --n2 400 --ref-prompts 3 --out bench/results.md]
 
 Throughput is *marginal*: (N2 - N1) / (T(N2) - T(N1)) over the first N prompts of counterfact-edit-1k, each
-T the wall time of a real `blens extract` process (Prefect flow, Parquet commits and all), so fixed start-up
-costs (model load, Prefect's ephemeral API) cancel. The reference is bench/reference.py: the per-vector
+T the wall time of a real `blens extract` process (the plain run layer, Parquet commits and all), so fixed
+start-up costs (imports, model load) cancel; the fixed cost is reported too, with the fp32 FLOP limit from the
+GEMM peak measured in the same run (issue 26). The reference is bench/reference.py: the per-vector
 method of the paper's demo (weight gradients through autograd, module hooks, one lens call per vector).
 """
 
@@ -179,10 +180,24 @@ def main(argv=None) -> None:
             t2, r2 = run_cli(args.n2, vec, Path(tmp) / "wh2", args.batch_size, DATA)
         ps = (args.n2 - args.n1) / (t2 - t1)
         best[vec] = ps
+        if vec == "none":
+            fixed = t1 - args.n1 / ps
         add(*(f"blens extract --vectors {vec}", f"{ps:.2f} prompts/s marginal (T({args.n1})={t1:.1f} s, "
                      f"T({args.n2})={t2:.1f} s), {ps / ref_ps:.0f}x reference; peak RSS {r1:.0f} MB -> {r2:.0f} MB"))
     cost = 1 - best["spanning"] / best["none"]
     add(*("vectors=spanning throughput cost", f"{100 * cost:.0f} %"))
+    # Issue 26's yardsticks, from the peak measured above: the fp32 FLOP limit in prompts/s (the lens GEMM,
+    # 2 x sites x layers x tokens x vocab x d, plus ~6 x parameters x tokens for the forward and backward
+    # passes) and the fixed cost of one command (T(N1) less N1 prompts at the marginal rate).
+    toks = sum(prepare(r, lm.tokenizer, 8192).n_tokens for r in records[: args.n2]) / args.n2
+    vocab, d = view.unembedding.shape
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    flop = 2 * len(LENS_SITES) * view.n_layers * toks * vocab * d + 6 * n_params * toks
+    limit = peak32 * 1e9 / flop
+    add(*("fp32 FLOP limit (GEMM peak / FLOP per prompt)", f"{limit:.2f} prompts/s ({flop:.2e} FLOP per prompt, "
+          f"{toks:.1f} tokens on average)"))
+    add(*("marginal rate / FLOP limit", f"{100 * best['none'] / limit:.0f} % (vectors none)"))
+    add(*("fixed cost of one blens extract", f"{fixed:.1f} s (T({args.n1}) - {args.n1} / marginal)"))
     if args.rss_n:
         with tempfile.TemporaryDirectory() as tmp:
             big = str(Path(DATA).with_name("counterfact-edit.json"))
