@@ -12,37 +12,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-edit-1k.json"
 
-# The command in a child whose last stderr line is its own peak RSS (VmHWM: its own image, not inherited).
-RUN = """
-import runpy, sys
-sys.argv = ["blens"] + sys.argv[1:]
-try:
-    runpy.run_module("blens.cli", run_name="__main__")
-finally:
-    hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")]
-    sys.stderr.write("BENCH_MAXRSS_KB=%s\\n" % (hwm[0] if hwm else "nan"))
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_warehouse import blens_child  # noqa: E402  (one blens process: wall s, its own peak RSS MB, stderr)
 
 
 def blens(*args: str) -> tuple[float, float]:
     """(seconds, peak RSS MB) of one `blens ARGS` process."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"blens {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    kb = [float(x.split("=")[1]) for x in proc.stderr.splitlines() if x.startswith("BENCH_MAXRSS_KB=")]
-    return seconds, kb[-1] / 1024
+    seconds, rss, _ = blens_child(*args)
+    return seconds, rss
 
 
 def main(argv=None) -> None:
