@@ -21,6 +21,7 @@ from pathlib import Path
 from blens.errors import UserError
 from blens.store.connect import connect_pinned
 
+from . import edit_figures as EF
 from . import figures as F
 from .editing import edit_table1
 from .output import output_dir_problem, replace_directory, stage_dir
@@ -217,8 +218,8 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
         ]
         if con.sql("SELECT count(*) FROM edit_results").fetchall()[0][0]:
             edits = Section("edits", "5. Knowledge editing", "", [edit_table1(con)])
-            edits.figures.append(F.fig_edit_metrics(con, figs / "edit_metrics.png"))
-            cos = F.fig_edit_cosine(con, figs / "edit_update_grad_cosine.png")
+            edits.figures.append(EF.fig_edit_metrics(con, figs / "edit_metrics.png"))
+            cos = EF.fig_edit_cosine(con, figs / "edit_update_grad_cosine.png")
             if cos is not None:
                 edits.figures.append(cos)
             sections.append(edits)
