@@ -77,3 +77,21 @@ def assert_complete(wh) -> int:
     n = con.execute("SELECT count(*) FROM prompts").fetchone()[0]
     con.close()
     return n
+
+
+def extract_writers(wh: Path) -> int:
+    """Processes that have committed extract batches to ``wh`` so far; 0 while the lake is being created (a
+    read-only look beside running writers: poll it at most every half second, an attach costs ~0.1 s of CPU)."""
+    if not (Path(wh) / "catalog.sqlite").exists():
+        return 0
+    try:
+        con = connect(wh)
+    except Exception:  # noqa: BLE001 - the lake is still being created
+        return 0
+    try:
+        return con.execute("SELECT count(DISTINCT writer) FROM commits WHERE kind = 'extract' AND n_keys > 0"
+                           ).fetchone()[0]
+    except Exception:  # noqa: BLE001 - tables not created yet
+        return 0
+    finally:
+        con.close()

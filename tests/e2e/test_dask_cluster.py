@@ -3,7 +3,10 @@
 A real cluster on loopback: one `dask scheduler` and two `dask worker` processes from our venv (one thread
 each), started by the test as an operator would. A real `blens extract` process submits its batches there.
 One worker is killed with SIGKILL while batches are running: Dask reschedules its tasks on the other worker,
-and content keys make a retried batch idempotent, so every key lands exactly once.
+and content keys make a retried batch idempotent, so every key lands exactly once, and the rows equal those of a
+single-process run of the same records and batches (the fan-out schedule is the one `--workers N` uses on a
+local cluster: only who starts the cluster differs, so this also stands for the local one; that both local
+workers write batches is checked in test_process_hygiene.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from builders import ROOT
+from builders import ROOT, blens_in_process
 from blens.store.connect import connect
-from tiny_runs import make_records, write_records
+from tiny_runs import extract_writers, make_records, snapshot, write_records
 
 N = 48
 DONE = re.compile(r"^extract: (\d+)/(\d+) prompts")  # the CLI's progress line per batch on a non-terminal
@@ -73,30 +76,14 @@ def cluster(tmp_path):
             p.wait(timeout=30)
 
 
-def writers_of(wh: Path) -> int:
-    """Worker processes that have committed extract batches so far (0 while the warehouse is being created)."""
-    if not (wh / "catalog.sqlite").exists():
-        return 0
-    try:
-        con = connect(wh)
-    except Exception:  # noqa: BLE001 - the lake is still being created
-        return 0
-    try:
-        return con.execute("SELECT count(DISTINCT writer) FROM commits WHERE kind = 'extract' AND n_keys > 0"
-                           ).fetchone()[0]
-    except Exception:  # noqa: BLE001 - tables not created yet
-        return 0
-    finally:
-        con.close()
-
-
 def test_an_existing_cluster_that_loses_a_worker_keeps_every_key_once(cluster, tmp_path, tiny_model_dir):
     address, workers = cluster
     data = write_records(tmp_path / "cf.json", make_records(N))
     wh = tmp_path / "wh"
+    args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "2", "--threads", "1",
+            "--top-k", "3"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "blens.cli", "extract", "--model", str(tiny_model_dir), "--data", str(data),
-         "--warehouse", str(wh), "--batch-size", "2", "--threads", "1", "--top-k", "3", "--dask-scheduler", address],
+        [sys.executable, "-m", "blens.cli", *args, "--warehouse", str(wh), "--dask-scheduler", address],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)
     lines: list[str] = []
@@ -106,7 +93,7 @@ def test_an_existing_cluster_that_loses_a_worker_keeps_every_key_once(cluster, t
     reader.start()
     try:
         deadline = time.monotonic() + 300
-        while not (any((m := DONE.match(l)) and int(m.group(1)) >= 6 for l in list(lines)) and writers_of(wh) >= 2):
+        while not (any((m := DONE.match(l)) and int(m.group(1)) >= 6 for l in list(lines)) and extract_writers(wh) >= 2):
             assert proc.poll() is None, f"blens extract ended early (rc={proc.returncode}): {lines[-30:]}"
             assert time.monotonic() < deadline, f"never got busy on both workers: {lines[-30:]}"
             time.sleep(0.5)
@@ -135,3 +122,10 @@ def test_an_existing_cluster_that_loses_a_worker_keeps_every_key_once(cluster, t
     finally:
         con.close()
     assert writers == 2, "both workers committed batches (the lost one before it was killed)"
+
+    # The same records and batches in this process (no Dask): the same rows (the run id aside: it hashes the config).
+    single = blens_in_process(*args, "--warehouse", str(tmp_path / "single"), cwd=ROOT)
+    assert single.returncode == 0, single.stderr
+    on_cluster, in_process = snapshot(wh), snapshot(tmp_path / "single")
+    assert {t: [r[1:] for r in rows] for t, rows in on_cluster.items()} == \
+        {t: [r[1:] for r in rows] for t, rows in in_process.items()}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from builders import ROOT
+from tiny_runs import extract_writers
 from blens.store.connect import connect
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
@@ -154,11 +155,17 @@ def survivors(pids: list[int], within: float) -> list[str]:
 @pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "dask-2-workers"])
 def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run, workers):
     """With --workers 2 every Dask worker process used to start an ephemeral API server of its own (from a
-    worker thread), and those servers outlived the killed run too; now the workers use the CLI's server."""
+    worker thread), and those servers outlived the killed run too; now the workers use the CLI's server.
+    With two workers the kill waits until both have committed batches: the local cluster fans out (its rows
+    equal a single-process run's: the same schedule is checked on a running cluster in test_dask_cluster.py)."""
     if workers > 1:
         pytest.importorskip("prefect_dask")
     proc, wh, seen = busy_run("--workers", str(workers), "--prefect")  # the flow, with its ephemeral API server
     kids = wait_until_busy(proc, wh, seen)
+    deadline = time.monotonic() + 240
+    while workers > 1 and extract_writers(wh) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "both local Dask workers should write batches"
+        time.sleep(0.5)
     kids = descendants(proc.pid) or kids  # freshest view right before the kill
     seen.update(kids)
     servers = [k for k in kids if "uvicorn" in cmdline(k)]

@@ -1,5 +1,7 @@
-"""Bulk extraction that survives, with real processes: kill -9 + resume, concurrent shards, Dask workers
-(schedules, retries, token budgets and background commits in-process: tests/flows/test_run_resilience.py).
+"""Bulk extraction that survives, with real processes: kill -9 + resume, concurrent shards (Dask workers: a
+running cluster that loses a worker, equal to a single-process run, in test_dask_cluster.py; a local cluster's two
+workers both writing, in test_process_hygiene.py; schedules, retries, token budgets and background commits
+in-process: tests/flows/test_run_resilience.py).
 
 Everything runs on the tiny random Llama (`tiny_model_dir`) with one torch thread; runs compared
 row for row use batch size 1 like the reference (padding in a bigger batch changes float32 results in
@@ -16,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from builders import ROOT, blens_in_process, kill_session
 from blens.store.connect import connect
-from tiny_runs import assert_complete, cfg_for, snapshot
+from tiny_runs import assert_complete, snapshot
 
 # --- subprocess helpers ---------------------------------------------------------------------------
 
@@ -174,21 +174,3 @@ def test_concurrent_shards_equal_one_run(tmp_path, tiny_model_dir, data12, refer
     runs = con.execute("SELECT run_id, config_json FROM runs").fetchall()
     assert len(runs) == 1 and json.loads(runs[0][1])["shard"] in [f"{i}/{n}" for i in range(n)]
     con.close()
-
-
-# --- scale-out on Dask ------------------------------------------------------------------------------
-
-def test_dask_two_workers_equal_single_process(tmp_path, tiny_model_dir, data12, reference):
-    pytest.importorskip("prefect_dask")
-    from blens.flows.extract_flow import run_extract
-
-    wh = tmp_path / "wh"
-    summary = run_extract(cfg_for(tiny_model_dir, data12, wh, workers=2))
-    assert summary.n_extracted == 12 and summary.n_failed == 0
-    assert snapshot(wh) == reference
-    con = connect(wh)
-    writers = con.execute("SELECT DISTINCT writer FROM commits WHERE kind = 'extract' AND n_keys > 0").fetchall()
-    con.close()
-    assert len(writers) == 2, f"both Dask worker processes should have written batches: {writers}"
-
-
