@@ -105,13 +105,14 @@ def target_token_ids(tokenizer, target: str) -> list[int]:
 def context_prefixes(model: torch.nn.Module, tokenizer, device, hp: RomeHparams = ROME_DEFAULTS) -> list[str]:
     """'' (the bare prompt) plus greedy continuations of ROME's seed words, ROME's "{}"-template text with
     braces removed and '. ' appended."""
-    from .fluency import greedy_continuation
+    from .fluency import greedy_continuations
 
     out = [""]
     for length, count in hp.context_template_length_params:
-        for seed in CONTEXT_SEEDS[:count]:
-            ids = tokenizer(seed, add_special_tokens=False)["input_ids"]
-            text = seed + tokenizer.decode(greedy_continuation(model, ids, length - 1, device))
+        seeds = CONTEXT_SEEDS[:count]
+        ids = [tokenizer(seed, add_special_tokens=False)["input_ids"] for seed in seeds]
+        for seed, gen in zip(seeds, greedy_continuations(model, ids, length - 1, device)):
+            text = seed + tokenizer.decode(gen)
             out.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
     return out
 

@@ -146,3 +146,16 @@ def test_greedy_continuation_with_the_cache_equals_full_forwards(tiny_lm):
         for _ in range(5):
             seq.append(int(tiny_lm.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
     assert got == seq[len(ids):]
+
+
+def test_greedy_continuations_of_a_padded_batch_equal_each_prompt_alone(tiny_lm):
+    """Fluency and ROME's context templates generate for several prompts of different lengths in one
+    left-padded batch: each row is what that prompt alone gives (padding masked, positions shifted back)."""
+    from blens.edit.fluency import greedy_continuation, greedy_continuations
+
+    prompts = [list(prepare_case(make_record(i), tiny_lm.tokenizer).prompt_ids) for i in range(4)]
+    prompts.append(prompts[0][:2])
+    assert len({len(p) for p in prompts}) > 1
+    together = greedy_continuations(tiny_lm.model, prompts, 6, "cpu")
+    assert together == [greedy_continuation(tiny_lm.model, p, 6, "cpu") for p in prompts]
+    assert all(len(g) == 6 for g in together)
