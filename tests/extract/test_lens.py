@@ -269,3 +269,19 @@ def test_vocabulary_tiles_give_the_plain_onednn_lens_exactly(realistic):
     tiled = LogitLens(norm, w, gemm="onednn", tile_cols=4096).project(v, t, K)
     assert agreement(plain, tiled) == {"top_ids": 1.0, "bottom_ids": 1.0, "rank0": 1.0, "rank1": 1.0}
     assert torch.equal(plain.top_logits, tiled.top_logits) and torch.equal(plain.bottom_logits, tiled.bottom_logits)
+
+
+@pytest.mark.parametrize("clean_up", [False, True])
+def test_every_token_decodes_as_the_tokenizer_decodes_it(tokenizer, clean_up):
+    """The vocabulary labels (fast path: the Rust backend's batch decode) equal ``tokenizer.decode([i])``;
+    with transformers' clean-up of spaces asked for, the (slow) Python path is taken, and is equal too."""
+    from blens.extract.tables import decode_each_token
+
+    saved = tokenizer.clean_up_tokenization_spaces
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    try:
+        got = decode_each_token(tokenizer)
+        assert got == [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    finally:
+        tokenizer.clean_up_tokenization_spaces = saved
+    assert len(got) == len(tokenizer) and got[13] == "."
