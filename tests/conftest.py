@@ -35,6 +35,10 @@ from builders import (COUNTERFACT, FACTS, GPT2_TOKENIZER, ROOT, SESSION_RECORDS,
 if _WORKER:  # N workers share the cores: one worker's torch keeps to its share (oversubscribed GEMMs crawl)
     _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     torch.set_num_threads(min(torch.get_num_threads(), _share))
+    # ... and so do the processes it starts (a `blens` CLI without --threads, Dask workers, serve's flow runs):
+    # torch takes its default thread count from it. Two workers' children each spinning two OpenMP
+    # threads on two cores burn CPU waiting at barriers.
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 
 def pytest_sessionstart(session) -> None:

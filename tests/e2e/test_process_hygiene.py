@@ -13,6 +13,7 @@ Descendants are found through /proc/<pid>/task/*/children, recursively, right be
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -152,14 +153,15 @@ def survivors(pids: list[int], within: float) -> list[str]:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "dask-2-workers"])
-def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run, workers):
-    """With --workers 2 every Dask worker process used to start an ephemeral API server of its own (from a
-    worker thread), and those servers outlived the killed run too; now the workers use the CLI's server.
-    With two workers the kill waits until both have committed batches: the local cluster fans out (its rows
-    equal a single-process run's: the same schedule is checked on a running cluster in test_dask_cluster.py)."""
-    if workers > 1:
-        pytest.importorskip("prefect_dask")
+def test_kill9_of_the_cli_alone_leaves_no_process_behind(busy_run):
+    """kill -9 of a `blens extract --prefect --workers 2`: its ephemeral API server (a uvicorn child, ~225 MB)
+    and its two local Dask worker processes all die with it. Every Dask worker process used to start an
+    ephemeral API server of its own (from a worker thread), and those servers outlived the killed run too; now
+    the workers use the CLI's server. (One run covers the plain flow's case too: the server child is the same;
+    without prefect-dask installed it runs in-process.)
+    The kill waits until both workers have committed batches: the local cluster fans out (its rows equal a
+    single-process run's: the same schedule is checked on a running cluster in test_dask_cluster.py)."""
+    workers = 2 if importlib.util.find_spec("prefect_dask") else 1
     proc, wh, seen = busy_run("--workers", str(workers), "--prefect")  # the flow, with its ephemeral API server
     kids = wait_until_busy(proc, wh, seen)
     deadline = time.monotonic() + 240

@@ -1,8 +1,8 @@
 """Racing writer processes: six processes opening a new warehouse at once make one schema; three `blens extract`
-processes at once on the same keys leave one row per key, on a warehouse with its SQLite catalog and in the
-multi-machine setting, a warehouse whose DuckLake catalog is a real
-PostgreSQL server. The Postgres test starts its own server on a loopback port (Debian's `postgresql` package;
-.ci/run installs it) and stops it afterwards; where the binaries are absent it skips and says so."""
+processes at once on the same keys leave one row per key on a warehouse with its SQLite catalog, and two do on
+one whose DuckLake catalog is a real PostgreSQL server (the multi-machine setting). The Postgres test starts its
+own server on a loopback port (Debian's `postgresql` package; .ci/run installs it) and stops it afterwards; where
+the binaries are absent it skips and says so."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_racing_writers_on_a_postgres_catalog(postgres, tmp_path, tiny_model_dir
             "--threads", "1", "--batch-size", "2"]
     first = blens_in_process(*args, "--limit", "1", cwd=ROOT, env=env)
     assert first.returncode == 0, first.stderr
-    race(args, env)
+    race(args, env, n=2)  # two machines' writers: the catalog's own concurrency is what is new here
     os.environ["BLENS_DATA_PATH"] = str(data_path)
     try:
         con = connect(uri)
