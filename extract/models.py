@@ -116,6 +116,9 @@ def wrap_model(model, tokenizer, *, name: str, revision: str = "local", device: 
         p.requires_grad_(False)
     family_for(model)  # fail early on unsupported families
     if getattr(tokenizer, "pad_token_id", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:  # batches are padded; GPT-2-style checkpoints pad with EOS
+            raise ModelLoadError(f"the tokenizer of {name!r} has neither a pad token nor an EOS token to pad "
+                                 "batches with; set one (tokenizer.pad_token = ...) and save it with the model")
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(name=name, revision=revision, model=model, tokenizer=tokenizer, device=dev,
                        source_file=source_file, source_sha256=source_sha256)

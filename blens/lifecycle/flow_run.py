@@ -8,8 +8,8 @@ the crash to the dead server, so the death signal did not end it either: it live
 1.3 GB). So a served flow run binds itself to its parent (:func:`bind_to_serving_process`, called when
 ``blens.flows.serve`` is imported), watches the server (:func:`watch_server`; every batch commits on its own,
 so ending at any moment loses nothing committed), and after a SIGTERM exits within
-:data:`FLOW_RUN_EXIT_GRACE_S` whatever Prefect is still trying to report. Covered by tests/test_serve.py and
-tests/test_serve_server_loss.py. Imports only the standard library.
+:data:`FLOW_RUN_EXIT_GRACE_S` whatever Prefect is still trying to report. Covered by tests/e2e/test_serve.py
+(the flow run that loses its server is the module's last test). Imports only the standard library.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`blens extract --dask-scheduler ADDRESS` on a Dask cluster somebody else started (issue 26).
 
-A real cluster on loopback: one `dask scheduler` and two `dask worker` processes from our venv (one thread
-each), started by the test as an operator would. A real `blens extract` process submits its batches there.
-One worker is killed with SIGKILL while batches are running: Dask reschedules its tasks on the other worker,
+A real cluster on loopback, started by the test as an operator following docs/scale.md would: a `prefect server`
+for the task states, one `dask scheduler` and two `dask worker` processes from our venv (one thread each). A real
+`blens extract` process submits its batches there. One worker is killed with SIGKILL while batches are running: Dask reschedules its tasks on the other worker,
 and content keys make a retried batch idempotent, so every key lands exactly once, and the rows equal those of a
 single-process run of the same records and batches (the fan-out schedule is the one `--workers N` uses on a
 local cluster: only who starts the cluster differs, so this also stands for the local one; that both local
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from builders import ROOT, blens_in_process
+from prefect_serve import start_prefect_server, stop_prefect_server
 from blens.store.connect import connect
 from tiny_runs import extract_writers, make_records, snapshot, write_records
 
@@ -46,12 +47,17 @@ def _free_port() -> int:
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A scheduler and two single-threaded workers on loopback; yields (address, [worker processes])."""
+    """docs/scale.md's recipe on loopback: a Prefect server, a scheduler and two single-threaded workers, the
+    workers with ``PREFECT_API_URL`` (without it each worker starts an ephemeral API of its own); yields
+    (address, [worker processes], API URL)."""
     pytest.importorskip("prefect_dask")
     dask = _venv_tool("dask")
+    home = tmp_path / "prefect-server"
+    home.mkdir()
+    api_url, server = start_prefect_server(home)
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PREFECT_API_URL=api_url)
     logs = tmp_path / "cluster"
     logs.mkdir()
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
@@ -68,24 +74,25 @@ def cluster(tmp_path):
 
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
-        yield address, procs[1:]
+        yield address, procs[1:], api_url
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
+        stop_prefect_server(server)
 
 
 def test_an_existing_cluster_that_loses_a_worker_keeps_every_key_once(cluster, tmp_path, tiny_model_dir):
-    address, workers = cluster
+    address, workers, api_url = cluster
     data = write_records(tmp_path / "cf.json", make_records(N))
     wh = tmp_path / "wh"
     args = ["extract", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "2", "--threads", "1",
             "--top-k", "3"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "blens.cli", *args, "--warehouse", str(wh), "--dask-scheduler", address],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=api_url), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines: list[str] = []
     import threading
 

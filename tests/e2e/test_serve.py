@@ -10,7 +10,9 @@ module. Then a real `blens serve` subprocess, started in a session of its own fr
   and the summary) are on the server;
 - SIGTERM during a second, long run: exit 0 within seconds with one line, the run cancelled on the server
   (not left Running), the schedule paused, no process of the session left;
-- Ctrl-C (SIGINT to the whole process group, as a terminal sends it): the same clean exit.
+- Ctrl-C (SIGINT to the whole process group, as a terminal sends it): the same clean exit;
+- losing the server mid-run (SIGKILL): the flow run ends by itself and serve then stops cleanly (last: it kills
+  the module's server).
 
 And the reason a cancelled run used to go on for 30 s: DuckDB turns a signal's exception into an ordinary
 RuntimeError, which Prefect retried (`termination_kept` restores the signal).
@@ -29,7 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from prefect_serve import FLOW, api, clean_env, run_logs, run_until_logged, session, start_serve, stop, wait_for_state, write_records
+from prefect_serve import (FLOW, api, clean_env, run_logs, run_until_logged, session, start_serve, stop, wait_for_state,
+                           write_records)
+from blens.lifecycle.flow_run import SERVER_CHECK_INTERVAL_S, SERVER_LOST_AFTER
 from blens.commands.serve import STOP_GRACE_S
 from blens.store.connect import connect
 
@@ -156,3 +160,44 @@ def test_a_signal_that_duckdb_drops_still_ends_the_task(monkeypatch):
             with signals.termination_kept():
                 done = True  # the body finished: its handler's exception never reached Python
         assert done and caught.value is exc
+
+
+def test_losing_the_server_ends_the_flow_run_and_serve_stops_cleanly(prefect_server, prefect_server_process, tmp_path,
+                                                                    tiny_model_dir):
+    """Losing the Prefect server mid-run (issue 24): the flow run's process ends by itself (it used to retry
+    events at 35-65 % CPU, and outlive `blens serve` orphaned), and `blens serve` then stops on SIGTERM within
+    seconds, exit 0, one line, nothing left behind (it took 47 s and exited 143). The module's server is killed
+    with SIGKILL while a scheduled run extracts (last in the module; a later test would get a new server)."""
+    url, server = prefect_server, prefect_server_process.proc
+    name = "test-server-loss"
+    write_records(tmp_path / "cf.json", 400)
+    proc = start_serve(url, tmp_path, tiny_model_dir, name)
+    try:
+        dep = api(url, lambda c: c.read_deployment_by_name(f"{FLOW}/{name}"))
+        cfg = {**dep.parameters["cfg"], "batch_size": 1}
+        run_until_logged(url, dep, proc, cfg, "2/400 prompts", timeout=120)
+
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies mid-run
+        server.wait()
+        deadline = time.monotonic() + SERVER_LOST_AFTER * SERVER_CHECK_INTERVAL_S + 30
+        while len(session(proc.pid)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(session(proc.pid)) == 1, f"the flow run outlived its server: {session(proc.pid)}"
+        assert proc.poll() is None  # serve itself waits for the server to come back
+
+        t0 = time.monotonic()
+        n_before = len(proc.out.lines)  # Prefect's own warnings about the lost server come before the signal
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        out = proc.out.text()
+        assert proc.returncode == 0 and took < 20, (proc.returncode, took, out[-3000:])
+        assert "has not answered for" in out and "ending this flow run" in out, out[-3000:]  # the run's one line
+        after = proc.out.lines[n_before:]
+        said = [x for x in after if x.startswith("stopped serving")]
+        assert len(said) == 1 and "unreachable" in said[0], out[-3000:]
+        assert not any("Traceback" in x or "ERROR" in x for x in after), "\n".join(after)[-3000:]
+        assert session(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            stop(proc)
