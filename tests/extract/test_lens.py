@@ -275,7 +275,7 @@ def test_vocabulary_tiles_give_the_plain_onednn_lens_exactly(realistic):
 def test_every_token_decodes_as_the_tokenizer_decodes_it(tokenizer, clean_up):
     """The vocabulary labels (fast path: the Rust backend's batch decode) equal ``tokenizer.decode([i])``;
     with transformers' clean-up of spaces asked for, the (slow) Python path is taken, and is equal too."""
-    from blens.extract.tables import decode_each_token
+    from blens.extract.vocabulary import decode_each_token
 
     saved = tokenizer.clean_up_tokenization_spaces
     tokenizer.clean_up_tokenization_spaces = clean_up
