@@ -11,9 +11,11 @@ prompts, and was never pushed.) The card's ``configs:`` metadata names each tabl
 ``datasets.load_dataset(str(out), "projections", split="train")`` reads a table from the folder as it would from
 the Hub, and ``load_dataset("parquet", data_files=...)`` reads the files without the card.
 
-Rows are read only through the DuckDB views (``queries.connect``), which hide uncommitted and
-superseded batches. They are streamed: the view is read as Arrow record batches, each batch cast to
-the declared types and appended to the Parquet file, so no table is ever held whole in memory.
+Rows are read through a read-only DuckLake connection pinned at one snapshot (``store.connect``), which shows
+only committed, unsuperseded rows. They are streamed: each query is read as Arrow record batches, each batch cast
+to the declared types and appended to the Parquet file, and the tables with rows per token or per layer are read
+a range of commits at a time (``CHUNK_ROWS``), so no table is ever sorted or held whole: publish's peak memory
+stays flat in the warehouse's size (bench/bench_publish_memory.py).
 
 On the Hub a dataset with differently-shaped tables is one *config* per table (a config has one
 schema), so the card declares configs ``prompts``, ``tokens``, ... each with a ``train`` split.
@@ -47,11 +49,11 @@ SPLITS = REQUIRED_SPLITS + OPTIONAL_SPLITS
 
 ORDER_BY = {
     "prompts": "model, case_id, key",
-    "tokens": "key, position",
-    "gradient_ranks": "key, layer, matrix",
-    "projections": "key, site, layer, position",
-    "vectors": "key, site, layer, position",
-    "vjp_similarity": "key, site, layer",
+    "tokens": "batch_id, key, position",  # by commit first: see CHUNK_ROWS
+    "gradient_ranks": "batch_id, key, layer, matrix",
+    "projections": "batch_id, key, site, layer, position",
+    "vectors": "batch_id, key, site, layer, position",
+    "vjp_similarity": "batch_id, key, site, layer",
     "settings": "settings",
     "edit_results": "run_id, case_id, method, layer, lr",
     "runs": "created_at, run_id",
@@ -61,13 +63,22 @@ ORDER_BY = {
 }
 INTERNAL_COLUMNS = ("batch_id",)  # commit bookkeeping, not data
 
+# The tables with rows per token or per layer (~10 M projection rows at 20,000 prompts; with spanning vectors
+# ~1 MB of vectors per prompt) are never sorted whole: DuckDB holds a sort in memory up to its cap, so publish's
+# peak RSS grew with the warehouse. They are read a range of commits (batch_id) at a time, about this many rows per query,
+# each range sorted on its own; DuckLake skips the files (and Parquet the row groups) whose batch_id range lies
+# outside. Their published order is therefore by commit (batch_id), then key: the same rows in the same order
+# whatever the ranges, since ORDER_BY starts with batch_id.
+CHUNK_ROWS = {"tokens": 131_072, "gradient_ranks": 131_072, "projections": 32_768, "vectors": 8_192,
+              "vjp_similarity": 131_072}
+
 # Rows per Arrow batch read from DuckDB (and per Parquet row group): vectors rows are d floats wide.
 BATCH_ROWS = {"vectors": 1024}
 DEFAULT_BATCH_ROWS = 16384
 
 PARQUET_NAME = "train-00000-of-00001.parquet"
-# DuckDB's memory cap while publishing: the ORDER BY of a multi-GB projections table then spills its sort to
-# the staging directory instead of holding it (the default cap is 80 % of RAM: 11.3 GB peak at 20k prompts).
+# DuckDB's memory cap while publishing, a safety net under CHUNK_ROWS: a sort that outgrows it spills to the staging
+# directory instead of growing the process (DuckDB's default cap is 80 % of RAM).
 PUBLISH_MEMORY_LIMIT = "2GB"
 
 class PublishError(UserError, RuntimeError):
@@ -125,14 +136,43 @@ def count_rows(con, table: str) -> int:
     return int(con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0])
 
 
+def batch_ranges(counts: list[tuple[str, int]], max_rows: int) -> list[tuple[str, str]]:
+    """(first, last) batch_id of consecutive runs of ``counts`` ((batch_id, rows), sorted by batch_id) holding at
+    most ``max_rows`` rows each; a batch larger than that is a range of its own."""
+    ranges: list[tuple[str, str]] = []
+    first = last = None
+    rows = 0
+    for batch_id, n in counts:
+        if first is not None and rows + n > max_rows:
+            ranges.append((first, last))
+            first, rows = None, 0
+        if first is None:
+            first = batch_id
+        last, rows = batch_id, rows + n
+    if first is not None:
+        ranges.append((first, last))
+    return ranges
+
+
+def _queries(con, table: str, cols: str) -> Iterable[tuple[str, list]]:
+    """The SQL (and parameters) that read ``table`` in ORDER_BY's order: one query, or one per range of commits."""
+    order = f"ORDER BY {ORDER_BY[table]}"
+    if table not in CHUNK_ROWS:
+        yield f"SELECT {cols} FROM {table} {order}", []
+        return
+    counts = con.execute(f"SELECT batch_id, count(*) FROM {table} GROUP BY batch_id ORDER BY batch_id").fetchall()
+    for first, last in batch_ranges(counts, CHUNK_ROWS[table]):
+        yield f"SELECT {cols} FROM {table} WHERE batch_id BETWEEN ? AND ? {order}", [first, last]
+
+
 def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatch]:
     """The view's rows, in a stable order, as record batches cast to the published schema."""
     cols = ", ".join(f'"{n}"' for n in schema.names)
-    reader = con.execute(f"SELECT {cols} FROM {table} ORDER BY {ORDER_BY[table]}").fetch_record_batch(
-        BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
-    for batch in reader:
-        if batch.num_rows:
-            yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
+    for sql, params in _queries(con, table, cols):
+        reader = con.execute(sql, params).fetch_record_batch(BATCH_ROWS.get(table, DEFAULT_BATCH_ROWS))
+        for batch in reader:
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
 
 
 def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:

@@ -160,6 +160,9 @@ def _memory_capped(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
         con.execute(f"SET memory_limit = {sql_str(before)}")
 
 
+VECTOR_ROW_GROUP_ROWS = 4096  # rows per Parquet row group of the vectors table (see ensure_schema)
+
+
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Tables and catalog views, created once; views are re-created when their SQL changed; tables made by an
     older blens gain the columns they lack (:func:`add_columns`). One transaction; an ordinary open writes nothing."""
@@ -198,3 +201,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         # compaction never merges files across schema versions) and not UPDATE (writes a file each time).
         con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 10, table_name => 'commit_lock')")
         con.execute("INSERT INTO commit_lock SELECT 0, 'init' WHERE NOT EXISTS (SELECT 1 FROM commit_lock)")
+    if "vectors" in missing:
+        # A vectors row is d floats wide (2.3 KB for SmolLM2), so DuckDB's default row group (122,880 rows) would be
+        # ~280 MB once `blens compact` merges batch files, and every reader holds a row group per thread while it
+        # scans. 4,096 rows is ~10 MB. Set once, on a new warehouse; an older one keeps its files as they are.
+        con.execute(f"CALL {LAKE}.set_option('parquet_row_group_size', {VECTOR_ROW_GROUP_ROWS}, "
+                    "table_name => 'vectors')")

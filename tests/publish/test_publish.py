@@ -55,6 +55,36 @@ def test_round_trip_equals_view_rows(warehouse, published, tmp_path, monkeypatch
             assert TRICKY["prompt"] in got["prompt"]
 
 
+def test_batch_ranges_group_consecutive_commits_up_to_a_row_budget():
+    from blens.publish.dataset import batch_ranges
+
+    counts = [("a", 3), ("b", 3), ("c", 5), ("d", 1), ("e", 9)]
+    assert batch_ranges(counts, 6) == [("a", "b"), ("c", "d"), ("e", "e")]  # e alone is over budget: its own range
+    assert batch_ranges(counts, 100) == [("a", "e")]
+    assert batch_ranges(counts, 1) == [(b, b) for b, _ in counts]
+    assert batch_ranges([], 10) == []
+
+
+def test_big_tables_read_a_range_of_commits_at_a_time_in_one_order(extracted, monkeypatch, tmp_path):
+    """projections and vectors are never sorted whole (memory would grow with the warehouse): one query per range
+    of commits gives the same rows in the same order as one query sorted by ORDER_BY."""
+    import pyarrow as pa
+
+    from blens.publish import dataset
+    from blens.store.connect import connect
+
+    con = connect(extracted.path)
+    schema = dataset.arrow_schema(con, "projections")
+    whole = con.sql(f"SELECT {', '.join(schema.names)} FROM projections ORDER BY {dataset.ORDER_BY['projections']}"
+                    ).fetch_arrow_table().cast(schema)
+    monkeypatch.setitem(dataset.CHUNK_ROWS, "projections", 1)  # each of the warehouse's 2 commits its own query
+    queries = list(dataset._queries(con, "projections", "key"))
+    assert len(queries) == 2 and all("BETWEEN" in q for q, _ in queries)
+    chunked = pa.Table.from_batches(list(dataset.stream_batches(con, "projections", schema)), schema=schema)
+    assert chunked.num_rows == whole.num_rows > 0
+    assert chunked.equals(whole)
+
+
 def test_one_on_disk_form(published):
     """Issue 25: Parquet only (an Arrow save_to_disk copy beside it doubled the output and was never pushed)."""
     files = sorted(p.relative_to(published.out).as_posix() for p in published.out.rglob("*") if p.is_file())
