@@ -428,10 +428,19 @@ def deep_warehouse(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deep_report(deep_warehouse, tmp_path_factory):
+def deep_built(deep_warehouse, tmp_path_factory):
+    """The deep warehouse's report, and every matplotlib figure it saved, by file name."""
     from blens.publish.report import build_report
 
-    return build_report(deep_warehouse, tmp_path_factory.mktemp("rep") / "deep", cases=[NBSP["case_id"]])
+    with pytest.MonkeyPatch.context() as mp:
+        figs = _capture_figures(mp)
+        rep = build_report(deep_warehouse, tmp_path_factory.mktemp("rep") / "deep", cases=[NBSP["case_id"]])
+    return rep, figs
+
+
+@pytest.fixture(scope="module")
+def deep_report(deep_built):
+    return deep_built[0]
 
 
 VISIBLE = ("(() => { const vw = window.innerWidth; const all = s => Array.from(document.querySelectorAll(s));"
@@ -449,25 +458,29 @@ VISIBLE = ("(() => { const vw = window.innerWidth; const all = s => Array.from(d
            "  models: all('figure h3').map(h => h.textContent)}); })()")
 
 
-@needs_chromium
-@pytest.mark.parametrize("width", [1280, 1920])
-def test_lens_tables_fit_the_page_at_reading_width(deep_report, width, tmp_path):
-    """At 1280 and 1920 px every layer of every table, every colour bar and figure is on screen: no sideways
-    scroll anywhere; no cell or token label is blank; both models are in the report."""
-    browser = Browser(CHROMIUM)
-    try:
-        session = browser.open(deep_report.index.resolve().as_uri(), width=width, height=2000)
-        state = json.loads(browser.evaluate(session, VISIBLE))
-        errors = browser.console_errors()
-    finally:
-        browser.close()
-    assert errors == []
+def assert_lens_tables_fit(state: dict, width: int) -> None:
+    """VISIBLE's answer at ``width`` px: every layer of every table, every colour bar and figure on screen, no
+    sideways scroll anywhere, no blank cell or token label, both models in the report."""
     assert state["page"] <= state["vw"] == width, state
     assert state["grids"] == 4 and state["layers"] == [30, 30, 4, 4], state  # 2 models x (shift, imprint)
     assert state["off_screen"] == 0 and state["scrolled"] == 0, state
     assert state["colour_bars"] == 4 and state["blank"] == 0, state
     assert state["nbsp_rows"] == 2 + 2 + 1 + 1, state  # a visible row label in every block of every table
     assert state["models"] == [f"Case {NBSP['case_id']} · tiny-gpt2-30", f"Case {NBSP['case_id']} · tiny-gpt2-4"]
+
+
+@needs_chromium
+def test_lens_tables_fit_the_page_at_1920_px(deep_report):
+    """A wide screen: see :func:`assert_lens_tables_fit` (1280 px: test_report_reads_well_at_1280_px)."""
+    browser = Browser(CHROMIUM)
+    try:
+        session = browser.open(deep_report.index.resolve().as_uri(), width=1920, height=2000)
+        state = json.loads(browser.evaluate(session, VISIBLE))
+        errors = browser.console_errors()
+    finally:
+        browser.close()
+    assert errors == []
+    assert_lens_tables_fit(state, 1920)
 
 
 def test_figure6_has_a_row_per_model(deep_report):
@@ -512,18 +525,17 @@ PAGE_AT = ("(() => JSON.stringify({vw: window.innerWidth, page: document.documen
 
 
 @needs_chromium
-def test_report_reads_well_at_1280_px(deep_warehouse, tmp_path, monkeypatch):
-    """A 1280-px wide browser: the page never scrolls sideways, and every figure is shown at a size where its
+def test_report_reads_well_at_1280_px(deep_built, tmp_path):
+    """A 1280-px wide browser: the page never scrolls sideways, every figure is shown at a size where its
     smallest text is at least 10.5 CSS px (about 8 pt, beside the page's 16-px text; Figure 6's 7.5-pt legends,
-    scaled to the page, were 9.9 px with glyphs ~7 px tall). The screenshot is kept (BLENS_SCREENSHOT_1280)."""
-    from blens.publish.report import build_report
-
-    figs = _capture_figures(monkeypatch)
-    rep = build_report(deep_warehouse, tmp_path / "report", cases=[NBSP["case_id"]])
+    scaled to the page, were 9.9 px with glyphs ~7 px tall), and the lens tables fit (:func:`assert_lens_tables_fit`:
+    the same report as ``deep_report``, so one browser checks both). The screenshot is kept (BLENS_SCREENSHOT_1280)."""
+    rep, figs = deep_built
     browser = Browser(CHROMIUM)
     try:
         session = browser.open(rep.index.resolve().as_uri(), width=1280, height=2400)
         state = json.loads(browser.evaluate(session, PAGE_AT))
+        tables = json.loads(browser.evaluate(session, VISIBLE))
         shot = Path(os.environ.get("BLENS_SCREENSHOT_1280", tmp_path / "report-1280.png"))
         browser.screenshot(session, shot)
         errors = browser.console_errors()
@@ -531,6 +543,7 @@ def test_report_reads_well_at_1280_px(deep_warehouse, tmp_path, monkeypatch):
         browser.close()
     assert errors == [] and png_size(shot)[0] == 1280
     assert state["vw"] == 1280 and state["page"] <= 1280, state
+    assert_lens_tables_fit(tables, 1280)
     assert len(state["images"]) == len(rep.figure_files) >= 4
     for img in state["images"]:
         name = Path(img["src"]).name
