@@ -198,6 +198,13 @@ def main(argv=None) -> None:
           f"{toks:.1f} tokens on average)"))
     add(*("marginal rate / FLOP limit", f"{100 * best['none'] / limit:.0f} % (vectors none)"))
     add(*("fixed cost of one blens extract", f"{fixed:.1f} s (T({args.n1}) - {args.n1} / marginal)"))
+    # The same cost seen directly: a whole process for one prompt, best of 3 (this shared host's speed moves by
+    # tens of percent from minute to minute; the formula above also carries the difference between the first N1
+    # prompts and the marginal ones: batches are length-sorted).
+    with tempfile.TemporaryDirectory() as tmp:
+        t_one = min(run_cli(1, "none", Path(tmp) / f"one{i}", args.batch_size, DATA)[0] for i in range(3))
+    add(*("one blens extract of 1 prompt, best of 3", f"{t_one:.1f} s (T(1); less one prompt at the marginal rate: "
+                                                      f"{t_one - 1 / best['none']:.1f} s)"))
     if args.rss_n:
         with tempfile.TemporaryDirectory() as tmp:
             big = str(Path(DATA).with_name("counterfact-edit.json"))
