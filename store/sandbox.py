@@ -24,16 +24,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
-import signal
-import socket
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import duckdb
 
@@ -223,81 +219,35 @@ def private_temp_dir() -> Iterator[str]:
 
 # ------------------------------------------------------------------------------------------- wall 3
 
-# The signals that stop a query at once (the CLI's handlers make them an interrupt of the command).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 @contextmanager
-def _signal_wakeups(set_wakeup_fd: Callable = signal.set_wakeup_fd) -> Iterator[socket.socket | None]:
-    """A socket that receives a byte per signal the process gets while the block runs (``signal.set_wakeup_fd``),
-    or None outside the main thread (only it may set the wake-up fd). Python runs its signal handlers in the main
-    thread between bytecodes, so while DuckDB runs a query there the handler waits for the query; the C-level
-    handler's byte arrives at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield None
-        return
-    receive, send = socket.socketpair()
-    send.setblocking(False)
-    previous = set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-    try:
-        yield receive
-    finally:  # names bound at definition: a signal's exception can leave this to the interpreter's teardown
-        set_wakeup_fd(previous)
-        receive.close()
-        send.close()
-
-
-@contextmanager
-def time_limit(con: duckdb.DuckDBPyConnection, seconds: float, signalled: Callable[[], bool] = lambda: False,
-               *, _query_error: type = duckdb.Error, _limit: type = QueryLimit) -> Iterator[None]:
-    """Interrupt ``con`` after ``seconds``, or at once on SIGINT / SIGTERM; DuckDB's InterruptException becomes a
-    QueryLimit naming --timeout when the time ran out. On a signal the query's error goes up as it is: the signal's
-    own handler has the last word (the CLI says "interrupted", exit 130 / 143). Without the signal watch a Ctrl-C
-    of a long query waited for the query, i.e. for the CLI's exit watchdog 20 s later. ``signalled()``, polled
-    twice a second, reports a signal that arrived before the watch began (DuckDB can run Python's handler inside
-    an earlier call, the ATTACH, and keep its exception: the query would then start as if nothing happened)."""
+def time_limit(con: duckdb.DuckDBPyConnection, seconds: float, *, _query_error: type = duckdb.Error,
+               _limit: type = QueryLimit) -> Iterator[None]:
+    """Interrupt ``con`` after ``seconds``; DuckDB's InterruptException becomes a QueryLimit naming --timeout.
+    (A signal stops the query through ``blens.lifecycle.signals.interrupting``. ``_query_error`` and ``_limit`` are
+    bound at definition: a signal's exception can leave this generator to the interpreter's teardown, after
+    module globals are gone.)"""
     fired = threading.Event()
     done = threading.Event()
 
-    def stop(wakeups: socket.socket | None) -> None:
-        deadline = time.monotonic() + seconds
-        while not done.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                fired.set()
-                break
-            if signalled():
-                break
-            if wakeups is None:
-                done.wait(min(left, 0.5))
-                continue
-            ready, _, _ = select.select([wakeups], [], [], min(left, 0.5))
-            if ready and not done.is_set():
-                try:
-                    got = wakeups.recv(64)
-                except OSError:  # closed: the block ended
-                    return
-                if any(b in STOP_SIGNALS for b in got):
-                    break
+    def stop() -> None:
+        if done.wait(seconds):
+            return
+        fired.set()
         while not done.is_set():  # again until it ends: an interrupt between two statements reaches neither
             con.interrupt()
             done.wait(0.2)
 
-    with _signal_wakeups() as wakeups:
-        watcher = threading.Thread(target=stop, args=(wakeups,), name="blens-sql-timeout", daemon=True)
-        watcher.start()
-        # (names bound as arguments: a signal's exception can leave this generator to the interpreter's teardown,
-        # after module globals are gone)
-        try:
-            yield
-        except _query_error:
-            if fired.is_set():
-                raise _limit(f"the query ran longer than {seconds:g} s and was stopped (raise the limit with "
-                             "--timeout SECONDS)") from None
-            raise
-        finally:
-            done.set()
-            watcher.join(1.0)  # out of select before the socket closes
+    watcher = threading.Thread(target=stop, name="blens-sql-timeout", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except _query_error:
+        if fired.is_set():
+            raise _limit(f"the query ran longer than {seconds:g} s and was stopped (raise the limit with "
+                         "--timeout SECONDS)") from None
+        raise
+    finally:
+        done.set()
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyConnection:

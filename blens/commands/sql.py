@@ -8,7 +8,7 @@ from typing import Iterator, Literal, Optional
 
 import typer
 
-from blens.lifecycle.signals import first_signal, set_interrupt_note
+from blens.lifecycle.signals import first_signal, interrupting, set_interrupt_note
 from blens.store.query_limits import DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT_S
 
 from . import options
@@ -67,7 +67,7 @@ def sql(
         except (FileNotFoundError, WarehouseError) as exc:
             fail(one_line(exc) + _snapshot_hint(warehouse, as_of, None, exc))
         try:
-            with sandbox.time_limit(con, timeout, signalled=lambda: first_signal() is not None):
+            with interrupting(con.interrupt), sandbox.time_limit(con, timeout):  # Ctrl-C stops the query at once
                 rel = sandbox.run_query(con, query)
                 cols = [d[0] for d in rel.description] if rel.description else []
                 _print(rel if rel.description else None, cols, fmt, max_rows)
@@ -76,7 +76,7 @@ def sql(
         except (sandbox.QueryRefused, sandbox.QueryLimit) as exc:
             fail(one_line(exc))
         except duckdb.Error as exc:
-            if first_signal() is not None:  # Ctrl-C / SIGTERM stopped the query (sandbox.time_limit): the guard
+            if first_signal() is not None:  # Ctrl-C / SIGTERM stopped the query (interrupting): the guard
                 raise  # prints the one "interrupted" line and exits 130 / 143
             limit_exc = sandbox.memory_error(exc, limit)
             # DuckDB's whole message, on one line: the hints (candidates, LINE n) are the useful part

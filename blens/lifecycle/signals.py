@@ -5,6 +5,8 @@
 * Every termination signal's exception is recorded (:func:`termination_raised`), whoever raised it (our handler,
   or Prefect's in-flow SIGTERM handler made quiet by :func:`blens.lifecycle.prefect.quiet_sigterm_bridge`), so
   that :func:`termination_kept` can raise it again where DuckDB turned it into an ordinary error or lost it.
+* :func:`interrupting` stops a long C call (a DuckDB query) at the signal, from a thread woken by the C-level
+  handler: Python's own handler would wait for the call to end.
 * The exit watchdog ends the process within :data:`EXIT_GRACE_S` of the first signal whatever happens, and the
   unraisable hook delivers again a signal whose exception Python dropped (in a gc callback or ``__del__``).
 
@@ -18,15 +20,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
 
 __all__ = ["EXIT_GRACE_S", "RESUME_NOTE", "Interrupted", "allow_exit_grace", "first_signal", "forget_terminations",
-           "installed", "say_interrupted", "set_interrupt_note", "termination_hooks", "termination_kept",
-           "termination_raised"]
+           "installed", "interrupting", "say_interrupted", "set_interrupt_note", "termination_hooks",
+           "termination_kept", "termination_raised"]
 
 
 class Interrupted(BaseException):
@@ -223,3 +227,56 @@ def installed() -> Iterator[None]:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             sys.unraisablehook = previous_unraisable
+
+
+# --- signals while the main thread is inside C ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupting(stop: Callable[[], None], set_wakeup_fd: Callable = signal.set_wakeup_fd) -> Iterator[None]:
+    """While the block runs, SIGINT or SIGTERM calls ``stop()`` at once from a thread, and again every 0.2 s until
+    the block ends (a DuckDB interrupt between two statements reaches neither).
+
+    Python runs a signal's handler in the main thread between bytecodes, so while the main thread sits in one long
+    C call (a DuckDB query) the handler, and the :class:`Interrupted` it raises, wait for the call to end: a Ctrl-C
+    of a long `blens sql` query waited for the exit watchdog, 20 s. The C-level handler writes the signal's number
+    to the wake-up fd (``signal.set_wakeup_fd``) at once; a thread here reads it. A signal our handler recorded
+    before the block (DuckDB can run the handler inside an earlier call and keep its exception) counts too.
+    Outside the main thread (which alone may set the wake-up fd) it only watches that record.
+    ``set_wakeup_fd`` is bound at definition: a signal's exception can leave this generator to the interpreter's
+    teardown, after module globals are gone."""
+    done = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    receive, send = socket.socketpair() if main else (None, None)
+    previous = None
+    if send is not None:
+        send.setblocking(False)
+        previous = set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while not done.is_set() and not _interrupted:
+            if receive is None:
+                done.wait(0.5)
+                continue
+            ready, _, _ = select.select([receive], [], [], 0.5)
+            if ready and not done.is_set():
+                try:
+                    got = receive.recv(64)
+                except OSError:  # closed: the block ended
+                    return
+                if signal.SIGINT in got or signal.SIGTERM in got:
+                    break
+        while not done.is_set():
+            stop()
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, name="blens-signal-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(1.0)  # out of select before the socket closes
+        if send is not None:
+            set_wakeup_fd(previous)
+            receive.close()
+            send.close()

@@ -307,6 +307,6 @@ def test_sigint_of_sql_promises_no_resume(site):
     took = time.monotonic() - t0
     assert p.returncode == 130, err
     assert "interrupted" in err and "resume" not in err and "Traceback" not in err and "ignored" not in err, err
-    # the query stops at the signal (sandbox.time_limit interrupts it), not when the exit watchdog ends the
+    # the query stops at the signal (lifecycle.signals.interrupting interrupts it), not when the exit watchdog ends the
     # process 20 s later (what a Ctrl-C of a long query did while DuckDB kept Python's handler waiting)
     assert took < 10, f"took {took:.1f} s to stop"
