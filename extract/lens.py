@@ -33,6 +33,7 @@ from typing import Iterator
 
 import torch
 
+from .extremes import grouped_topk
 from .lens_tiles import CPU_TILE_COLS, TILED_MIN_VOCAB, TiledUnembedding
 
 CPU_BLOCK_ROWS = 64  # a 64 x V logits block stays in cache for the top-k and rank passes
@@ -216,8 +217,8 @@ class LogitLens:
             for s in range(0, N, rows):
                 logits = self._logits(self.norm(vectors[s : s + rows].float()))
                 e = s + logits.shape[0]
-                torch.topk(logits, k, dim=-1, out=(out.top_logits[s:e], out.top_ids[s:e]))
-                torch.topk(logits, k, dim=-1, largest=False, out=(out.bottom_logits[s:e], out.bottom_ids[s:e]))
+                out.top_logits[s:e], out.top_ids[s:e] = grouped_topk(logits, k)
+                out.bottom_logits[s:e], out.bottom_ids[s:e] = grouped_topk(logits, k, largest=False)
                 _count_ranks(logits, logits.gather(1, targets[s:e]), scratch[: e - s], counts[:, s:e])
                 del logits  # before the next block's logits are allocated, so they can reuse its memory
         out.target_ranks = counts.T.long()

@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+from .extremes import grouped_topk
+
 CPU_TILE_COLS = 4096  # a 4k x d fp32 tile (10 MB at d = 640) stays in cache while every row block passes
 CPU_TILE_ROWS = 512  # rows per block: 512 x 4096 logits (8 MB) for the top-k and rank passes
 TILED_MIN_VOCAB = 131072  # below this the whole unembedding stays cached and the plain lens is as fast
@@ -109,7 +111,7 @@ def _merge_best(logits: torch.Tensor, c0: int, s: int, best: dict, k: int) -> No
         if rows.numel() == 0:
             continue
         sub = logits if rows.numel() == logits.shape[0] else logits.index_select(0, rows)
-        v, ix = torch.topk(sub, min(k, logits.shape[1]), dim=-1, largest=largest)
+        v, ix = grouped_topk(sub.contiguous(), min(k, logits.shape[1]), largest=largest)
         g = rows + s
         merged_v, pos = torch.topk(torch.cat([vals[g], v], 1), k, dim=-1, largest=largest)
         ids[g] = torch.cat([ids[g], ix + c0], 1).gather(1, pos)

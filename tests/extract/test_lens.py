@@ -234,14 +234,15 @@ def test_fp32_lens_allocates_one_logits_sized_buffer_per_block(gemm):
     Per 64-row block the fp32 lens may allocate the block's logits and nothing else of that size; the
     comparison scratch is allocated once per call. The previous form (``(logits > t).sum(dtype=int32)``)
     allocated a bool copy and an int32 copy per target and block, and that churn is what let glibc's
-    heap grow by ~20 MB per block in some runs (2 GB for one 6,400-row call on SmolLM2)."""
+    heap grow by ~20 MB per block in some runs (2 GB for one 6,400-row call on SmolLM2). The vocabulary is
+    SmolLM2's size: the top-k's candidates (k x 64 per row, extract/extremes.py) are then 1/77 of a block."""
     from blens.extract.lens import onednn_available
     from torch.profiler import ProfilerActivity, profile
 
     if gemm == "onednn" and not onednn_available(torch.device("cpu")):
         pytest.skip("this torch build has no oneDNN linear")
     g = torch.Generator().manual_seed(0)
-    V, d, blocks, rows = 4096, 64, 6, 64
+    V, d, blocks, rows = 49152, 64, 6, 64
     norm = torch.nn.RMSNorm(d)
     lens = LogitLens(norm, torch.randn(V, d, generator=g), chunk_rows=rows, gemm=gemm)
     x = torch.randn(blocks * rows, d, generator=g)
