@@ -33,10 +33,11 @@ from typing import Iterator
 
 import torch
 
-from .extremes import grouped_topk
+from .extremes import GROUP, group_extremes, groups_pay, topk_of_groups
 from .lens_tiles import CPU_TILE_COLS, TILED_MIN_VOCAB, TiledUnembedding
 
-CPU_BLOCK_ROWS = 64  # a 64 x V logits block stays in cache for the top-k and rank passes
+CPU_BLOCK_ROWS = 64  # rows per GEMM on CPU
+PASS_ROWS = 16  # CPU: rows per pass over a block's logits (16 x 49,152 fp32 = 3 MB, read from cache by every pass)
 DEVICE_BLOCK_ROWS = (256, 8192)  # bounds of a CUDA block; beyond 8192 rows the GEMM is already device-bound
 DEVICE_LENS_MEMORY_FRACTION = 0.25  # share of the free GPU memory one lens block may take
 LENS_BYTES_PER_LOGIT = 12  # per row and token of a block: fp32 logits, the fp32 rank scratch, top-k workspace
@@ -212,14 +213,33 @@ class LogitLens:
                 return LensResult(*self.tiled.project(self.norm(vectors.float()), targets, k))
         out = _empty_result(N, k, n_t, vectors.device)
         counts = torch.empty((n_t, N), dtype=torch.float32, device=vectors.device)  # exact: V < 2^24
-        scratch = torch.empty((min(rows, N), self.w.shape[0]), dtype=torch.float32, device=vectors.device)
+        V = self.w.shape[0]
+        grouped = vectors.device.type == "cpu" and groups_pay(V, k)
+        if grouped:  # CPU: each pass runs over a few rows at a time, while they are in cache
+            passes = min(PASS_ROWS, rows)
+            extremes = torch.empty((2, min(rows, N), V // GROUP), dtype=torch.float32)
+        else:  # CUDA (or a k too large for groups): one pass over the whole block, torch's topk
+            passes = rows
+        scratch = torch.empty((min(passes, N), V), dtype=torch.float32, device=vectors.device)
         with torch.inference_mode():
             for s in range(0, N, rows):
                 logits = self._logits(self.norm(vectors[s : s + rows].float()))
                 e = s + logits.shape[0]
-                out.top_logits[s:e], out.top_ids[s:e] = grouped_topk(logits, k)
-                out.bottom_logits[s:e], out.bottom_ids[s:e] = grouped_topk(logits, k, largest=False)
-                _count_ranks(logits, logits.gather(1, targets[s:e]), scratch[: e - s], counts[:, s:e])
+                tl = logits.gather(1, targets[s:e])
+                for p in range(0, e - s, passes):
+                    q = min(p + passes, e - s)
+                    part = logits[p:q]
+                    if grouped:
+                        group_extremes(part, largest=True, out=extremes[0, p:q])
+                        group_extremes(part, largest=False, out=extremes[1, p:q])
+                    _count_ranks(part, tl[p:q], scratch[: q - p], counts[:, s + p : s + q])
+                if grouped:
+                    out.top_logits[s:e], out.top_ids[s:e] = topk_of_groups(logits, extremes[0, : e - s], k)
+                    out.bottom_logits[s:e], out.bottom_ids[s:e] = topk_of_groups(logits, extremes[1, : e - s], k,
+                                                                                 largest=False)
+                else:
+                    torch.topk(logits, k, dim=-1, out=(out.top_logits[s:e], out.top_ids[s:e]))
+                    torch.topk(logits, k, dim=-1, largest=False, out=(out.bottom_logits[s:e], out.bottom_ids[s:e]))
                 del logits  # before the next block's logits are allocated, so they can reuse its memory
         out.target_ranks = counts.T.long()
         return out
