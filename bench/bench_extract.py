@@ -56,14 +56,16 @@ def machine() -> str:
 # The peak is read from VmHWM (this process image's own high-water mark), not getrusage's ru_maxrss: Python
 # starts children with vfork + exec, and Linux carries the parent's peak RSS across that exec into the child's
 # ru_maxrss, so every `blens extract` child reported at least this benchmark's own ~3 GB peak.
+# Written at exit (atexit): once torch is loaded the CLI ends through os._exit after its atexit handlers
+# (blens.lifecycle.ending), so a ``finally`` around the module would never run.
 RUN_CLI = """
-import runpy, sys
-sys.argv = ["blens"] + sys.argv[1:]
-try:
-    runpy.run_module("blens.cli", run_name="__main__")
-finally:
+import atexit, runpy, sys
+def _peak():
     hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")]
     sys.stderr.write("BENCH_MAXRSS_KB=%s\\n" % (hwm[0] if hwm else "nan"))
+atexit.register(_peak)
+sys.argv = ["blens"] + sys.argv[1:]
+runpy.run_module("blens.cli", run_name="__main__")
 """
 
 

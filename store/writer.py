@@ -18,6 +18,7 @@ reader sees and ``blens compact`` deletes). Inside it:
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
@@ -78,6 +79,8 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
                     RetryPolicy(max_tries=8).run(lambda: ensure_schema(con))
             except OSError as exc:
                 raise WarehouseError(f"warehouse {str(location)!r} is not writable: {exc.strerror or exc}") from None
+            if not _CONNECTIONS:
+                atexit.register(close_writers)  # also run by the CLI's fast process end (blens.lifecycle.ending)
             _CONNECTIONS[loc] = con
             _OWNER[loc] = threading.get_ident()
     if _OWNER[loc] == threading.get_ident():
@@ -89,6 +92,18 @@ def writer_connection(location: str | os.PathLike) -> duckdb.DuckDBPyConnection:
         cur.execute("SET enable_progress_bar = false")
         cur.execute(f"USE {LAKE}")
     return cur
+
+
+def close_writers() -> None:
+    """Close this process's writer connections: at exit, so that the catalog is closed as by the interpreter's
+    teardown, which the CLI's process end skips (blens.lifecycle.ending)."""
+    with _CONNECTIONS_LOCK:
+        for loc in list(_CONNECTIONS):
+            try:
+                _CONNECTIONS.pop(loc).close()
+            except duckdb.Error:  # closing at exit: nothing left to do about it
+                pass
+            _OWNER.pop(loc, None)
 
 
 def init_warehouse(location: str | os.PathLike) -> str | os.PathLike:

@@ -10,6 +10,8 @@ are imported inside the functions that need them), so every command, `blens --he
 * :mod:`.children`  no child process outlives us (``PR_SET_PDEATHSIG``).
 * :mod:`.prefect`   the Prefect environment of our processes: quiet logs, the ephemeral API server armed to die
                     with us, Prefect's in-flow SIGTERM handler made quiet.
+* :mod:`.ending`    the process's end: a normal exit's steps (threads, ``atexit``, flushed streams), without
+                    the interpreter teardown that costs ~0.9 s once torch is loaded.
 * :mod:`.flow_run`  a flow-run process that `blens serve` started: it dies with it, and ends itself when the
                     Prefect server is gone.
 

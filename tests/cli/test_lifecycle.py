@@ -101,9 +101,58 @@ def test_lifecycle_modules_import_nothing_heavy():
     """The guard runs for every command, `blens --help` included, and every domain package imports
     blens.errors: none of them may pull in torch, Prefect, DuckDB or rich at import time."""
     code = ("import sys, json; import blens.errors, blens.lifecycle.guard, blens.lifecycle.signals, "
-            "blens.lifecycle.prefect, blens.lifecycle.children, blens.lifecycle.flow_run; "
+            "blens.lifecycle.prefect, blens.lifecycle.children, blens.lifecycle.flow_run, blens.lifecycle.ending; "
             "print(json.dumps(sorted(m for m in ('torch', 'prefect', 'duckdb', 'pyarrow', 'rich', 'typer') "
             "if m in sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+# A process that ends through end_process: a non-daemon thread still working, a thread pool with a queued task,
+# an atexit handler, and output still in stdout's buffer (a pipe: block-buffered).
+ENDING = r"""
+import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from blens.lifecycle.ending import end_process
+log = open(sys.argv[1], "a", buffering=1)
+atexit.register(lambda: log.write("atexit\n"))
+def late():
+    time.sleep(0.3)
+    log.write("thread\n")
+threading.Thread(target=late).start()
+pool = ThreadPoolExecutor(1)
+pool.submit(time.sleep, 0.2)
+pool.submit(lambda: log.write("pool\n"))
+sys.stdout.write("still buffered")
+end_process(3)
+log.write("after\n")
+"""
+
+
+def test_the_process_end_does_what_a_normal_exit_does_before_its_teardown(tmp_path):
+    """blens.lifecycle.ending.end_process: non-daemon threads and thread pools finish first, then the atexit
+    handlers run, buffered output is written, and the status is the one asked for; nothing after it runs."""
+    log = tmp_path / "log"
+    proc = subprocess.run([sys.executable, "-c", ENDING, str(log)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "still buffered"
+    assert log.read_text().splitlines() == ["pool", "thread", "atexit"]
+
+
+def test_the_cli_keeps_its_exit_status_and_atexit_handlers_when_it_ends_early(tmp_path):
+    """`python -m blens.cli` with torch loaded ends through end_process (blens.cli.main): a model that cannot be
+    loaded is still one error line and exit 2, and the atexit handlers ran (here: one that reports torch)."""
+    traced = ("import atexit, runpy, sys; sys.argv = ['blens'] + sys.argv[1:]; "
+              "atexit.register(lambda: sys.stderr.write('TORCH=%s\\n' % ('torch' in sys.modules))); "
+              "runpy.run_module('blens.cli', run_name='__main__')")
+    data = tmp_path / "cf.json"
+    data.write_text('[{"case_id": 0, "requested_rewrite": {"prompt": "{} is in", "subject": "Paris", '
+                    '"target_new": {"str": "Rome"}, "target_true": {"str": "France"}}}]')
+    (tmp_path / "no-model").mkdir()
+    proc = subprocess.run([sys.executable, "-c", traced, "extract", "--model", str(tmp_path / "no-model"), "--data",
+                           str(data), "--warehouse", str(tmp_path / "wh")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "TORCH=True" in proc.stderr  # the model load had imported torch: the early end was taken
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")], proc.stderr

@@ -22,14 +22,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "prefect", "pandas")
 
-# Runs the CLI like the `blens` script and reports which heavy modules the process imported.
+# Runs the CLI like the `blens` script and reports which heavy modules the process imported (at exit: once torch
+# is loaded the CLI ends through os._exit after the atexit handlers, blens.lifecycle.ending).
 TRACED = r"""
-import json, runpy, sys
+import atexit, json, runpy, sys
 sys.argv = ["blens"] + sys.argv[1:]
-try:
-    runpy.run_module("blens.cli", run_name="__main__")
-finally:
-    sys.stderr.write("LOADED=" + json.dumps(sorted(m for m in %r if m in sys.modules)) + "\n")
+atexit.register(lambda: sys.stderr.write("LOADED=" + json.dumps(sorted(m for m in %r if m in sys.modules)) + "\n"))
+runpy.run_module("blens.cli", run_name="__main__")
 """ % (HEAVY,)
 
 
