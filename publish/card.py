@@ -173,7 +173,7 @@ def render_card(con, splits: dict, *, repo_id: str | None = None, snapshot: int 
     md.append("Each table is a config with one `train` split (the tables have different columns), stored as Parquet "
               "under `data/<table>/`, locally and on the Hub alike.\n")
     for name, s in splits.items():
-        md.append(f"### `{name}` — {s.num_rows:,} rows\n")
+        md.append(f"### `{name}` — {s.num_rows:,} row{'' if s.num_rows == 1 else 's'}\n")
         md.append(SPLIT_DOCS.get(name, "") + "\n")
         md.append(column_table(name, s.features) + "\n")
 

@@ -5,10 +5,11 @@ settings."""
 from __future__ import annotations
 
 from .markdown import _md_escape, _md_table, public_name
+from .numbers import percent
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
+    return "–" if x is None else f"{percent(x)}%"
 
 
 def _by_layer(rows: list[tuple]) -> dict[int, dict[str, tuple]]:

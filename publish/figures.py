@@ -9,6 +9,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .numbers import percent
+
 SEGMENT_COLORS = {"subject": "#d62728", "last": "#1f77b4", "other": "#7f7f7f"}
 # ROME's causal-tracing roles (tokens.role), in prompt order, with the colours of Figure 5
 ROLE_COLORS = {"bos": "#bcbd22", "before_subject": "#c7c7c7", "first_subject": "#ff9896",
@@ -138,8 +140,8 @@ def fig_rank_equals_length(con, path: Path) -> Figure:
         below = [r[4] for r in mrows if r[2] < top]
         last = [r[4] for r in mrows if r[2] == top]
         layers, worst = dips[model]
-        summary.append(f"{model}: {100 * (sum(below) / len(below) if below else float('nan')):.0f}% on average "
-                       f"below the last layer, {100 * sum(last) / len(last):.0f}% at the last layer; "
+        summary.append(f"{model}: {percent(sum(below) / len(below)) if below else 'nan'}% on average "
+                       f"below the last layer, {percent(sum(last) / len(last))}% at the last layer; "
                        + (f"some prompts below n at layers {_ranges(layers)} (at most {100 * worst:.1f}% of prompts)"
                           if layers else "no prompt below n before the last layer"))
     ax.set_ylabel("prompts with rank(dL/dW) = n  [%]")
@@ -295,8 +297,8 @@ def fig_target_rank(con, path: Path) -> Figure:
             notes.append(f"{model} (V = {vocab:,}, {last[0]['n']} prompts): at the last token the median rank of "
                          f"target_new peaks at "
                          f"{best['median_target_new_rank']:,.0f} (layer {best['layer']}); in the upper half of the "
-                         f"layers it is among the bottom-k tokens for {100 * share:.0f}% of prompts, target_true "
-                         f"for {100 * share_true:.0f}%")
+                         f"layers it is among the bottom-k tokens for {percent(share)}% of prompts, target_true "
+                         f"for {percent(share_true)}%")
     _save(fig, path)
     caption = ("Rank of the new target's first token (left) and, as a control, of the true object's (middle) among "
                "all V vocabulary tokens when the FF2 VJP δᵢ is projected through the logit lens, at the last token "

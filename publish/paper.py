@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .numbers import percent
+
 MLP = ("ff1", "ff1_gate", "ff2")
 MIN_GROUP = 10  # prompts a split group needs before its reading counts as a full "holds"
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_o")
@@ -53,13 +55,8 @@ class Scope:
 
 
 def _pct(x: float | None) -> str:
-    """A share as a percentage that never rounds a non-1 value up to 100 % (0.995 -> '99.5 %')."""
-    if x is None:
-        return "n/a"
-    v = 100 * x
-    if v != 100 and round(v) == 100:
-        return f"{v:.1f} %"
-    return f"{v:.0f} %"
+    """A share as a percentage that never rounds a non-1 value up to 100 % (0.995 -> '99.5 %'): publish/numbers.py."""
+    return "n/a" if x is None else f"{percent(x)} %"
 
 
 def scopes(con) -> list[Scope]:

@@ -170,7 +170,7 @@ def test_load_dataset_parquet_offline(published, tmp_path, monkeypatch):
 def _column_tables(card: str) -> dict[str, list[list[str]]]:
     """The card's column tables: table name -> rows of (column, type, meaning) cells, as written."""
     out = {}
-    for name, block in re.findall(r"^### `(\w+)` — [\d,]+ rows\n(.*?)(?=^#|\Z)", card, flags=re.S | re.M):
+    for name, block in re.findall(r"^### `(\w+)` — [\d,]+ rows?\n(.*?)(?=^#|\Z)", card, flags=re.S | re.M):
         rows = [line for line in block.splitlines() if line.startswith("| `")]
         out[name] = [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
     return out
