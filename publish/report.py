@@ -24,6 +24,7 @@ from blens.store.connect import connect_pinned
 from . import edit_figures as EF
 from . import figures as F
 from .editing import edit_table1
+from .markdown import dataset_name, public_name
 from .output import output_dir_problem, replace_directory, stage_dir
 from .tokens import _plain, case_grid, grid_caption
 
@@ -230,7 +231,9 @@ def build_report(warehouse: str | os.PathLike, out: str | os.PathLike, *, cases:
                        "ORDER BY r.created_at").fetchall()
         from blens.extract.registry import describe
 
-        runs = [(run_id, model, describe(model), *rest) for run_id, model, *rest in runs]
+        # named as the dataset card names them: the extracting machine's folders are not part of a report
+        runs = [(run_id, public_name(model), describe(model), rev, dataset_name(dataset), n)
+                for run_id, model, rev, dataset, n in runs]
         models = sorted({r[0] for r in con.sql("SELECT DISTINCT model FROM prompts").fetchall()})
         title = f"Backward Lens report — {', '.join(models)}"
         generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f" from warehouse snapshot {snapshot}"

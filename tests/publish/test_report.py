@@ -616,3 +616,20 @@ def test_figure3_shows_the_dips_below_n(tmp_path, monkeypatch):
                 (_, y_dip), (_, y_flat) = ax.transData.transform([(dip, ys[xs.index(dip)]), (flat, ys[xs.index(flat)])])
                 best = max(best, abs(y_dip - y_flat))
     assert best >= 15, best
+
+
+def test_runs_table_names_data_and_models_without_the_machines_folders(report, warehouses):
+    """The report names a run's data file and a local model as the dataset card does (publish/markdown.py): by
+    their last part. It used to print the extracting machine's full path to the data file."""
+    from blens.store.connect import connect
+
+    con = connect(warehouses["edits"])
+    runs = con.sql("SELECT dataset, model FROM runs").fetchall()
+    con.close()
+    page = report.index.read_text()
+    runs_table = re.search(r'<table class="runs"><tr><th>run</th>.*?</table>', page, flags=re.S).group(0)
+    for dataset, model in runs:
+        for value in (dataset, model):
+            if "/" in value:
+                assert value not in page, value
+        assert f"<td>{Path(dataset).stem if '/' in dataset else dataset}</td>" in runs_table
