@@ -60,8 +60,9 @@ for _name in COMMANDS:
 
 def main() -> None:
     """The process entry point (the `blens` script, ``python -m blens.cli``): the app, then, once torch is
-    loaded, an end without the interpreter's ~0.9 s teardown (:mod:`blens.lifecycle.ending`). A bug's
-    traceback and an interrupt still end the ordinary way."""
+    loaded, an end without the interpreter's ~0.9 s teardown (:mod:`blens.lifecycle.ending`), with the status
+    the app exits with (0, 2 for a user error, 128 + signal after an interrupt's line). A bug's traceback
+    (an exception other than SystemExit) still ends the ordinary way."""
     import sys
 
     try:

@@ -12,8 +12,8 @@ k chosen groups would have a max > v as well: k + 1 distinct elements above v, b
 element above v is a candidate. If an element equal to v is not a candidate, its group's max is >= v, so are
 the k chosen groups' maxima, and those are k distinct candidates >= v; else every element equal to v is one.
 Either way the k largest candidates are k largest values of the row. (A shorter last group, when ``group``
-does not divide the row, is simply always a candidate: more candidates never break the argument.) Which *indices* are returned among elements that tie
-exactly at v is, as with ``torch.topk``, unspecified.
+does not divide the row, is simply always a candidate: more candidates never break the argument.) Which
+*indices* are returned among elements that tie exactly at v is, as with ``torch.topk``, unspecified.
 """
 
 from __future__ import annotations

@@ -20,9 +20,8 @@ comparison per target. It is only *organised* for speed, never changed numerical
 On CUDA (docs/gpu.md) the fp32 lens is the same code with other block sizes: as many rows as a share of the
 free GPU memory allows (:func:`lens_block_rows`), one pass over the whole block and torch's own ``topk``,
 cuBLAS ``h @ W.T`` with TF32 off (:func:`fp32_exact`), results written into device tensors sized for the
-whole call. Nothing in the block loop reads a value back
-to the host (tests/test_gpu_paths.py checks this through the dispatcher), so the results leave the device in
-the caller's one copy per batch.
+whole call. Nothing in the block loop reads a value back to the host (tests/test_gpu_paths.py checks this
+through the dispatcher), so the results leave the device in the caller's one copy per batch.
 
 There is one dtype, fp32. A bf16 lens (a bfloat16 shortlist rescored in fp32, exact) existed until issue 22:
 on this machine's CPU (AMD EPYC, no AMX) it measured 4x slower than the fp32 lens, and on CUDA it was

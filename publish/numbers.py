@@ -11,7 +11,9 @@ def percent(x: float) -> str:
     """100 x as text, without the sign: '37', '99.5', '>99.9', '0.4', '<0.1'; exactly 0 and 1 are '0' and '100'."""
     v = 100 * x
     if v != 100 and round(v) >= 100:
-        return ">99.9" if v > 99.95 else f"{v:.1f}"
+        text = f"{v:.1f}"
+        return ">99.9" if text == "100.0" else text
     if v != 0 and round(v) <= 0:
-        return "<0.1" if v < 0.05 else f"{v:.1f}"
+        text = f"{v:.1f}"
+        return "<0.1" if text == "0.0" else text
     return f"{v:.0f}"
