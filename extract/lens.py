@@ -4,7 +4,14 @@ For each vector we need the top-k and bottom-k tokens with their logits and the 
 token (rank = #{j : logit_j > logit_target}, 0 = most probable).
 
 fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` from both ends, one
-comparison per target. It is only *organised* for speed, never changed numerically:
+comparison per target. It is only *organised* for speed, never changed numerically.
+
+On CPU the default is the **fused lens** (``extract/lens_fused.py``): ``W[slab] @ h.T`` for 256 vectors at a
+time, the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one compiled pass over the
+logits (``extract/lens_pass.c``) for the group extremes and the rank counts. It needs a C compiler and AVX2
+once per machine (``extract/native.py``); without them, for inputs it must not take (non-finite, or large
+enough to overflow), and on CUDA, the **block lens** below runs. Both are the fp32 lens: the same answers
+up to fp32 near-ties (tests/extract/test_lens_fused.py). The block lens:
 
 * rows are processed in blocks of ``chunk_rows`` (default 64 on CPU) for the GEMM, and every pass over a
   block's 12 MB of logits after it (group extremes, rank comparisons) runs :data:`PASS_ROWS` (16) rows at a
@@ -37,7 +44,9 @@ from typing import Iterator
 
 import torch
 
+from . import native
 from .extremes import GROUP, group_extremes, groups_pay, topk_of_groups
+from .lens_fused import FusedUnembedding
 from .lens_tiles import CPU_TILE_COLS, TILED_MIN_VOCAB, TiledUnembedding
 
 CPU_BLOCK_ROWS = 64  # rows per GEMM on CPU
@@ -140,21 +149,27 @@ def onednn_available(device: torch.device) -> bool:
 class LogitLens:
     """Final norm + unembedding for batches of vectors, in fp32.
 
-    ``gemm`` picks the fp32 GEMM routine of the fp32 lens. ``"onednn"`` (default on CPU when available)
+    ``fused`` (default: on CPU wherever the compiled pass is available, and the vocabulary is not tiled)
+    runs the fused lens of extract/lens_fused.py; ``gemm`` then picks its slab GEMM (``"auto"``: the faster
+    on this machine, measured once). ``fused=False`` is the block lens, the one CUDA runs.
+
+    For the block lens, ``gemm`` picks its fp32 GEMM routine. ``"onednn"`` (default on CPU when available)
     runs the unembedding as a oneDNN linear on a pre-packed weight, which on CPUs where MKL's sgemm takes
     a slow path is about twice as fast (bench/bench_extract.py measures both). The logits are the same
     fp32 dot products summed in another order (max |diff| ~1e-5), which moves a target rank only where
     another token ties it within that. ``"torch"`` is plain ``h @ W.T`` (CUDA, or no oneDNN).
 
-    ``chunk_rows`` (rows per block) defaults to 64 on CPU and, for weights on CUDA, to
+    ``chunk_rows`` (rows per block) defaults to 256 in the fused lens, 64 in the block lens on CPU and, for weights on CUDA, to
     :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary tile width of the CPU
     fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, chunk_rows: int | None = None, gemm: str = "auto", tile_cols: int | None = None):
+                 *, chunk_rows: int | None = None, gemm: str = "auto", tile_cols: int | None = None,
+                 fused: bool | None = None):
         if gemm not in ("auto", "onednn", "torch"):
             raise ValueError(f"gemm must be auto, onednn or torch, not {gemm!r}")
+        asked_gemm = gemm
         if unembedding.shape[0] >= 2**24:
             raise ValueError("ranks are counted in float32, exact only for vocabularies below 2^24 tokens")
         self.norm = final_norm
@@ -171,8 +186,20 @@ class LogitLens:
             tile_cols = CPU_TILE_COLS if on_cpu and self.w.shape[0] >= TILED_MIN_VOCAB else 0
         self.tiled = TiledUnembedding(self.w, self.bias, tile_cols, onednn=gemm == "onednn",
                                       rows=chunk_rows) if tile_cols and on_cpu else None
-        if gemm == "onednn" and self.tiled is None:  # (the tiles hold their own packed copies)
-            self.w_packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
+        # the fused CPU lens (extract/lens_fused.py): by default wherever its compiled pass is available
+        if fused is None:
+            fused = on_cpu and self.tiled is None and native.status().available
+        elif fused and not (on_cpu and self.tiled is None):
+            raise ValueError("the fused lens runs on CPU over the whole vocabulary (not on CUDA, not with tiles)")
+        elif fused and not native.status().available:
+            raise ValueError(f"the fused lens needs its compiled pass: {native.status().detail}")
+        self.fused = fused
+        self._fused: FusedUnembedding | None = None  # built at the first call (it may time the GEMM routines)
+        self._fused_routine = None if asked_gemm == "auto" else asked_gemm
+        self._fused_rows = chunk_rows  # vectors per fused block when given (default FUSED_ROWS)
+        # oneDNN's packed copy of W for the block lens: built when that lens first runs (the tiles hold their
+        # own packed copies, and with the fused lens the block lens runs only for inputs it refuses)
+        self._w_packed: torch.Tensor | None = None
 
     @classmethod
     def of(cls, view) -> "LogitLens":
@@ -189,13 +216,30 @@ class LogitLens:
         The results are on the vectors' device; on CUDA the call queues its work and returns without
         waiting for it (the caller's host copy is the one synchronisation)."""
         with fp32_exact():
+            if self.fused and vectors.device.type == "cpu" and vectors.shape[0] and groups_pay(self.w.shape[0], k):
+                result = self._project_fused(vectors, targets, k)
+                if result is not None:
+                    return result
             return self._project_fp32(vectors, targets, k)
+
+    def _project_fused(self, vectors: torch.Tensor, targets: torch.Tensor, k: int) -> LensResult | None:
+        """The fused CPU lens (extract/lens_fused.py), or None for inputs it must not take (non-finite, or
+        large enough that a logit could overflow): the block lens answers those."""
+        if self._fused is None:
+            self._fused = FusedUnembedding(self.w, self.bias, routine=self._fused_routine, rows=self._fused_rows)
+        with torch.no_grad():  # not inference_mode: the results must stay usable by autograd-tracked callers
+            h = self.norm(vectors.float()).contiguous()
+        if not self._fused.safe(h):
+            return None
+        return LensResult(*self._fused.project(h, targets, k))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of a block through the GEMM routine this lens was built with."""
         if self.gemm != "onednn":
             return _unembed(h, self.w, self.bias)
-        logits = torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.w_packed, None, "none", [], "")
+        if self._w_packed is None:
+            self._w_packed = torch.ops.mkldnn._reorder_linear_weight(self.w, None)
+        logits = torch.ops.mkldnn._linear_pointwise(h.contiguous(), self._w_packed, None, "none", [], "")
         if self.bias is not None:
             logits += self.bias
         return logits

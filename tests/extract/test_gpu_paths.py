@@ -129,7 +129,8 @@ def test_fp32_lens_reads_nothing_back(rows, gemm, visible_inference):
     if gemm == "onednn" and not onednn_available(torch.device("cpu")):
         pytest.skip("no oneDNN linear in this torch build")
     norm, w, v, t = _lens_problem()
-    lens = LogitLens(norm, w, chunk_rows=rows, gemm=gemm)
+    # the block lens, the one that also runs on CUDA (the fused lens is CPU-only and reads its input's max)
+    lens = LogitLens(norm, w, chunk_rows=rows, gemm=gemm, fused=False)
     with SyncSpy() as spy, HostCallSpy() as calls:
         lens.project(v, t, K)
     assert spy.ops == [] and calls.calls == []
@@ -152,7 +153,8 @@ def test_compute_batch_reads_nothing_back_before_the_final_copy(visible_inferenc
     model = build_model("tiny-gpt2", seed=3)
     lm = wrap_model(model, IdTokenizer(8192), name="tiny-gpt2")
     prompts = random_prompts(6, 8192, seed=4)
-    lens = LogitLens.of(lm.view)
+    view = lm.view
+    lens = LogitLens(view.final_norm, view.unembedding, view.unembedding_bias, fused=False)  # the CUDA lens
     seen: dict[str, tuple[list, list]] = {}
     spy, calls = SyncSpy(), HostCallSpy()
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blens.extract import native
 from blens.extract.lens import LensResult, LogitLens
 
 K = 10
+needs_native = pytest.mark.skipif(not native.status().available,
+                                  reason=f"no fused lens pass here: {native.status().detail}")
 
 
 def naive(norm: torch.nn.Module, w: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor, k: int):
@@ -62,8 +65,9 @@ def make_targets(n, V, g):
     return torch.randint(0, V, (n, 2), generator=g)
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_native)], ids=["blocks", "fused"])
 @pytest.mark.parametrize("chunk_rows", [7, 64])
-def test_random_rmsnorm_matches_naive(chunk_rows):
+def test_random_rmsnorm_matches_naive(chunk_rows, fused):
     g = torch.Generator().manual_seed(0)
     d, V, N = 24, 5000, 150
     w = torch.randn(V, d, generator=g) * 0.3
@@ -72,7 +76,8 @@ def test_random_rmsnorm_matches_naive(chunk_rows):
         norm.weight.copy_(torch.rand(d, generator=g) + 0.5)
     vectors = torch.randn(N, d, generator=g) * 3
     vectors[5] = 0  # an all-zero vector (e.g. a vanished VJP)
-    check_against_naive(LogitLens(norm, w, chunk_rows=chunk_rows), norm, w, vectors, make_targets(N, V, g))
+    lens = LogitLens(norm, w, chunk_rows=chunk_rows, fused=fused)
+    check_against_naive(lens, norm, w, vectors, make_targets(N, V, g))
 
 
 @pytest.mark.parametrize("gemm", ["onednn", "torch"])
@@ -100,7 +105,7 @@ def test_vocabulary_tiles_add_the_bias_and_are_chosen_for_big_vocabularies():
     d, V, N = 16, 3000, 64
     w, bias = torch.randn(V, d, generator=g), torch.randn(V, generator=g)
     v, t = torch.randn(N, d, generator=g), make_targets(N, V, g)
-    plain = LogitLens(torch.nn.Identity(), w, bias, gemm="torch", tile_cols=0).project(v, t, K)
+    plain = LogitLens(torch.nn.Identity(), w, bias, gemm="torch", tile_cols=0, fused=False).project(v, t, K)
     tiled = LogitLens(torch.nn.Identity(), w, bias, gemm="torch", tile_cols=700).project(v, t, K)
     assert agreement(plain, tiled) == {"top_ids": 1.0, "bottom_ids": 1.0, "rank0": 1.0, "rank1": 1.0}
     torch.testing.assert_close(tiled.bottom_logits, plain.bottom_logits)
@@ -132,13 +137,14 @@ def _tiny_gpt2():
     return m.transformer.ln_f, m.lm_head.weight.detach() * 50
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_native)], ids=["blocks", "fused"])
 @pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
-def test_tiny_model_final_norm_matches_naive(make):
+def test_tiny_model_final_norm_matches_naive(make, fused):
     norm, w = make()
     g = torch.Generator().manual_seed(3)
     N = 120
     vectors = torch.randn(N, w.shape[1], generator=g) * 2
-    check_against_naive(LogitLens(norm, w, chunk_rows=32), norm, w, vectors, make_targets(N, w.shape[0], g))
+    check_against_naive(LogitLens(norm, w, chunk_rows=32, fused=fused), norm, w, vectors, make_targets(N, w.shape[0], g))
 
 
 def test_bias_is_added():
@@ -176,7 +182,7 @@ def realistic_problem(n: int, seed: int = 0):
 @pytest.fixture(scope="module")
 def realistic():
     norm, w, v, t = realistic_problem(256)
-    ref = LogitLens(norm, w, gemm="torch").project(v, t, K)
+    ref = LogitLens(norm, w, gemm="torch", fused=False).project(v, t, K)  # the block lens, plain h @ W.T
     return norm, w, v, t, ref
 
 
@@ -184,7 +190,7 @@ def test_onednn_fp32_gemm_agrees_with_plain_matmul(realistic):
     """The default fp32 lens (oneDNN GEMM) sums the same products in another order: top-k identical,
     target ranks move only through near-ties (<= 2 % of vectors here, by at most a couple of places)."""
     norm, w, v, t, ref = realistic
-    lens = LogitLens(norm, w)
+    lens = LogitLens(norm, w, fused=False)
     if lens.gemm != "onednn":
         pytest.skip("oneDNN is not available in this torch build")
     res = lens.project(v, t, K)
@@ -217,13 +223,13 @@ def test_empty_and_tail_blocks():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(3000, 16, generator=g)
     norm = torch.nn.Identity()
-    lens = LogitLens(norm, w, chunk_rows=64)
+    lens = LogitLens(norm, w, chunk_rows=64, fused=False)
     e = lens.project(torch.empty(0, 16), torch.empty(0, 2, dtype=torch.long), K)
     assert e.top_ids.shape == (0, K) and e.target_ranks.shape == (0, 2)
     v = torch.randn(67, 16, generator=g)  # one full block + a 3-row tail
     t = make_targets(67, 3000, g)
     r = lens.project(v, t, K)
-    ref = LogitLens(norm, w).project(v, t, K)
+    ref = LogitLens(norm, w, fused=False).project(v, t, K)
     assert all(x == 1.0 for x in agreement(r, ref).values())
 
 
@@ -244,7 +250,7 @@ def test_fp32_lens_allocates_one_logits_sized_buffer_per_block(gemm):
     g = torch.Generator().manual_seed(0)
     V, d, blocks, rows = 49152, 64, 6, 64
     norm = torch.nn.RMSNorm(d)
-    lens = LogitLens(norm, torch.randn(V, d, generator=g), chunk_rows=rows, gemm=gemm)
+    lens = LogitLens(norm, torch.randn(V, d, generator=g), chunk_rows=rows, gemm=gemm, fused=False)
     x = torch.randn(blocks * rows, d, generator=g)
     t = torch.randint(0, V, (blocks * rows, 2), generator=g)
     lens.project(x, t, K)  # warm-up: one-time allocations of the GEMM routine are not the point
@@ -266,7 +272,7 @@ def test_vocabulary_tiles_give_the_plain_onednn_lens_exactly(realistic):
     if not onednn_available(torch.device("cpu")):
         pytest.skip("this torch build has no oneDNN linear")
     norm, w, v, t, _ = realistic
-    plain = LogitLens(norm, w, gemm="onednn", tile_cols=0).project(v, t, K)
+    plain = LogitLens(norm, w, gemm="onednn", tile_cols=0, fused=False).project(v, t, K)
     tiled = LogitLens(norm, w, gemm="onednn", tile_cols=4096).project(v, t, K)
     assert agreement(plain, tiled) == {"top_ids": 1.0, "bottom_ids": 1.0, "rank0": 1.0, "rank1": 1.0}
     assert torch.equal(plain.top_logits, tiled.top_logits) and torch.equal(plain.bottom_logits, tiled.bottom_logits)
