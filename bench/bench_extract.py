@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.reference import reference_prompt  # noqa: E402
+from blens.extract import native  # noqa: E402
 from blens.extract.capture import capture  # noqa: E402
 from blens.extract.lens import LogitLens  # noqa: E402
 from blens.extract.models import load_model  # noqa: E402
@@ -149,8 +150,15 @@ def main(argv=None) -> None:
     flops = 2 * flat.shape[0] * flat.shape[1] * view.unembedding.shape[0]
     lens = LogitLens(view.final_norm, view.unembedding)  # the defaults blens extract uses
     lens.project(flat[:256], tgt[:256], 10)
+    kind = (f"fused, slab GEMM {lens._fused.routine}" if lens.fused else
+            f"block lens ({native.status().detail})")
     el = _timed(lambda: lens.project(flat, tgt, 10))
-    add(*(f"lens fp32: {flat.shape[0]} vectors, whole projection", f"{el:.2f} s, {flops / el / 1e9:.0f} GFLOP/s = {100 * flops / el / 1e9 / peak32:.0f} % of fp32 peak"))
+    add(*(f"lens fp32 ({kind}): {flat.shape[0]} vectors, whole projection", f"{el:.2f} s, {flops / el / 1e9:.0f} GFLOP/s = {100 * flops / el / 1e9 / peak32:.0f} % of fp32 peak"))
+    if lens.fused:  # the block lens beside it (the fallback, and what ran before issue 26's fused pass)
+        block = LogitLens(view.final_norm, view.unembedding, fused=False)
+        block.project(flat[:256], tgt[:256], 10)
+        el = _timed(lambda: block.project(flat, tgt, 10))
+        add(*(f"lens fp32 (block lens, {block.gemm}): same vectors", f"{el:.2f} s, {flops / el / 1e9:.0f} GFLOP/s = {100 * flops / el / 1e9 / peak32:.0f} % of fp32 peak"))
     # The raw bf16 GEMM beside the fp32 one: the measurement that would show whether a bf16 lens (removed in
     # issue 22: 4x slower end to end on this CPU without AMX; in git history) could pay on another machine.
     w, w16 = view.unembedding.detach(), view.unembedding.detach().bfloat16()
