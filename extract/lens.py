@@ -6,7 +6,7 @@ token (rank = #{j : logit_j > logit_target}, 0 = most probable).
 fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` from both ends, one
 comparison per target. It is only *organised* for speed, never changed numerically.
 
-On CPU the default is the **fused lens** (``extract/lens_fused.py``): ``W[slab] @ h.T`` for 256 vectors at a
+On CPU the default is the **fused lens** (``extract/lens_fused.py``): ``W[slab] @ h.T`` for 512 vectors at a
 time, the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one compiled pass over the
 logits (``extract/lens_pass.c``) for the group extremes and the rank counts. It needs a C compiler and AVX2
 once per machine (``extract/native.py``); without them, for inputs it must not take (non-finite, or large
@@ -159,9 +159,9 @@ class LogitLens:
     fp32 dot products summed in another order (max |diff| ~1e-5), which moves a target rank only where
     another token ties it within that. ``"torch"`` is plain ``h @ W.T`` (CUDA, or no oneDNN).
 
-    ``chunk_rows`` (rows per block) defaults to 256 in the fused lens, 64 in the block lens on CPU and, for weights on CUDA, to
-    :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary tile width of the CPU
-    fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
+    ``chunk_rows`` (rows per block) defaults to 512 in the fused lens, 64 in the block lens on CPU and, for
+    weights on CUDA, to :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary
+    tile width of the CPU fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,

@@ -117,7 +117,8 @@ def test_a_target_is_never_counted_above_itself():
     logits = v @ w.T
     assert res.target_ranks[0].tolist() == [0, 0]
     assert (res.target_ranks < 2000).all() and (res.target_ranks >= 0).all()
-    assert torch.equal(res.target_ranks[1:], (logits[1:].unsqueeze(1) > logits[1:].gather(1, t[1:]).unsqueeze(-1)).sum(-1))
+    above = logits[1:].unsqueeze(1) > logits[1:].gather(1, t[1:]).unsqueeze(-1)
+    assert torch.equal(res.target_ranks[1:], above.sum(-1))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e36])
