@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
