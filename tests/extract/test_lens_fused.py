@@ -28,11 +28,12 @@ def torch_pass(buf: torch.Tensor, t: torch.Tensor, group: int):
     return full.amax(1), full.amin(1), counts
 
 
-@pytest.mark.parametrize("nt", [0, 1, 2, 3])
+@pytest.mark.parametrize("nt", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("R", [1, 8, 13, 64])
 def test_pass_equals_torch_exactly(nt, R):
-    """Every row width (a multiple of eight or not, split across threads or not), target count (2 is the
-    register-held case) and a shorter last group (V = 1,000 = 15 x 64 + 40): the very values of torch."""
+    """Every row width (a multiple of eight or not, split across threads or not), target count (1-4 are held
+    in registers, 5 goes through memory) and a shorter last group (V = 1,000 = 15 x 64 + 40): the very
+    values of torch."""
     g = torch.Generator().manual_seed(R * 10 + nt)
     V, group = 1000, 64
     buf = torch.randn(V, R, generator=g)
