@@ -1,11 +1,14 @@
-"""The whole shared CounterFact (train + edit, 20,000 records) end to end on the embedded model, then
-compaction and publication, with the figures issue 12 asks for (not a test; about an hour on 2 cores):
+"""The whole shared CounterFact (train + edit, 20,000 records) end to end on the embedded model: extract,
+compact, publish, report, with the figures issues 12 and 26 ask for (not a test; about two hours on 2 cores):
 
-    ./.venv/bin/python bench/bench_warehouse.py --data-dir ../shared/data/counterfact --out bench/results.md
+    ./.venv/bin/python bench/bench_warehouse.py --data-dir ../shared/data/counterfact --vectors spanning \
+        --out bench/results.md
 
-Per step: wall time, prompts/s and the peak RSS of the `blens extract` process (VmHWM, read by the child
-itself); then the warehouse size per table, its file count before and after `blens compact`, the latency of
-each documented view (best of 3, after compaction), and `blens publish`. `--files` picks other files.
+Per step: wall time, prompts/s and the peak RSS of the `blens` process (VmHWM, read by the child itself);
+the end-to-end wall time against the fp32 FLOP limit from the GEMM peak measured in the same run (before and
+after: this shared host's speed drifts); then the warehouse size per table, its file count before and after
+`blens compact`, and the latency of each documented view (best of 3, after compaction). `--files` picks other
+files, `--limit` makes a quick rehearsal.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_extract import RUN_CLI  # noqa: E402  (runs blens.cli and reports the child's own VmHWM)
+from bench_extract import RUN_CLI, gemm_peak, onednn_peak  # noqa: E402  (RUN_CLI: blens.cli + the child's VmHWM)
 from report_out import emit  # noqa: E402
 
 VIEWS = ["rank_equals_length", "target_rank_by_layer", "vjp_norm_by_segment", "edit_summary"]
@@ -76,11 +79,32 @@ def view_latency(wh: Path) -> dict[str, float]:
     return out
 
 
+def flop_per_token() -> float:
+    """The lens GEMM (2 x sites x layers x vocab x d) plus ~6 x parameters for the forward and backward passes:
+    bench_extract.py's yardstick, per token."""
+    from blens.extract.adapters import LENS_SITES
+    from blens.extract.models import load_model
+
+    lm = load_model()
+    vocab, d = lm.view.unembedding.shape
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    flop = 2 * len(LENS_SITES) * lm.view.n_layers * vocab * d + 6 * n_params
+    del lm
+    return float(flop)
+
+
+def fp32_peak() -> float:
+    import torch
+
+    return max(gemm_peak(torch.float32), onednn_peak())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "counterfact"))
     ap.add_argument("--files", default="counterfact-train.json,counterfact-edit.json")
     ap.add_argument("--limit", type=int, default=None, help="per file (a quick rehearsal)")
+    ap.add_argument("--vectors", default="none", choices=["none", "spanning", "all"], help="blens extract --vectors")
     ap.add_argument("--warehouse", default="/tmp/bench-warehouse")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -88,12 +112,16 @@ def main() -> None:
     shutil.rmtree(wh, ignore_errors=True)
     lines = [f"# bench_warehouse ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{datetime.datetime.now().isoformat(timespec='seconds')}, load avg at start {os.getloadavg()[0]:.1f})",
-             "", "| step | records | wall s | prompts/s | peak RSS MB |", "|---|---|---|---|---|"]
+             ""]
+    per_token, peak_before = flop_per_token(), fp32_peak()
+    lines += [f"--vectors {args.vectors}; fp32 GEMM peak before the run {peak_before:.0f} GFLOP/s", "",
+              "| step | records | wall s | prompts/s | peak RSS MB |", "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     total_n, total_t = 0, 0.0
     for name in args.files.split(","):
         extra = ["--limit", str(args.limit)] if args.limit else []
         wall, rss, err = blens_child("extract", "--data", str(Path(args.data_dir) / name), "--warehouse", str(wh),
-                                     *extra)
+                                     "--vectors", args.vectors, *extra)
         from blens.store.connect import connect
 
         con = connect(wh)
@@ -103,14 +131,42 @@ def main() -> None:
         lines.append(f"| extract {name} | {n:,} | {wall:.0f} | {n / wall:.2f} | {rss:,.0f} |")
         print(lines[-1], flush=True)
     lines.append(f"| extract, all | {total_n:,} | {total_t:.0f} | {total_n / total_t:.2f} | |")
+    print(lines[-1], flush=True)
+    extract_t, e2e = total_t, total_t
     before = table_stats(wh)
     wall, rss, _ = blens_child("compact", "--warehouse", str(wh))
+    e2e += wall
     after = table_stats(wh)
     lines.append(f"| compact | | {wall:.1f} | | {rss:,.0f} |")
+    print(lines[-1], flush=True)
     pub = Path(str(wh) + "-published")
     shutil.rmtree(pub, ignore_errors=True)
     wall, rss, _ = blens_child("publish", "--warehouse", str(wh), "--out", str(pub))
+    e2e += wall
     lines.append(f"| publish | | {wall:.0f} | | {rss:,.0f} |")
+    print(lines[-1], flush=True)
+    rep = Path(str(wh) + "-report")
+    shutil.rmtree(rep, ignore_errors=True)
+    wall, rss, _ = blens_child("report", "--warehouse", str(wh), "--out", str(rep))
+    e2e += wall
+    lines.append(f"| report | | {wall:.0f} | | {rss:,.0f} |")
+    lines.append(f"| **end to end** (extract, compact, publish, report) | {total_n:,} | {e2e:.0f} "
+                 f"({e2e / 60:.1f} min) | {total_n / e2e:.2f} | |")
+    print(lines[-1], flush=True)
+    # The yardstick: the fp32 FLOP limit at the tokens this run actually had, from the peaks around it.
+    from blens.store.connect import connect
+
+    con = connect(wh)
+    tokens = con.execute("SELECT sum(n_tokens) FROM prompts").fetchone()[0]
+    con.close()
+    peak = max(peak_before, fp32_peak())
+    flop = per_token * tokens / max(total_n, 1)
+    limit = peak * 1e9 / flop
+    lines += ["", f"fp32 GEMM peak (best of before / after): {peak:.0f} GFLOP/s; {tokens / max(total_n, 1):.2f} "
+              f"tokens per prompt, {flop:.2e} FLOP per prompt: fp32 FLOP limit {limit:.2f} prompts/s, so the "
+              f"extraction alone needs >= {total_n / limit / 60:.0f} min at 100 % of peak; it ran at "
+              f"{total_n / extract_t:.2f} prompts/s = {100 * total_n / extract_t / limit:.0f} % of the limit. "
+              f"Published dataset: {sum(f.stat().st_size for f in pub.rglob('*') if f.is_file()) / 2**30:.1f} GiB."]
     lines += ["", "| table | files before compaction | files after | size after (MB) |", "|---|---|---|---|"]
     for t in sorted(set(before) | set(after)):
         lines.append(f"| {t} | {before.get(t, (0, 0))[0]} | {after.get(t, (0, 0))[0]} | "
