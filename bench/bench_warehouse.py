@@ -139,17 +139,14 @@ def main() -> None:
     after = table_stats(wh)
     lines.append(f"| compact | | {wall:.1f} | | {rss:,.0f} |")
     print(lines[-1], flush=True)
+    for command, suffix in (("publish", "-published"), ("report", "-report")):
+        out = Path(str(wh) + suffix)
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss, _ = blens_child(command, "--warehouse", str(wh), "--out", str(out))
+        e2e += wall
+        lines.append(f"| {command} | | {wall:.0f} | | {rss:,.0f} |")
+        print(lines[-1], flush=True)
     pub = Path(str(wh) + "-published")
-    shutil.rmtree(pub, ignore_errors=True)
-    wall, rss, _ = blens_child("publish", "--warehouse", str(wh), "--out", str(pub))
-    e2e += wall
-    lines.append(f"| publish | | {wall:.0f} | | {rss:,.0f} |")
-    print(lines[-1], flush=True)
-    rep = Path(str(wh) + "-report")
-    shutil.rmtree(rep, ignore_errors=True)
-    wall, rss, _ = blens_child("report", "--warehouse", str(wh), "--out", str(rep))
-    e2e += wall
-    lines.append(f"| report | | {wall:.0f} | | {rss:,.0f} |")
     lines.append(f"| **end to end** (extract, compact, publish, report) | {total_n:,} | {e2e:.0f} "
                  f"({e2e / 60:.1f} min) | {total_n / e2e:.2f} | |")
     print(lines[-1], flush=True)
