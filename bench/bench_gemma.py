@@ -5,7 +5,8 @@
 * one batch of the first ``--batch-size`` prompts of counterfact-edit-1k, as `blens extract` runs it: the traced
   forward+backward (capture), the gradient ranks, and the logit lens over every (site, layer, position) vector
   (Gemma has three lens sites: ff1_input, ff2_vjp, resid_post_vjp); wall and process CPU seconds each, the lens
-  GFLOP/s against the machine's oneDNN fp32 GEMM peak, and the lens' share of the batch;
+  GFLOP/s against the machine's oneDNN fp32 GEMM peak, and the lens' share of the batch; where the fused CPU lens
+  ran (the default since issue 26), the block lens (vocabulary tiles for Gemma) on the same vectors beside it;
 * the same batch for ``--compare`` (default SmolLM2, two lens sites), for the per-vector cost ratio;
 * with ``--n2``: marginal prompts/s of real `blens extract --model gemma3-270m` processes, (N2 - N1) / (T(N2) -
   T(N1)), by wall clock and by the children's CPU seconds (the CPU figure is the one to trust on a shared box),
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_extract import RUN_CLI, machine, onednn_peak  # noqa: E402
 from blens.extract.capture import capture  # noqa: E402
 from blens.extract.lens import LogitLens  # noqa: E402
+from blens.extract.lens_fused import SLAB_TOKENS, FusedUnembedding, slab_logits  # noqa: E402
 from blens.extract.models import load_model  # noqa: E402
 from blens.extract.prepare import prepare  # noqa: E402
 from blens.extract.ranks import ranks_for_batch  # noqa: E402
@@ -52,7 +54,14 @@ def gemm_alone(lens: LogitLens, flat: torch.Tensor, peak: float) -> str:
     with torch.no_grad():
         h = lens.norm(flat)
     V = lens.w.shape[0]
-    if lens.tiled is not None:
+    if lens.fused:
+        f = lens._fused or FusedUnembedding(lens.w, lens.bias)
+        buf = torch.empty(V * f.rows)
+        blocks = [lambda s=s: slab_logits(f.routine, lens.w, h[s : s + f.rows], lens.bias,
+                                          buf[: V * h[s : s + f.rows].shape[0]].view(V, -1))
+                  for s in range(0, h.shape[0], f.rows)]
+        shape = f"fused lens: slabs of {SLAB_TOKENS} tokens x {f.rows} vectors, {f.routine}"
+    elif lens.tiled is not None:
         t = lens.tiled
         blocks = [lambda i=i, s=s: t.tile_logits(i, h[s : s + t.rows]) for i in range(len(t.tiles))
                   for s in range(0, h.shape[0], t.rows)]
@@ -93,6 +102,14 @@ def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
     add(f"{name}: lens, whole projection", f"{w_lens:.2f} s wall, {c_lens:.2f} s CPU; {gflops / w_lens:.0f} GFLOP/s "
         f"= {100 * gflops / w_lens / peak:.0f} % of the oneDNN fp32 peak; {1e3 * c_lens / n_vec:.2f} ms CPU per vector")
     add(f"{name}: lens GEMM alone", gemm_alone(lens, flat[:2048], peak))
+    if lens.fused:  # the block lens (tiled for big vocabularies) on the same vectors, for comparison
+        block = LogitLens(view.final_norm, view.unembedding, view.unembedding_bias, fused=False)
+        block.project(flat[:128], tgt[:128], 10)  # warm-up (packs the tiles)
+        _, w_block, c_block = timed(lambda: block.project(flat, tgt, 10))
+        add(f"{name}: block lens{' (tiles)' if block.tiled is not None else ''}, whole projection",
+            f"{w_block:.2f} s wall, {c_block:.2f} s CPU; {gflops / w_block:.0f} GFLOP/s = "
+            f"{100 * gflops / w_block / peak:.0f} % of the oneDNN fp32 peak")
+        del block
     add(f"{name}: lens share of the batch", f"{100 * c_lens / total_c:.0f} % of CPU seconds "
         f"({total_c / len(batch):.2f} CPU s per prompt)")
     del lm, spans, flat

@@ -149,7 +149,7 @@ def onednn_available(device: torch.device) -> bool:
 class LogitLens:
     """Final norm + unembedding for batches of vectors, in fp32.
 
-    ``fused`` (default: on CPU wherever the compiled pass is available, and the vocabulary is not tiled)
+    ``fused`` (default: on CPU wherever the compiled pass is available, unless ``tile_cols`` asks for tiles)
     runs the fused lens of extract/lens_fused.py; ``gemm`` then picks its slab GEMM (``"auto"``: the faster
     on this machine, measured once). ``fused=False`` is the block lens, the one CUDA runs.
 
@@ -159,9 +159,10 @@ class LogitLens:
     fp32 dot products summed in another order (max |diff| ~1e-5), which moves a target rank only where
     another token ties it within that. ``"torch"`` is plain ``h @ W.T`` (CUDA, or no oneDNN).
 
-    ``chunk_rows`` (rows per block) defaults to 512 in the fused lens, 64 in the block lens on CPU and, for
-    weights on CUDA, to :func:`lens_block_rows` of the free memory at each call. ``tile_cols``: vocabulary
-    tile width of the CPU fp32 lens (0 = none; default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up).
+    ``chunk_rows`` (rows per block) defaults to 512 in the fused lens (fewer for big vocabularies:
+    ``lens_fused.fused_rows``), 64 in the block lens on CPU and, for weights on CUDA, to :func:`lens_block_rows`
+    of the free memory at each call. ``tile_cols``: vocabulary tile width of the CPU block lens (0 = none;
+    default: tiles on CPU from ``TILED_MIN_VOCAB`` tokens up, used where the fused lens does not run).
     """
 
     def __init__(self, final_norm: torch.nn.Module, unembedding: torch.Tensor, bias: torch.Tensor | None = None,
@@ -180,26 +181,38 @@ class LogitLens:
         if gemm == "auto":
             gemm = "onednn" if onednn_available(self.w.device) else "torch"
         self.gemm = gemm
-        # vocabulary tiles (extract/lens_tiles.py): auto = on CPU for vocabularies too big to stay cached
+        # vocabulary tiles (extract/lens_tiles.py) for the block lens: auto = on CPU for vocabularies too big
+        # to stay cached; built at their first use (they hold oneDNN-packed copies of W: 671 MB for Gemma 3)
         on_cpu = self.w.device.type == "cpu"
+        tiles_asked = bool(tile_cols)
         if tile_cols is None:
             tile_cols = CPU_TILE_COLS if on_cpu and self.w.shape[0] >= TILED_MIN_VOCAB else 0
-        self.tiled = TiledUnembedding(self.w, self.bias, tile_cols, onednn=gemm == "onednn",
-                                      rows=chunk_rows) if tile_cols and on_cpu else None
-        # the fused CPU lens (extract/lens_fused.py): by default wherever its compiled pass is available
+        self._tile_cols, self._tile_rows = (tile_cols if on_cpu else 0), chunk_rows
+        self._tiled: TiledUnembedding | None = None
+        # the fused CPU lens (extract/lens_fused.py): by default wherever its compiled pass is available and
+        # tiles were not asked for; the block lens (tiled or not) then answers only the inputs it refuses
         if fused is None:
-            fused = on_cpu and self.tiled is None and native.status().available
-        elif fused and not (on_cpu and self.tiled is None):
+            fused = on_cpu and not tiles_asked and native.status().available
+        elif fused and not (on_cpu and not tiles_asked):
             raise ValueError("the fused lens runs on CPU over the whole vocabulary (not on CUDA, not with tiles)")
         elif fused and not native.status().available:
             raise ValueError(f"the fused lens needs its compiled pass: {native.status().detail}")
         self.fused = fused
         self._fused: FusedUnembedding | None = None  # built at the first call (it may time the GEMM routines)
         self._fused_routine = None if asked_gemm == "auto" else asked_gemm
-        self._fused_rows = chunk_rows  # vectors per fused block when given (default FUSED_ROWS)
+        self._fused_rows = chunk_rows  # vectors per fused block when given (default: lens_fused.fused_rows)
         # oneDNN's packed copy of W for the block lens: built when that lens first runs (the tiles hold their
         # own packed copies, and with the fused lens the block lens runs only for inputs it refuses)
         self._w_packed: torch.Tensor | None = None
+
+    @property
+    def tiled(self) -> TiledUnembedding | None:
+        """The block lens's vocabulary tiles, or None where it runs over the whole vocabulary (CUDA, small
+        vocabularies, ``tile_cols=0``). Built at first use: a fused lens may never need them."""
+        if self._tiled is None and self._tile_cols:
+            self._tiled = TiledUnembedding(self.w, self.bias, self._tile_cols, onednn=self.gemm == "onednn",
+                                           rows=self._tile_rows)
+        return self._tiled
 
     @classmethod
     def of(cls, view) -> "LogitLens":

@@ -36,11 +36,20 @@ import torch
 from . import native
 from .extremes import GROUP
 
-# vectors per block: the buffer is V x 512 fp32 (100 MB for SmolLM2). The whole lens on 6,144 real SmolLM2
+# vectors per block: the buffer is V x 512 fp32 (96 MiB for SmolLM2). The whole lens on 6,144 real SmolLM2
 # vectors, same sitting: 128 / 256 / 384 / 512 / 768 rows gave 82 / 88 / 89 / 91 / 92 % of the fp32 peak.
 FUSED_ROWS = 512
+# ... and fewer where that buffer would pass this size: Gemma 3's 262,144 tokens get 128 vectors per block
+FUSED_BUFFER_BYTES = 128 << 20
 SLAB_TOKENS = 2048  # tokens per GEMM call: a 2,048 x 512 slab of logits (4 MB) is written while W's slab is hot
 ROUTINES = ("torch", "onednn")  # MKL through torch.mm, or oneDNN's linear with h as the packed weight
+
+
+def fused_rows(vocab_size: int) -> int:
+    """Vectors per fused block for a vocabulary: :data:`FUSED_ROWS`, or fewer (a multiple of 64, at least 64)
+    where the (V, rows) fp32 buffer would pass :data:`FUSED_BUFFER_BYTES`."""
+    fit = FUSED_BUFFER_BYTES // (4 * max(vocab_size, 1)) // 64 * 64
+    return max(64, min(FUSED_ROWS, fit))
 
 
 def _machine_key() -> str:
@@ -113,7 +122,8 @@ def slab_logits(routine: str, w: torch.Tensor, h: torch.Tensor, bias: torch.Tens
 
 class FusedUnembedding:
     """The unembedding for the fused CPU lens: ``project`` returns what ``LogitLens`` returns, for normed
-    vectors. ``routine``: the slab GEMM (default: :func:`slab_gemm_routine`); ``rows``: vectors per block."""
+    vectors. ``routine``: the slab GEMM (default: :func:`slab_gemm_routine`); ``rows``: vectors per block
+    (default: :func:`fused_rows` of the vocabulary)."""
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, *, routine: str | None = None,
                  rows: int | None = None):
@@ -121,7 +131,7 @@ class FusedUnembedding:
             raise ValueError(f"routine must be one of {ROUTINES}, not {routine!r}")
         self.w, self.bias = w, bias
         self.routine = routine or slab_gemm_routine()
-        self.rows = rows or FUSED_ROWS
+        self.rows = rows or fused_rows(w.shape[0])
         # |logit| <= d * max|h| * max|W| (+ max|bias|): below this bound no partial sum can overflow to inf
         self.w_absmax = float(w.abs().max()) if w.numel() else 0.0
         self.b_absmax = float(bias.abs().max()) if bias is not None and bias.numel() else 0.0

@@ -111,8 +111,9 @@ def test_vocabulary_tiles_add_the_bias_and_are_chosen_for_big_vocabularies():
     torch.testing.assert_close(tiled.bottom_logits, plain.bottom_logits)
     from blens.extract.lens_tiles import TILED_MIN_VOCAB
 
-    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB, 4)).tiled is not None  # Gemma 3: 262,144
-    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB - 1, 4)).tiled is None  # SmolLM2: 49,152
+    # the block lens's tiles (built at first use), from TILED_MIN_VOCAB tokens up: Gemma 3 has 262,144
+    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB, 4), fused=False).tiled is not None
+    assert LogitLens(torch.nn.Identity(), torch.randn(TILED_MIN_VOCAB - 1, 4), fused=False).tiled is None  # SmolLM2
 
 
 def _tiny_llama():

@@ -179,6 +179,40 @@ def test_fused_is_the_cpu_default_and_refused_where_it_cannot_run(monkeypatch):
     assert native.status().available
 
 
+def test_big_vocabularies_take_the_fused_lens_with_fewer_rows_and_build_tiles_only_to_fall_back():
+    """Gemma 3's 262,144 tokens: the fused lens by default, with as many vectors per block as the buffer
+    budget holds, and the tiled block lens (its packed copies of W) built only for an input the fused lens
+    refuses."""
+    from blens.extract.lens_fused import FUSED_BUFFER_BYTES, FUSED_ROWS, fused_rows
+    from blens.extract.lens_tiles import TILED_MIN_VOCAB
+
+    assert fused_rows(49152) == FUSED_ROWS == 512  # SmolLM2: the (V, 512) buffer is 96 MiB
+    assert fused_rows(262144) == 128 and 262144 * 128 * 4 <= FUSED_BUFFER_BYTES  # Gemma 3
+    assert fused_rows(10**7) == 64  # never fewer than one group's width
+    g = torch.Generator().manual_seed(11)
+    V, d, N = TILED_MIN_VOCAB, 8, 40
+    # small integers: every logit is exact in fp32 whatever the GEMM's order, so both lenses see the very
+    # same values (ties included) and must give the same ranks and the same extreme values
+    w, v = (torch.randint(-20, 21, shape, generator=g).float() for shape in ((V, d), (N, d)))
+    t = make_targets(N, V, g)
+    lens = LogitLens(torch.nn.Identity(), w)
+    assert lens.fused
+    res = lens.project(v, t, K)
+    assert lens._fused.rows == fused_rows(V) == 256 and lens._tiled is None  # no tiles were needed
+    block = LogitLens(torch.nn.Identity(), w, fused=False)
+    ref = block.project(v, t, K)
+    assert block._tiled is not None  # the reference is the tiled block lens Gemma ran before
+    logits = v @ w.T
+    assert torch.equal(res.target_ranks, ref.target_ranks)
+    assert torch.equal(res.target_ranks, (logits.unsqueeze(1) > logits.gather(1, t).unsqueeze(-1)).sum(-1))
+    for ids, vals, ref_vals in ((res.top_ids, res.top_logits, ref.top_logits),
+                                (res.bottom_ids, res.bottom_logits, ref.bottom_logits)):
+        assert torch.equal(vals, ref_vals) and torch.equal(logits.gather(1, ids), vals)
+    v[3, 1] = float("nan")
+    lens.project(v, t, K)
+    assert lens._tiled is not None  # the refused input went to the tiled block lens
+
+
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("BLENS_CACHE", str(tmp_path))
     native._library.cache_clear()
