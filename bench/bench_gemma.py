@@ -1,12 +1,14 @@
 """Where Gemma 3 270M's extraction time goes (not a test). Prints one table; optionally writes it as Markdown.
 
-    .venv/bin/python bench/bench_gemma.py [--batch-size 32] [--n1 50 --n2 150] [--compare smollm2-135m] [--out F]
+    .venv/bin/python bench/bench_gemma.py [--batch-size 32] [--n1 50 --n2 150] [--compare smollm2-135m]
+        [--fused-rows 64,256] [--out F]
 
 * one batch of the first ``--batch-size`` prompts of counterfact-edit-1k, as `blens extract` runs it: the traced
   forward+backward (capture), the gradient ranks, and the logit lens over every (site, layer, position) vector
   (Gemma has three lens sites: ff1_input, ff2_vjp, resid_post_vjp); wall and process CPU seconds each, the lens
-  GFLOP/s against the machine's oneDNN fp32 GEMM peak, and the lens' share of the batch; where the fused CPU lens
-  ran (the default since issue 26), the block lens (vocabulary tiles for Gemma) on the same vectors beside it;
+  GFLOP/s against the machine's fp32 GEMM peak (the faster of MKL and oneDNN), and the lens' share of the batch;
+  where the fused CPU lens ran (the default since issue 26), the block lens (vocabulary tiles for Gemma) on the
+  same vectors beside it, and with ``--fused-rows`` the fused lens at other block sizes;
 * the same batch for ``--compare`` (default SmolLM2, two lens sites), for the per-vector cost ratio;
 * with ``--n2``: marginal prompts/s of real `blens extract --model gemma3-270m` processes, (N2 - N1) / (T(N2) -
   T(N1)), by wall clock and by the children's CPU seconds (the CPU figure is the one to trust on a shared box),
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_extract import RUN_CLI, machine, onednn_peak  # noqa: E402
+from bench.bench_extract import RUN_CLI, gemm_peak, machine, onednn_peak  # noqa: E402
 from blens.extract.capture import capture  # noqa: E402
 from blens.extract.lens import LogitLens  # noqa: E402
 from blens.extract.lens_fused import SLAB_TOKENS, FusedUnembedding, slab_logits  # noqa: E402
@@ -72,10 +74,10 @@ def gemm_alone(lens: LogitLens, flat: torch.Tensor, peak: float) -> str:
         shape = f"{rows}-row blocks over the whole vocabulary"
     best = min(timed(lambda: [b() for b in blocks])[1] for _ in range(2))
     gflops = 2 * h.shape[0] * h.shape[1] * V / 1e9
-    return f"{gflops / best:.0f} GFLOP/s = {100 * gflops / best / peak:.0f} % of the oneDNN fp32 peak ({shape})"
+    return f"{gflops / best:.0f} GFLOP/s = {100 * gflops / best / peak:.0f} % of the fp32 peak ({shape})"
 
 
-def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
+def batch_profile(name: str, batch_size: int, add, peak: float, fused_rows: tuple[int, ...] = ()) -> float:
     """Time one extraction batch of model ``name``; returns the lens CPU seconds per vector."""
     lm = load_model(name)
     view = lm.view
@@ -100,7 +102,7 @@ def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
     add(f"{name}: capture (fwd + one backward)", f"{w_cap:.2f} s wall, {c_cap:.2f} s CPU")
     add(f"{name}: gradient ranks", f"{w_rank:.2f} s wall, {c_rank:.2f} s CPU")
     add(f"{name}: lens, whole projection", f"{w_lens:.2f} s wall, {c_lens:.2f} s CPU; {gflops / w_lens:.0f} GFLOP/s "
-        f"= {100 * gflops / w_lens / peak:.0f} % of the oneDNN fp32 peak; {1e3 * c_lens / n_vec:.2f} ms CPU per vector")
+        f"= {100 * gflops / w_lens / peak:.0f} % of the fp32 peak; {1e3 * c_lens / n_vec:.2f} ms CPU per vector")
     add(f"{name}: lens GEMM alone", gemm_alone(lens, flat[:2048], peak))
     if lens.fused:  # the block lens (tiled for big vocabularies) on the same vectors, for comparison
         block = LogitLens(view.final_norm, view.unembedding, view.unembedding_bias, fused=False)
@@ -108,8 +110,16 @@ def batch_profile(name: str, batch_size: int, add, peak: float) -> float:
         _, w_block, c_block = timed(lambda: block.project(flat, tgt, 10))
         add(f"{name}: block lens{' (tiles)' if block.tiled is not None else ''}, whole projection",
             f"{w_block:.2f} s wall, {c_block:.2f} s CPU; {gflops / w_block:.0f} GFLOP/s = "
-            f"{100 * gflops / w_block / peak:.0f} % of the oneDNN fp32 peak")
+            f"{100 * gflops / w_block / peak:.0f} % of the fp32 peak")
         del block
+    for rows in fused_rows:  # the fused lens at other block sizes (vectors per (V, rows) buffer)
+        other = LogitLens(view.final_norm, view.unembedding, view.unembedding_bias, chunk_rows=rows)
+        other.project(flat[:128], tgt[:128], 10)
+        _, w_rows, c_rows = timed(lambda: other.project(flat, tgt, 10))
+        add(f"{name}: fused lens, {rows} vectors per block ({V * rows * 4 / 2**20:.0f} MiB buffer)",
+            f"{w_rows:.2f} s wall, {c_rows:.2f} s CPU; {gflops / w_rows:.0f} GFLOP/s = "
+            f"{100 * gflops / w_rows / peak:.0f} % of the fp32 peak")
+        del other
     add(f"{name}: lens share of the batch", f"{100 * c_lens / total_c:.0f} % of CPU seconds "
         f"({total_c / len(batch):.2f} CPU s per prompt)")
     del lm, spans, flat
@@ -140,6 +150,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n1", type=int, default=50)
     ap.add_argument("--n2", type=int, default=0, help="> n1: also time real blens extract runs (minutes)")
+    ap.add_argument("--fused-rows", default="", help="also time the fused lens at these vectors per block "
+                                                       "(comma-separated, e.g. 64,256)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -151,9 +163,11 @@ def main(argv=None) -> None:
 
     start = machine()
     print(start, flush=True)
-    peak = onednn_peak()
-    add("fp32 GEMM peak, 2048^3, oneDNN linear", f"{peak:.0f} GFLOP/s")
-    per_vec = batch_profile(args.model, args.batch_size, add, peak)
+    mkl, onednn = gemm_peak(torch.float32), onednn_peak()
+    peak = max(mkl, onednn)  # the lens takes whichever routine is faster here (extract/lens_fused.py)
+    add("fp32 GEMM peak, 2048^3: torch matmul (MKL) / oneDNN linear", f"{mkl:.0f} / {onednn:.0f} GFLOP/s")
+    per_vec = batch_profile(args.model, args.batch_size, add, peak,
+                            tuple(int(r) for r in args.fused_rows.split(",") if r.strip()))
     if args.compare:
         other = batch_profile(args.compare, args.batch_size, add, peak)
         add("lens CPU per vector, ratio", f"{args.model} / {args.compare} = {per_vec / other:.1f}x")
