@@ -39,8 +39,9 @@ from .extremes import GROUP
 # vectors per block: the buffer is V x 512 fp32 (96 MiB for SmolLM2). The whole lens on 6,144 real SmolLM2
 # vectors, same sitting: 128 / 256 / 384 / 512 / 768 rows gave 82 / 88 / 89 / 91 / 92 % of the fp32 peak.
 FUSED_ROWS = 512
-# ... and fewer where that buffer would pass this size: Gemma 3's 262,144 tokens get 128 vectors per block
-FUSED_BUFFER_BYTES = 128 << 20
+# ... and fewer where that buffer would pass this size: Gemma 3's 262,144 tokens get 256 vectors per block
+# (its whole lens, one sitting, bench/bench_gemma.py: 43.0 s at 256 rows, 45.2 s at 128, 55.5 s with the tiles)
+FUSED_BUFFER_BYTES = 256 << 20
 SLAB_TOKENS = 2048  # tokens per GEMM call: a 2,048 x 512 slab of logits (4 MB) is written while W's slab is hot
 ROUTINES = ("torch", "onednn")  # MKL through torch.mm, or oneDNN's linear with h as the packed weight
 

@@ -187,7 +187,7 @@ def test_big_vocabularies_take_the_fused_lens_with_fewer_rows_and_build_tiles_on
     from blens.extract.lens_tiles import TILED_MIN_VOCAB
 
     assert fused_rows(49152) == FUSED_ROWS == 512  # SmolLM2: the (V, 512) buffer is 96 MiB
-    assert fused_rows(262144) == 128 and 262144 * 128 * 4 <= FUSED_BUFFER_BYTES  # Gemma 3
+    assert fused_rows(262144) == 256 and 262144 * 256 * 4 <= FUSED_BUFFER_BYTES  # Gemma 3
     assert fused_rows(10**7) == 64  # never fewer than one group's width
     g = torch.Generator().manual_seed(11)
     V, d, N = TILED_MIN_VOCAB, 8, 40
@@ -198,7 +198,7 @@ def test_big_vocabularies_take_the_fused_lens_with_fewer_rows_and_build_tiles_on
     lens = LogitLens(torch.nn.Identity(), w)
     assert lens.fused
     res = lens.project(v, t, K)
-    assert lens._fused.rows == fused_rows(V) == 256 and lens._tiled is None  # no tiles were needed
+    assert lens._fused.rows == fused_rows(V) == 512 and lens._tiled is None  # no tiles were needed
     block = LogitLens(torch.nn.Identity(), w, fused=False)
     ref = block.project(v, t, K)
     assert block._tiled is not None  # the reference is the tiled block lens Gemma ran before
