@@ -7,7 +7,7 @@ fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` f
 comparison per target. It is only *organised* for speed, never changed numerically.
 
 On CPU the default is the **fused lens** (``extract/lens_fused.py``): ``W[slab] @ h.T`` for 512 vectors at a
-time, the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one compiled pass over the
+time (256 for Gemma 3's vocabulary), the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one compiled pass over the
 logits (``extract/lens_pass.c``) for the group extremes and the rank counts. It needs a C compiler and AVX2
 once per machine (``extract/native.py``); without them, for inputs it must not take (non-finite, or large
 enough to overflow), and on CUDA, the **block lens** below runs. Both are the fp32 lens: the same answers
@@ -16,7 +16,7 @@ up to fp32 near-ties (tests/extract/test_lens_fused.py). The block lens:
 * rows are processed in blocks of ``chunk_rows`` (default 64 on CPU) for the GEMM, and every pass over a
   block's 12 MB of logits after it (group extremes, rank comparisons) runs :data:`PASS_ROWS` (16) rows at a
   time, so the passes after the first read from cache; vocabularies too big for even that (Gemma 3) are cut
-  into tiles as well (``extract/lens_tiles.py``);
+  into tiles as well (``extract/lens_tiles.py``; built only when the block lens runs);
 * top-k and bottom-k on CPU are the grouped top-k of ``extract/extremes.py``: the max (min) of each group of 64
   tokens picks k candidate groups, and ``topk`` runs on those alone; the same values as ``torch.topk`` over
   the whole row (proved there), 1.3 ms instead of 8.6 ms for both ends of a 64 x 49,152 block;
