@@ -85,6 +85,14 @@ def run_cli(n: int, vectors: str, warehouse: Path, batch_size: int, data: str) -
     return elapsed, (kb[-1] / 1024 if kb else float("nan"))
 
 
+def flop_per_token(lm) -> float:
+    """Issue 26's yardstick per token: the lens GEMM (2 x sites x layers x vocab x d) plus ~6 x parameters for
+    the forward and backward passes."""
+    vocab, d = lm.view.unembedding.shape
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return float(2 * len(LENS_SITES) * lm.view.n_layers * vocab * d + 6 * n_params)
+
+
 def gemm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
@@ -211,9 +219,7 @@ def main(argv=None) -> None:
     # 2 x sites x layers x tokens x vocab x d, plus ~6 x parameters x tokens for the forward and backward
     # passes) and the fixed cost of one command (T(N1) less N1 prompts at the marginal rate).
     toks = sum(prepare(r, lm.tokenizer, 8192).n_tokens for r in records[: args.n2]) / args.n2
-    vocab, d = view.unembedding.shape
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    flop = 2 * len(LENS_SITES) * view.n_layers * toks * vocab * d + 6 * n_params * toks
+    flop = flop_per_token(lm) * toks
     limit = peak32 * 1e9 / flop
     add(*("fp32 FLOP limit (GEMM peak / FLOP per prompt)", f"{limit:.2f} prompts/s ({flop:.2e} FLOP per prompt, "
           f"{toks:.1f} tokens on average)"))

@@ -25,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_extract import RUN_CLI, gemm_peak, onednn_peak  # noqa: E402  (RUN_CLI: blens.cli + the child's VmHWM)
+from bench_extract import RUN_CLI, flop_per_token, gemm_peak, onednn_peak  # noqa: E402  (RUN_CLI: + child's VmHWM)
+from blens.extract.models import load_model  # noqa: E402
+from blens.store.connect import connect  # noqa: E402
 from report_out import emit  # noqa: E402
 
 VIEWS = ["rank_equals_length", "target_rank_by_layer", "vjp_norm_by_segment", "edit_summary"]
@@ -48,8 +50,6 @@ def blens_child(*args: str) -> tuple[float, float, str]:
 
 
 def table_stats(wh: Path) -> dict[str, tuple[int, int]]:
-    from blens.store.connect import connect
-
     con = connect(wh)
     try:
         rows = con.execute("""
@@ -62,8 +62,6 @@ def table_stats(wh: Path) -> dict[str, tuple[int, int]]:
 
 
 def view_latency(wh: Path) -> dict[str, float]:
-    from blens.store.connect import connect
-
     con = connect(wh)
     out = {}
     try:
@@ -77,20 +75,6 @@ def view_latency(wh: Path) -> dict[str, float]:
     finally:
         con.close()
     return out
-
-
-def flop_per_token() -> float:
-    """The lens GEMM (2 x sites x layers x vocab x d) plus ~6 x parameters for the forward and backward passes:
-    bench_extract.py's yardstick, per token."""
-    from blens.extract.adapters import LENS_SITES
-    from blens.extract.models import load_model
-
-    lm = load_model()
-    vocab, d = lm.view.unembedding.shape
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    flop = 2 * len(LENS_SITES) * lm.view.n_layers * vocab * d + 6 * n_params
-    del lm
-    return float(flop)
 
 
 def fp32_peak() -> float:
@@ -113,7 +97,7 @@ def main() -> None:
     lines = [f"# bench_warehouse ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"{datetime.datetime.now().isoformat(timespec='seconds')}, load avg at start {os.getloadavg()[0]:.1f})",
              ""]
-    per_token, peak_before = flop_per_token(), fp32_peak()
+    per_token, peak_before = flop_per_token(load_model()), fp32_peak()
     lines += [f"--vectors {args.vectors}; fp32 GEMM peak before the run {peak_before:.0f} GFLOP/s", "",
               "| step | records | wall s | prompts/s | peak RSS MB |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -122,8 +106,6 @@ def main() -> None:
         extra = ["--limit", str(args.limit)] if args.limit else []
         wall, rss, err = blens_child("extract", "--data", str(Path(args.data_dir) / name), "--warehouse", str(wh),
                                      "--vectors", args.vectors, *extra)
-        from blens.store.connect import connect
-
         con = connect(wh)
         n = con.execute("SELECT count(*) FROM prompts").fetchone()[0] - total_n
         con.close()
@@ -151,8 +133,6 @@ def main() -> None:
                  f"({e2e / 60:.1f} min) | {total_n / e2e:.2f} | |")
     print(lines[-1], flush=True)
     # The yardstick: the fp32 FLOP limit at the tokens this run actually had, from the peaks around it.
-    from blens.store.connect import connect
-
     con = connect(wh)
     tokens = con.execute("SELECT sum(n_tokens) FROM prompts").fetchone()[0]
     con.close()

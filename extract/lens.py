@@ -7,11 +7,11 @@ fp32 (the reference) is the straightforward computation: ``h @ W.T``, ``topk`` f
 comparison per target. It is only *organised* for speed, never changed numerically.
 
 On CPU the default is the **fused lens** (``extract/lens_fused.py``): ``W[slab] @ h.T`` for 512 vectors at a
-time (256 for Gemma 3's vocabulary), the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one compiled pass over the
-logits (``extract/lens_pass.c``) for the group extremes and the rank counts. It needs a C compiler and AVX2
-once per machine (``extract/native.py``); without them, for inputs it must not take (non-finite, or large
-enough to overflow), and on CUDA, the **block lens** below runs. Both are the fp32 lens: the same answers
-up to fp32 near-ties (tests/extract/test_lens_fused.py). The block lens:
+time (256 for Gemma 3's vocabulary), the GEMM at 93-96 % of the machine's fp32 peak instead of ~80 %, and one
+compiled pass over the logits (``extract/lens_pass.c``) for the group extremes and the rank counts. It needs a C
+compiler and AVX2 once per machine (``extract/native.py``); without them, for inputs it must not take
+(non-finite, or large enough to overflow), and on CUDA, the **block lens** below runs. Both are the fp32 lens:
+the same answers up to fp32 near-ties (tests/extract/test_lens_fused.py). The block lens:
 
 * rows are processed in blocks of ``chunk_rows`` (default 64 on CPU) for the GEMM, and every pass over a
   block's 12 MB of logits after it (group extremes, rank comparisons) runs :data:`PASS_ROWS` (16) rows at a
@@ -191,9 +191,10 @@ class LogitLens:
         self._tiled: TiledUnembedding | None = None
         # the fused CPU lens (extract/lens_fused.py): by default wherever its compiled pass is available and
         # tiles were not asked for; the block lens (tiled or not) then answers only the inputs it refuses
+        fusable = on_cpu and not tiles_asked
         if fused is None:
-            fused = on_cpu and not tiles_asked and native.status().available
-        elif fused and not (on_cpu and not tiles_asked):
+            fused = fusable and native.status().available
+        elif fused and not fusable:
             raise ValueError("the fused lens runs on CPU over the whole vocabulary (not on CUDA, not with tiles)")
         elif fused and not native.status().available:
             raise ValueError(f"the fused lens needs its compiled pass: {native.status().detail}")
