@@ -36,7 +36,7 @@ from blens.run.extract import (BATCH_RETRIES, RETRY_DELAY_S, BatchResult, Extrac
                                extract_items, plan_extract)
 from blens.run.resume import ExtractSummary
 
-from .schedules import all_at_once, one_after_another
+from .schedules import fanned_out, one_after_another
 
 # The ephemeral Prefect API server dies with this process, even on kill -9; SIGTERM ends a run quietly.
 prefect_env.prepare_process()
@@ -60,12 +60,18 @@ def _fans_out() -> bool:
     return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
 
 
+def _worker_threads() -> int:
+    """The running cluster's worker threads (all workers, ours or somebody else's), as its scheduler counts them."""
+    client = FlowRunContext.get().task_runner.client  # type: ignore[union-attr] - a DaskTaskRunner (_fans_out)
+    return sum(client.nthreads().values())
+
+
 @flow(name="blens-extract", log_prints=False)
 def extract_flow(cfg: ExtractConfig) -> ExtractSummary:
     t0 = time.perf_counter()
     plan = plan_task(cfg)
     fans_out = _fans_out()
-    schedule = all_at_once(batch_task) if fans_out else one_after_another(batch_task)
+    schedule = fanned_out(batch_task, _worker_threads) if fans_out else one_after_another(batch_task)
     return execute(plan, schedule, fans_out=fans_out, started=t0)
 
 

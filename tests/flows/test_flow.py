@@ -121,3 +121,41 @@ def test_unsupported_architecture_names_supported_families():
 
     with pytest.raises(UnsupportedModelError, match="supported model_types are .*gpt2.*llama"):
         family_for(BertConfig())
+
+
+def test_fanned_out_keeps_a_window_in_flight_and_yields_the_first_result_before_the_last_submission():
+    """A fanned-out run submits batches a window at a time (``flows.schedules.fanned_out``): with one worker
+    thread at most 2 * 1 + 2 batches are submitted and not yet handed back, the first result comes back while
+    most batches are still unsubmitted (400 batches submitted up front kept the first progress line back 40 s),
+    and every batch comes back exactly once. A real flow on Prefect's thread pool stands in for Dask."""
+    import threading
+
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from blens.flows.schedules import fanned_out
+
+    lock = threading.Lock()
+    submitted: list[int] = []
+
+    @task
+    def work(job, batch, commit):
+        return batch
+
+    class CountingTask:  # the schedule only calls .submit: count what it submits
+        def submit(self, job, batch, commit):
+            with lock:
+                submitted.append(batch)
+            return work.submit(job, batch, commit)
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    def fan() -> list[tuple[int, int, int]]:
+        seen = []
+        for batch, get in fanned_out(CountingTask(), lambda: 1)(None, list(range(20)), None):
+            seen.append((batch, get(), len(submitted)))
+        return seen
+
+    seen = fan()
+    assert sorted(b for b, _, _ in seen) == list(range(20)) and all(b == r for b, r, _ in seen)
+    assert seen[0][2] <= 4, "the first result came back after more than one window was submitted"
+    assert all(n_submitted - i <= 4 for i, (_, _, n_submitted) in enumerate(seen)), seen
