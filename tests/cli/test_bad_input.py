@@ -4,9 +4,6 @@ crashes; a truncated JSON file stops the CLI with one line; half-written files n
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq

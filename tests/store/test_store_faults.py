@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
