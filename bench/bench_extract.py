@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     # passes) and the fixed cost of one command (T(N1) less N1 prompts at the marginal rate).
     toks = sum(prepare(r, lm.tokenizer, 8192).n_tokens for r in records[: args.n2]) / args.n2
     flop = flop_per_token(lm) * toks
-    # The box's speed moves by tens of percent from minute to minute (peaks of 143-191 GFLOP/s seen on one day):
+    # The box's speed moves by tens of percent from minute to minute (peaks of 142-191 GFLOP/s seen within two days):
     # the limit takes the higher of the peaks measured before and after the runs, so that a slow moment at the
     # start cannot flatter the ratio (a run of 2026-12-03 read 98 % against a peak of 147 measured at its start).
     after32 = max(gemm_peak(torch.float32), onednn_peak())
