@@ -175,10 +175,34 @@ def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatc
                 yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _leaf(name: str, t: pa.DataType) -> tuple[str, pa.DataType]:
+    """The Parquet leaf column of an Arrow field (a list's values are ``NAME.list.element``) and its type."""
+    while _is_list(t):
+        name, t = f"{name}.list.element", t.value_type
+    return name, t
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary encoding: all but floats and lists of floats.
+
+    A float column almost never repeats a value, so a dictionary for it is built, overflows its page limit and
+    is dropped for plain pages, in every row group. Without that wasted attempt, `blens publish` of 240 SmolLM2
+    prompts with spanning vectors took 6.4-6.6 s against 9.7-10.5 and wrote 276 MB against 355 (vectors 246
+    against 317, projections 28 against 36), the same rows. Strings (keys, sites, token text, in lists too) and
+    integers keep their dictionaries. Names are Parquet leaf paths: a bare list name would not reach its values.
+    """
+    leaves = [_leaf(f.name, f.type) for f in schema]
+    return [path for path, t in leaves if not pa.types.is_floating(t)]
+
+
 def write_split_parquet(con, table: str, schema: pa.Schema, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+    with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=dictionary_columns(schema)) as writer:
         for batch in stream_batches(con, table, schema):
             writer.write_batch(batch)
             n += batch.num_rows
