@@ -109,6 +109,11 @@ def onednn_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / min(_timed(f) for _ in range(reps)) / 1e9
 
 
+def fp32_peak() -> float:
+    """The fp32 peak the FLOP limit uses: the faster of MKL's matmul and oneDNN's linear."""
+    return max(gemm_peak(torch.float32), onednn_peak())
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -223,7 +228,7 @@ def main(argv=None) -> None:
     # The box's speed moves by tens of percent from minute to minute (peaks of 142-191 GFLOP/s seen within two days):
     # the limit takes the higher of the peaks measured before and after the runs, so that a slow moment at the
     # start cannot flatter the ratio (a run of 2026-12-03 read 98 % against a peak of 147 measured at its start).
-    after32 = max(gemm_peak(torch.float32), onednn_peak())
+    after32 = fp32_peak()
     add("fp32 GEMM peak again, after the runs (the limit uses the higher)", f"{after32:.0f} GFLOP/s")
     limit = max(peak32, after32) * 1e9 / flop
     add(*("fp32 FLOP limit (GEMM peak / FLOP per prompt)", f"{limit:.2f} prompts/s ({flop:.2e} FLOP per prompt, "

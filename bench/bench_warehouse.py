@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_extract import RUN_CLI, flop_per_token, gemm_peak, onednn_peak  # noqa: E402  (RUN_CLI: + child's VmHWM)
+from bench_extract import RUN_CLI, flop_per_token, fp32_peak  # noqa: E402  (RUN_CLI: + child's VmHWM)
 from blens.extract.models import load_model  # noqa: E402
 from blens.store.connect import connect  # noqa: E402
 from report_out import emit  # noqa: E402
@@ -75,12 +75,6 @@ def view_latency(wh: Path) -> dict[str, float]:
     finally:
         con.close()
     return out
-
-
-def fp32_peak() -> float:
-    import torch
-
-    return max(gemm_peak(torch.float32), onednn_peak())
 
 
 def main() -> None:

@@ -175,13 +175,9 @@ def stream_batches(con, table: str, schema: pa.Schema) -> Iterable[pa.RecordBatc
                 yield pa.Table.from_batches([batch]).cast(schema).combine_chunks().to_batches()[0]
 
 
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 def _leaf(name: str, t: pa.DataType) -> tuple[str, pa.DataType]:
     """The Parquet leaf column of an Arrow field (a list's values are ``NAME.list.element``) and its type."""
-    while _is_list(t):
+    while pa.types.is_list(t):  # our schemas' only nesting (``store.schema``, ``arrow_schema``)
         name, t = f"{name}.list.element", t.value_type
     return name, t
 
