@@ -41,12 +41,12 @@ def descendants(pid: int) -> list[int]:
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going: ESRCH mid-read
         return found
     for tid in tasks:
         try:
             children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone, or going: ESRCH mid-read
             continue
         for child in map(int, children):
             found += [child, *descendants(child)]
@@ -57,7 +57,7 @@ def alive(pid: int) -> bool:
     """Running (a zombie is dead: it only waits for its parent to read its status)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going: ESRCH mid-read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
@@ -65,7 +65,7 @@ def alive(pid: int) -> bool:
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going: ESRCH mid-read
         return ""
 
 
